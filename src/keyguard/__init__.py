@@ -1,0 +1,43 @@
+"""keyguard: issue API keys, store them hashed, and guard ASGI/WSGI apps with them."""
+
+from __future__ import annotations
+
+from .exceptions import InvalidKeyError as InvalidKeyError
+from .exceptions import KeyguardError as KeyguardError
+from .exceptions import StoreError as StoreError
+from .keys import KeyFormat as KeyFormat
+from .keys import digest_key as digest_key
+from .keys import generate_key as generate_key
+from .keys import is_well_formed as is_well_formed
+from .keys import mask_key as mask_key
+from .manager import APIKeyManager as APIKeyManager
+from .manager import Reason as Reason
+from .manager import Verification as Verification
+from .records import KeyInfo as KeyInfo
+from .stores import AsyncKeyStore as AsyncKeyStore
+from .stores import KeyStore as KeyStore
+from .stores import MemoryStore as MemoryStore
+from .stores import SQLiteStore as SQLiteStore
+from .stores import store_from_url as store_from_url
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIKeyManager",
+    "AsyncKeyStore",
+    "InvalidKeyError",
+    "KeyFormat",
+    "KeyInfo",
+    "KeyStore",
+    "KeyguardError",
+    "MemoryStore",
+    "Reason",
+    "SQLiteStore",
+    "StoreError",
+    "Verification",
+    "digest_key",
+    "generate_key",
+    "is_well_formed",
+    "mask_key",
+    "store_from_url",
+]

@@ -1,0 +1,409 @@
+"""``APIKeyManager``: issue, check, list, revoke and rotate keys over any store.
+
+This is where policy lives (what makes a key valid, what metadata is allowed); the key
+format is in :mod:`keyguard.keys` and persistence behind :class:`~keyguard.stores.KeyStore`.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from .exceptions import InvalidKeyError, KeyguardError, StoreError
+from .keys import (
+    DEFAULT_PREFIX,
+    HASH_SCHEME_HMAC_SHA256,
+    HASH_SCHEME_SHA256,
+    KeyFormat,
+    digest_key,
+    mask_key,
+)
+from .records import KeyInfo
+from .stores.base import AsyncKeyStore, KeyStore
+from .stores.memory import MemoryStore
+
+__all__ = ["PEPPER_ENV", "APIKeyManager", "Reason", "Verification"]
+
+logger = logging.getLogger("keyguard")
+
+PEPPER_ENV = "KEYGUARD_PEPPER"
+_MAX_METADATA_BYTES = 64 * 1024
+_MAX_ATTEMPTS = 8
+_TOUCH_CACHE_LIMIT = 100_000
+
+
+class Reason(str, enum.Enum):
+    """Why a key was accepted or refused; the value is a stable lowercase string."""
+
+    OK = "ok"
+    MALFORMED = "malformed"
+    NOT_FOUND = "not_found"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of :meth:`APIKeyManager.verify`: ``ok``, a ``reason`` and the record.
+
+    ``key`` is the :class:`KeyInfo` when the store has the key (also for revoked and
+    expired keys, for audit), else None. A Verification is truthy exactly when ``ok``.
+    """
+
+    ok: bool
+    reason: Reason
+    key: KeyInfo | None = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+_MALFORMED = Verification(False, Reason.MALFORMED)
+_NOT_FOUND = Verification(False, Reason.NOT_FOUND)
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a JSON-clean copy of ``metadata`` or raise naming the offending field."""
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
+    clean: dict[str, Any] = {}
+    for name, value in metadata.items():
+        if not isinstance(name, str):
+            raise TypeError(f"metadata field names must be str, got {name!r}")
+        try:
+            clean[name] = json.loads(json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metadata field {name!r} is not JSON-serialisable: {e}") from None
+    user_id = clean.get("user_id")
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise ValueError("metadata field 'user_id' is required and must be a non-empty string")
+    email = clean.get("email")
+    if email is not None and not isinstance(email, str):
+        raise TypeError("metadata field 'email' must be a string")
+    permissions = clean.get("permissions")
+    if permissions is not None and (
+        not isinstance(permissions, list) or not all(isinstance(p, str) and p for p in permissions)
+    ):
+        raise TypeError("metadata field 'permissions' must be a list of non-empty strings")
+    if len(json.dumps(clean)) > _MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is larger than {_MAX_METADATA_BYTES} bytes as JSON")
+    return clean
+
+
+def _positive(name: str, value: timedelta) -> timedelta:
+    if not isinstance(value, timedelta):
+        raise TypeError(f"{name} must be a datetime.timedelta, not {type(value).__name__}")
+    if value <= timedelta(0):
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+class APIKeyManager:
+    """Issue API keys and check them against a store.
+
+    :param store: where records live; default a fresh :class:`MemoryStore`.
+    :param prefix: prefix of the keys this manager issues (``sk_``, ``pk_``, ``sk_live_``).
+    :param accept_prefixes: further prefixes accepted by checks (e.g. during a migration).
+    :param checksum: issue and require keys whose last 8 hex are a CRC32 of the rest.
+    :param pepper: server-side secret; keys are then stored as HMAC-SHA-256 instead of
+        SHA-256. Default: ``$KEYGUARD_PEPPER`` if set. Changing it invalidates every key.
+    :param last_used_resolution: how often a key's ``last_used_at`` is written, at most
+        (one store write per key per interval, not per request); None disables it.
+    :param clock: returns the current POSIX time; for tests.
+    """
+
+    def __init__(
+        self,
+        store: KeyStore | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        accept_prefixes: Iterable[str] = (),
+        checksum: bool = False,
+        pepper: str | bytes | None = None,
+        last_used_resolution: timedelta | None = timedelta(minutes=1),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store: KeyStore = MemoryStore() if store is None else store
+        if not isinstance(self.store, KeyStore):
+            raise TypeError(f"store must follow the KeyStore contract, got {self.store!r}")
+        self.format = KeyFormat(prefix, checksum=checksum)
+        extra = [KeyFormat(p, checksum=checksum) for p in accept_prefixes if p != prefix]
+        self.formats: tuple[KeyFormat, ...] = (self.format, *extra)
+        if pepper is None:
+            pepper = os.environ.get(PEPPER_ENV) or None
+        if isinstance(pepper, str):
+            pepper = pepper.encode("utf-8")
+        if pepper is not None and len(pepper) < 16:
+            raise ValueError("pepper must be at least 16 bytes; use secrets.token_hex(32)")
+        self._pepper: bytes | None = pepper
+        self.hash_scheme = HASH_SCHEME_SHA256 if pepper is None else HASH_SCHEME_HMAC_SHA256
+        self._touch_every = (
+            None
+            if last_used_resolution is None
+            else _positive("last_used_resolution", last_used_resolution).total_seconds()
+        )
+        self._touched: dict[str, float] = {}
+        self._clock = clock
+        self._async_store = self.store if isinstance(self.store, AsyncKeyStore) else None
+        if len(self.formats) == 1:
+            self.is_well_formed: Callable[[object], bool] = self.format.matches
+        else:
+            self.is_well_formed = lambda key: any(f.matches(key) for f in self.formats)
+
+    def __repr__(self) -> str:
+        return f"APIKeyManager(store={self.store!r}, prefix={self.format.prefix!r})"
+
+    @classmethod
+    def from_url(cls, url: str | None = None, **options: Any) -> APIKeyManager:
+        """Build a manager over ``store_from_url(url)`` (default ``$KEYGUARD_STORE``)."""
+        from .stores import store_from_url
+
+        return cls(store_from_url(url), **options)
+
+    def digest(self, key: str) -> str:
+        """Return the digest the store keeps for ``key`` under this manager's scheme."""
+        return digest_key(key, self._pepper)
+
+    # -- issuing -----------------------------------------------------------------------
+
+    def create_key(
+        self,
+        metadata: Mapping[str, Any] | None = None,
+        /,
+        *,
+        expires_in: timedelta | None = None,
+        expires_at: datetime | None = None,
+        prefix: str | None = None,
+        **fields: Any,
+    ) -> tuple[str, KeyInfo]:
+        """Issue a key and return it with its record; the key is never stored or shown again.
+
+        Metadata comes as a dict, as keyword fields, or both (a field given twice is an
+        error). It must hold a non-empty string ``user_id``; ``permissions`` (a list of
+        strings) become the key's scopes. Nothing is stored if anything is invalid.
+        """
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
+        merged = dict(metadata or {})
+        for name in fields.keys() & merged.keys():
+            raise TypeError(f"metadata field {name!r} given both in the dict and as a keyword")
+        clean = _check_metadata({**merged, **fields})
+        if expires_in is not None and expires_at is not None:
+            raise TypeError("give expires_in or expires_at, not both")
+        now = self._clock()
+        expiry: datetime | None = None
+        if expires_in is not None:
+            expiry = _utc(now + _positive("expires_in", expires_in).total_seconds())
+        elif expires_at is not None:
+            if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
+                raise TypeError("expires_at must be a timezone-aware datetime")
+            if expires_at.timestamp() <= now:
+                raise ValueError("expires_at is in the past")
+            expiry = expires_at.astimezone(timezone.utc)
+        fmt = self.format if prefix is None else KeyFormat(prefix, checksum=self.format.checksum)
+        created = _utc(now)
+        for _ in range(_MAX_ATTEMPTS):
+            key = fmt.generate()
+            info = KeyInfo(
+                key_id="key_" + secrets.token_hex(8),
+                prefix=fmt.prefix,
+                hint=mask_key(key, fmt.prefix),
+                user_id=clean["user_id"],
+                metadata=clean,
+                created_at=created,
+                expires_at=expiry,
+                digest=self.digest(key),
+                hash_scheme=self.hash_scheme,
+            )
+            if self.store.add(info):
+                logger.info(
+                    "created key %s (%s) for user %r", info.key_id, info.hint, info.user_id
+                )
+                return key, info
+            logger.warning("key collision on %s; drawing another key", info.hint)
+        raise KeyguardError(f"could not draw a unique key in {_MAX_ATTEMPTS} attempts")
+
+    def generate_key(
+        self,
+        metadata: Mapping[str, Any] | None = None,
+        /,
+        *,
+        expires_in: timedelta | None = None,
+        expires_at: datetime | None = None,
+        prefix: str | None = None,
+        **fields: Any,
+    ) -> str:
+        """Issue a key for ``metadata`` and return it (see :meth:`create_key`)."""
+        key, _ = self.create_key(
+            metadata, expires_in=expires_in, expires_at=expires_at, prefix=prefix, **fields
+        )
+        return key
+
+    # -- checking ----------------------------------------------------------------------
+
+    def _judge(self, info: KeyInfo | None) -> Verification:
+        if info is None:
+            return _NOT_FOUND
+        if info.revoked_at is not None:
+            return Verification(False, Reason.REVOKED, info)
+        now = self._clock()
+        if info.expires_ts is not None and info.expires_ts <= now:
+            return Verification(False, Reason.EXPIRED, info)
+        if self._touch_every is not None and self._due_for_touch(info.digest, now):
+            try:
+                self.store.touch(info.digest, _utc(now))
+            except StoreError as e:
+                logger.warning("could not record last use of %s: %s", info.key_id, e)
+        return Verification(True, Reason.OK, info)
+
+    def _due_for_touch(self, digest: str, now: float) -> bool:
+        last = self._touched.get(digest)
+        if last is not None and now - last < self._touch_every:  # type: ignore[operator]
+            return False
+        if len(self._touched) >= _TOUCH_CACHE_LIMIT:
+            self._touched.clear()
+        self._touched[digest] = now
+        return True
+
+    def verify(self, key: object) -> Verification:
+        """Check ``key`` and say why it is or is not valid; never raises for bad input.
+
+        A string that is not of this manager's form is ``malformed`` without touching the
+        store. Store failures raise :class:`~keyguard.StoreError`.
+        """
+        if not self.is_well_formed(key):
+            return _MALFORMED
+        return self._judge(self.store.get(digest_key(key, self._pepper)))  # type: ignore[arg-type]
+
+    async def averify(self, key: object) -> Verification:
+        """:meth:`verify` for event loops: uses the store's async twin when it has one."""
+        store = self._async_store
+        if store is None:
+            return self.verify(key)
+        if not self.is_well_formed(key):
+            return _MALFORMED
+        info = await store.aget(digest_key(key, self._pepper))  # type: ignore[arg-type]
+        if info is None or info.revoked_at is not None:
+            return self._judge(info)
+        now = self._clock()
+        if info.expires_ts is not None and info.expires_ts <= now:
+            return Verification(False, Reason.EXPIRED, info)
+        if self._touch_every is not None and self._due_for_touch(info.digest, now):
+            try:
+                await store.atouch(info.digest, _utc(now))
+            except StoreError as e:
+                logger.warning("could not record last use of %s: %s", info.key_id, e)
+        return Verification(True, Reason.OK, info)
+
+    def validate_key(self, key: object) -> bool:
+        """Return True if ``key`` was issued and is neither revoked nor expired; never raises."""
+        return self.verify(key).ok
+
+    def get_metadata(self, key: object) -> dict[str, Any] | None:
+        """Return a copy of a valid key's metadata, or None for any invalid key."""
+        result = self.verify(key)
+        return copy.deepcopy(result.key.metadata) if result.ok and result.key else None
+
+    def get_key_info(self, key_id: str) -> KeyInfo | None:
+        """Return the record with this ``key_id`` (any status), for operators."""
+        if not isinstance(key_id, str):
+            return None
+        return self.store.get_by_id(key_id)
+
+    def list_keys(
+        self, user_id: str | None = None, *, include_inactive: bool = False
+    ) -> list[KeyInfo]:
+        """Return a user's active keys (or every user's, with ``user_id=None``), oldest first.
+
+        ``include_inactive=True`` adds revoked and expired keys, whose records are kept.
+        """
+        if user_id is not None and not isinstance(user_id, str):
+            raise TypeError(f"user_id must be a str, not {type(user_id).__name__}")
+        records = self.store.list_keys(user_id)
+        if include_inactive:
+            return records
+        now = self._clock()
+        return [r for r in records if r.status(now) == "active"]
+
+    # -- revoking and rotating ---------------------------------------------------------
+
+    def _revoke(self, info: KeyInfo | None) -> bool:
+        if info is None or info.revoked_at is not None or info.is_expired(self._clock()):
+            return False
+        revoked = self.store.revoke(info.digest, _utc(self._clock()))
+        if revoked:
+            logger.info("revoked key %s (%s)", info.key_id, info.hint)
+        return revoked
+
+    def revoke_key(self, key: object) -> bool:
+        """Revoke ``key``; True if it was active and is now revoked, else False."""
+        if not self.is_well_formed(key):
+            return False
+        return self._revoke(self.store.get(self.digest(key)))  # type: ignore[arg-type]
+
+    def revoke_by_id(self, key_id: str) -> bool:
+        """Revoke the key with this ``key_id`` (shown in listings); True if it was active."""
+        return self._revoke(self.get_key_info(key_id))
+
+    def rotate_key(
+        self,
+        key: object,
+        *,
+        grace: timedelta = timedelta(hours=24),
+        expires_in: timedelta | None = None,
+    ) -> str:
+        """Issue a replacement for an active ``key``; the old key stops working after ``grace``.
+
+        The new key has the same metadata. Its lifetime is ``expires_in`` if given, else the
+        old key's original lifetime (none if it had none). ``grace=timedelta(0)`` revokes the
+        old key at once. An invalid ``key`` raises :class:`~keyguard.InvalidKeyError`.
+        """
+        result = self.verify(key)
+        if not result.ok or result.key is None:
+            raise InvalidKeyError(f"cannot rotate {mask_key(key)}: {result.reason}", result.reason)
+        return self._rotate(result.key, grace, expires_in)
+
+    def rotate_by_id(
+        self,
+        key_id: str,
+        *,
+        grace: timedelta = timedelta(hours=24),
+        expires_in: timedelta | None = None,
+    ) -> str:
+        """:meth:`rotate_key` for the key with this ``key_id``."""
+        info = self.get_key_info(key_id)
+        status = "not_found" if info is None else info.status(self._clock())
+        if info is None or status != "active":
+            raise InvalidKeyError(f"cannot rotate {key_id!r}: {status}", status)
+        return self._rotate(info, grace, expires_in)
+
+    def _rotate(self, old: KeyInfo, grace: timedelta, expires_in: timedelta | None) -> str:
+        if not isinstance(grace, timedelta) or grace < timedelta(0):
+            raise ValueError(f"grace must be a non-negative timedelta, got {grace!r}")
+        if expires_in is None and old.expires_at is not None:
+            expires_in = old.expires_at - old.created_at
+        new_key, new = self.create_key(old.metadata, expires_in=expires_in, prefix=old.prefix)
+        if grace == timedelta(0):
+            self.store.revoke(old.digest, _utc(self._clock()))
+        else:
+            deadline = _utc(self._clock() + grace.total_seconds())
+            if old.expires_at is None or deadline < old.expires_at:
+                self.store.set_expiry(old.digest, deadline)
+        logger.info("rotated key %s into %s", old.key_id, new.key_id)
+        return new_key

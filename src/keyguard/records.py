@@ -1,0 +1,57 @@
+"""``KeyInfo``: the non-secret record kept for every issued key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+__all__ = ["KeyInfo"]
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """Everything known about a key except the key itself.
+
+    ``digest`` (the hash the store indexes by) and ``hash_scheme`` say how the key is
+    stored; the repr leaves the digest out. ``scopes`` are the key's ``permissions``.
+    Times are timezone-aware UTC datetimes.
+    """
+
+    key_id: str
+    prefix: str
+    hint: str
+    user_id: str
+    metadata: dict[str, Any]
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+    digest: str = field(default="", repr=False)
+    hash_scheme: str = "sha256"
+    scopes: tuple[str, ...] = field(init=False, compare=False)
+    #: ``expires_at`` as a POSIX timestamp, so the per-request expiry check is one float compare.
+    expires_ts: float | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        permissions = self.metadata.get("permissions") or ()
+        object.__setattr__(self, "scopes", tuple(permissions))
+        expires = None if self.expires_at is None else self.expires_at.timestamp()
+        object.__setattr__(self, "expires_ts", expires)
+
+    @property
+    def is_revoked(self) -> bool:
+        """Whether the key was revoked (its record stays for audit)."""
+        return self.revoked_at is not None
+
+    def is_expired(self, now: float) -> bool:
+        """Whether the key has expired at POSIX time ``now``."""
+        return self.expires_ts is not None and self.expires_ts <= now
+
+    def status(self, now: float) -> str:
+        """``"active"``, ``"revoked"`` or ``"expired"`` at POSIX time ``now``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.is_expired(now):
+            return "expired"
+        return "active"

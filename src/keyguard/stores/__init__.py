@@ -1,0 +1,18 @@
+"""Key stores: one contract (:class:`KeyStore`) and its backends."""
+
+from __future__ import annotations
+
+from ._url import DEFAULT_STORE_URL, STORE_URL_ENV, store_from_url
+from .base import AsyncKeyStore, KeyStore
+from .memory import MemoryStore
+from .sqlite import SQLiteStore
+
+__all__ = [
+    "DEFAULT_STORE_URL",
+    "STORE_URL_ENV",
+    "AsyncKeyStore",
+    "KeyStore",
+    "MemoryStore",
+    "SQLiteStore",
+    "store_from_url",
+]

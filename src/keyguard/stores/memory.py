@@ -1,0 +1,78 @@
+"""``MemoryStore``: the default, in-process store (a dict, gone when the process ends)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from datetime import datetime
+
+from ..records import KeyInfo
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """A dict from digest to record, with indexes by key_id and by user; thread-safe.
+
+    Reads are single dict lookups (atomic under the GIL); writes take a lock so that
+    "add if absent" and "revoke if active" cannot race.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[str, KeyInfo] = {}
+        self._by_id: dict[str, str] = {}
+        self._by_user: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(<{len(self._records)} keys>)"
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def add(self, info: KeyInfo) -> bool:
+        with self._lock:
+            if info.digest in self._records or info.key_id in self._by_id:
+                return False
+            self._records[info.digest] = info
+            self._by_id[info.key_id] = info.digest
+            self._by_user.setdefault(info.user_id, []).append(info.digest)
+            return True
+
+    def get(self, digest: str) -> KeyInfo | None:
+        return self._records.get(digest)
+
+    def get_by_id(self, key_id: str) -> KeyInfo | None:
+        digest = self._by_id.get(key_id)
+        return None if digest is None else self._records.get(digest)
+
+    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+        with self._lock:
+            if user_id is None:
+                return sorted(self._records.values(), key=lambda info: info.created_at)
+            return [self._records[d] for d in self._by_user.get(user_id, ())]
+
+    def revoke(self, digest: str, at: datetime) -> bool:
+        with self._lock:
+            info = self._records.get(digest)
+            if info is None or info.revoked_at is not None:
+                return False
+            self._records[digest] = dataclasses.replace(info, revoked_at=at)
+            return True
+
+    def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        with self._lock:
+            info = self._records.get(digest)
+            if info is None:
+                return False
+            self._records[digest] = dataclasses.replace(info, expires_at=expires_at)
+            return True
+
+    def touch(self, digest: str, at: datetime) -> None:
+        with self._lock:
+            info = self._records.get(digest)
+            if info is not None:
+                self._records[digest] = dataclasses.replace(info, last_used_at=at)
+
+    def close(self) -> None:
+        """Nothing to release; kept for the contract."""

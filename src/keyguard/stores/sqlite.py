@@ -1,0 +1,266 @@
+"""``SQLiteStore``: the embedded, persistent store for deployments on one machine.
+
+Several processes (server workers, the CLI) share one file: WAL mode lets readers in other
+processes see each commit at once, and every statement runs in autocommit so a key created
+or revoked elsewhere is seen on the next check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import weakref
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..exceptions import StoreError
+from ..records import KeyInfo
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+SCHEMA_VERSION = 1
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_COLUMNS = (
+    "digest, key_id, hash_scheme, prefix, hint, user_id, metadata,"
+    " created_at, expires_at, revoked_at, last_used_at"
+)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS keyguard_meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keyguard_keys (
+    digest TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL UNIQUE,
+    hash_scheme TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    hint TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL,
+    last_used_at REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS keyguard_keys_user ON keyguard_keys (user_id, created_at);
+INSERT OR IGNORE INTO keyguard_meta (name, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
+"""
+_SELECT = f"SELECT {_COLUMNS} FROM keyguard_keys"
+
+
+def _ts(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _dt(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, timezone.utc)
+
+
+def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
+    digest, key_id, scheme, prefix, hint, user_id, metadata, created, expires, revoked, used = row
+    return KeyInfo(
+        key_id=key_id,
+        prefix=prefix,
+        hint=hint,
+        user_id=user_id,
+        metadata=json.loads(metadata),
+        created_at=datetime.fromtimestamp(created, timezone.utc),
+        expires_at=_dt(expires),
+        revoked_at=_dt(revoked),
+        last_used_at=_dt(used),
+        digest=digest,
+        hash_scheme=scheme,
+    )
+
+
+class SQLiteStore:
+    """A key store in one SQLite file, created with mode 0600 if it does not exist.
+
+    Each thread gets its own connection (sqlite3 connections are not shared across
+    threads) and a forked child opens fresh ones. A file that is not a keyguard database,
+    or is corrupt, raises :class:`~keyguard.StoreError` and is left untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
+        path = os.fspath(path)
+        if path == ":memory:" or path.startswith("file:"):
+            raise ValueError(
+                "SQLiteStore needs a file path; use MemoryStore for an in-memory store"
+            )
+        self.path = Path(path)
+        self._timeout = timeout
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._prepare_file()
+        self._check_and_migrate()
+        ref = weakref.ref(self)
+
+        def forget_in_child() -> None:
+            store = ref()
+            if store is not None:
+                store._forget()
+
+        os.register_at_fork(after_in_child=forget_in_child)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    def _prepare_file(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            self._check_header()
+        except OSError as e:
+            raise StoreError(f"cannot create SQLite key store {str(self.path)!r}: {e}") from e
+        else:
+            os.close(fd)
+
+    def _check_header(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                header = f.read(len(_SQLITE_HEADER))
+        except OSError as e:
+            raise StoreError(f"cannot open SQLite key store {str(self.path)!r}: {e}") from e
+        if header and header != _SQLITE_HEADER:
+            raise StoreError(
+                f"{str(self.path)!r} is not a SQLite database; refusing to use it as a key store"
+            )
+
+    def _check_and_migrate(self) -> None:
+        conn = self._conn()
+        try:
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if tables and "keyguard_meta" not in tables:
+                raise StoreError(
+                    f"{str(self.path)!r} is a SQLite database but not a keyguard key store"
+                    " (no keyguard_meta table); refusing to modify it"
+                )
+            if "keyguard_meta" in tables:
+                row = conn.execute(
+                    "SELECT value FROM keyguard_meta WHERE name = 'schema_version'"
+                ).fetchone()
+                version = int(row[0]) if row and str(row[0]).isdigit() else None
+                if version is None or version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{str(self.path)!r} has keyguard schema version {row and row[0]!r};"
+                        f" this keyguard supports up to {SCHEMA_VERSION}"
+                    )
+            # WAL lets readers in other processes see commits at once, without blocking writers.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise StoreError(
+                f"{str(self.path)!r} is corrupt or not a keyguard key store: {e}"
+            ) from e
+        except BaseException:
+            self.close()
+            raise
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open SQLite key store {str(self.path)!r}: {e}") from e
+        self._local.conn = conn
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _forget(self) -> None:
+        """Drop the parent's connections in a forked child; it opens its own."""
+        self._local = threading.local()
+        self._connections = []
+        self._lock = threading.Lock()
+
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self._conn().execute(sql, params)
+        except sqlite3.Error as e:
+            raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
+
+    def add(self, info: KeyInfo) -> bool:
+        cursor = self._execute(
+            f"INSERT INTO keyguard_keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT DO NOTHING",
+            (
+                info.digest,
+                info.key_id,
+                info.hash_scheme,
+                info.prefix,
+                info.hint,
+                info.user_id,
+                json.dumps(info.metadata, separators=(",", ":")),
+                info.created_at.timestamp(),
+                _ts(info.expires_at),
+                _ts(info.revoked_at),
+                _ts(info.last_used_at),
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def get(self, digest: str) -> KeyInfo | None:
+        row = self._execute(f"{_SELECT} WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else _row_to_info(row)
+
+    def get_by_id(self, key_id: str) -> KeyInfo | None:
+        row = self._execute(f"{_SELECT} WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else _row_to_info(row)
+
+    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+        if user_id is None:
+            rows = self._execute(f"{_SELECT} ORDER BY created_at").fetchall()
+        else:
+            rows = self._execute(
+                f"{_SELECT} WHERE user_id = ? ORDER BY created_at", (user_id,)
+            ).fetchall()
+        return [_row_to_info(row) for row in rows]
+
+    def revoke(self, digest: str, at: datetime) -> bool:
+        cursor = self._execute(
+            "UPDATE keyguard_keys SET revoked_at = ? WHERE digest = ? AND revoked_at IS NULL",
+            (at.timestamp(), digest),
+        )
+        return cursor.rowcount == 1
+
+    def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        cursor = self._execute(
+            "UPDATE keyguard_keys SET expires_at = ? WHERE digest = ?", (_ts(expires_at), digest)
+        )
+        return cursor.rowcount == 1
+
+    def touch(self, digest: str, at: datetime) -> None:
+        self._execute(
+            "UPDATE keyguard_keys SET last_used_at = ? WHERE digest = ?", (at.timestamp(), digest)
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
