@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
+import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from .exceptions import InvalidKeyError, KeyguardError, StoreError
 from .keys import (
@@ -54,8 +56,7 @@ class Reason(str, enum.Enum):
         return self.value
 
 
-@dataclass(frozen=True)
-class Verification:
+class Verification(NamedTuple):
     """The outcome of :meth:`APIKeyManager.verify`: ``ok``, a ``reason`` and the record.
 
     ``key`` is the :class:`KeyInfo` when the store has the key (also for revoked and
@@ -71,7 +72,17 @@ class Verification:
 
 
 _MALFORMED = Verification(False, Reason.MALFORMED)
+_OK = Reason.OK
+_NEVER = -1e18  # "long ago", finite so that ``now - _NEVER < inf`` when tracking is off
+# NamedTuple's generated __new__ costs more than the rest of a check; this is the same object.
+_accepted: Callable[[tuple[bool, Reason, KeyInfo]], Verification] = functools.partial(
+    tuple.__new__, Verification
+)
 _NOT_FOUND = Verification(False, Reason.NOT_FOUND)
+
+
+def _sha256_hex(key: str, _sha256: Callable[[bytes], Any] = hashlib.sha256) -> str:
+    return _sha256(key.encode()).hexdigest()  # type: ignore[no-any-return]
 
 
 def _utc(ts: float) -> datetime:
@@ -151,15 +162,18 @@ class APIKeyManager:
             pepper = pepper.encode("utf-8")
         if pepper is not None and len(pepper) < 16:
             raise ValueError("pepper must be at least 16 bytes; use secrets.token_hex(32)")
-        self._pepper: bytes | None = pepper
         self.hash_scheme = HASH_SCHEME_SHA256 if pepper is None else HASH_SCHEME_HMAC_SHA256
-        self._touch_every = (
-            None
+        self._touch_every: float = (
+            math.inf
             if last_used_resolution is None
             else _positive("last_used_resolution", last_used_resolution).total_seconds()
         )
         self._touched: dict[str, float] = {}
         self._clock = clock
+        self._get = self.store.get
+        self._digest: Callable[[str], str] = (
+            _sha256_hex if pepper is None else functools.partial(digest_key, pepper=pepper)
+        )
         self._async_store = self.store if isinstance(self.store, AsyncKeyStore) else None
         if len(self.formats) == 1:
             self.is_well_formed: Callable[[object], bool] = self.format.matches
@@ -178,7 +192,7 @@ class APIKeyManager:
 
     def digest(self, key: str) -> str:
         """Return the digest the store keeps for ``key`` under this manager's scheme."""
-        return digest_key(key, self._pepper)
+        return self._digest(key)
 
     # -- issuing -----------------------------------------------------------------------
 
@@ -257,29 +271,29 @@ class APIKeyManager:
 
     # -- checking ----------------------------------------------------------------------
 
-    def _judge(self, info: KeyInfo | None) -> Verification:
-        if info is None:
-            return _NOT_FOUND
-        if info.revoked_at is not None:
-            return Verification(False, Reason.REVOKED, info)
-        now = self._clock()
-        if info.expires_ts is not None and info.expires_ts <= now:
-            return Verification(False, Reason.EXPIRED, info)
-        if self._touch_every is not None and self._due_for_touch(info.digest, now):
-            try:
-                self.store.touch(info.digest, _utc(now))
-            except StoreError as e:
-                logger.warning("could not record last use of %s: %s", info.key_id, e)
-        return Verification(True, Reason.OK, info)
+    @staticmethod
+    def _refusal(info: KeyInfo) -> Verification:
+        """The refusal for a stored record that is not active."""
+        reason = Reason.REVOKED if info.revoked_at is not None else Reason.EXPIRED
+        return Verification(False, reason, info)
 
     def _due_for_touch(self, digest: str, now: float) -> bool:
+        """Whether to write ``last_used_at`` now: at most once per key per resolution."""
+        if self._touch_every == math.inf:
+            return False
         last = self._touched.get(digest)
-        if last is not None and now - last < self._touch_every:  # type: ignore[operator]
+        if last is not None and now - last < self._touch_every:
             return False
         if len(self._touched) >= _TOUCH_CACHE_LIMIT:
             self._touched.clear()
         self._touched[digest] = now
         return True
+
+    def _touch(self, info: KeyInfo, now: float) -> None:
+        try:
+            self.store.touch(info.digest, _utc(now))
+        except StoreError as e:
+            logger.warning("could not record last use of %s: %s", info.key_id, e)
 
     def verify(self, key: object) -> Verification:
         """Check ``key`` and say why it is or is not valid; never raises for bad input.
@@ -287,9 +301,19 @@ class APIKeyManager:
         A string that is not of this manager's form is ``malformed`` without touching the
         store. Store failures raise :class:`~keyguard.StoreError`.
         """
+        # This runs on every request: the active path is inlined (one digest, one lookup).
         if not self.is_well_formed(key):
             return _MALFORMED
-        return self._judge(self.store.get(digest_key(key, self._pepper)))  # type: ignore[arg-type]
+        info = self._get(self._digest(key))  # type: ignore[arg-type]
+        if info is None:
+            return _NOT_FOUND
+        now = self._clock()
+        if info.revoked_at is None and (info.expires_ts is None or info.expires_ts > now):
+            last = self._touched.get(info.digest, _NEVER)
+            if now - last >= self._touch_every and self._due_for_touch(info.digest, now):
+                self._touch(info, now)
+            return _accepted((True, _OK, info))
+        return self._refusal(info)
 
     async def averify(self, key: object) -> Verification:
         """:meth:`verify` for event loops: uses the store's async twin when it has one."""
@@ -298,13 +322,13 @@ class APIKeyManager:
             return self.verify(key)
         if not self.is_well_formed(key):
             return _MALFORMED
-        info = await store.aget(digest_key(key, self._pepper))  # type: ignore[arg-type]
-        if info is None or info.revoked_at is not None:
-            return self._judge(info)
+        info = await store.aget(self._digest(key))  # type: ignore[arg-type]
+        if info is None:
+            return _NOT_FOUND
         now = self._clock()
-        if info.expires_ts is not None and info.expires_ts <= now:
-            return Verification(False, Reason.EXPIRED, info)
-        if self._touch_every is not None and self._due_for_touch(info.digest, now):
+        if info.revoked_at is not None or info.is_expired(now):
+            return self._refusal(info)
+        if self._due_for_touch(info.digest, now):
             try:
                 await store.atouch(info.digest, _utc(now))
             except StoreError as e:
@@ -313,7 +337,7 @@ class APIKeyManager:
 
     def validate_key(self, key: object) -> bool:
         """Return True if ``key`` was issued and is neither revoked nor expired; never raises."""
-        return self.verify(key).ok
+        return self.verify(key)[0]
 
     def get_metadata(self, key: object) -> dict[str, Any] | None:
         """Return a copy of a valid key's metadata, or None for any invalid key."""

@@ -7,6 +7,7 @@ or revoked elsewhere is seen on the next check.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -49,6 +50,9 @@ CREATE INDEX IF NOT EXISTS keyguard_keys_user ON keyguard_keys (user_id, created
 INSERT OR IGNORE INTO keyguard_meta (name, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
 """
 _SELECT = f"SELECT {_COLUMNS} FROM keyguard_keys"
+_GET = f"{_SELECT} WHERE digest = ?"
+_GET_BY_ID = f"{_SELECT} WHERE key_id = ?"
+_DECODE_CACHE = 4096
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -96,6 +100,9 @@ class SQLiteStore:
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
+        # An unchanged row decodes to the same KeyInfo: JSON parsing and datetime building
+        # would otherwise cost more than the query on every check of a hot key.
+        self._decode = functools.lru_cache(maxsize=_DECODE_CACHE)(_row_to_info)
         self._prepare_file()
         self._check_and_migrate()
         ref = weakref.ref(self)
@@ -223,12 +230,12 @@ class SQLiteStore:
         return cursor.rowcount == 1
 
     def get(self, digest: str) -> KeyInfo | None:
-        row = self._execute(f"{_SELECT} WHERE digest = ?", (digest,)).fetchone()
-        return None if row is None else _row_to_info(row)
+        row = self._execute(_GET, (digest,)).fetchone()
+        return None if row is None else self._decode(row)
 
     def get_by_id(self, key_id: str) -> KeyInfo | None:
-        row = self._execute(f"{_SELECT} WHERE key_id = ?", (key_id,)).fetchone()
-        return None if row is None else _row_to_info(row)
+        row = self._execute(_GET_BY_ID, (key_id,)).fetchone()
+        return None if row is None else self._decode(row)
 
     def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
         if user_id is None:
