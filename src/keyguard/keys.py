@@ -31,6 +31,9 @@ DEFAULT_PREFIX = "sk_"
 KEY_BODY_LENGTH = 32
 _CHECKSUM_LENGTH = 8
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,20}")
+# A guessed prefix is at most three short word-like segments ("sk_live_"), so masking a
+# secret that merely contains a '-' or '_' does not show everything in front of it.
+_GUESSED_PREFIX_RE = re.compile(r"(?:[A-Za-z][A-Za-z0-9]{0,7}[_-]){1,3}")
 HASH_SCHEME_SHA256 = "sha256"
 HASH_SCHEME_HMAC_SHA256 = "hmac-sha256"
 
@@ -134,6 +137,7 @@ def mask_key(key: object, prefix: str | None = None) -> str:
     if type(key) is not str or not key.isascii() or len(key) < 12 or not key.isprintable():
         return "…"
     if prefix is None or not key.startswith(prefix):
-        match = re.match(r"[A-Za-z0-9-]{1,19}[_-]", key)
-        prefix = match.group(0) if match and len(key) - match.end() >= 8 else ""
+        match = _GUESSED_PREFIX_RE.match(key)
+        fits = match is not None and match.end() <= 20 and len(key) - match.end() >= 8
+        prefix = match.group(0) if match is not None and fits else ""
     return f"{prefix}…{key[-4:]}"
