@@ -28,6 +28,7 @@ from .keys import (
     KeyFormat,
     digest_key,
     mask_key,
+    validate_prefix,
 )
 from .records import KeyInfo
 from .stores.base import AsyncKeyStore, KeyStore
@@ -154,6 +155,9 @@ class APIKeyManager:
         if not isinstance(self.store, KeyStore):
             raise TypeError(f"store must follow the KeyStore contract, got {self.store!r}")
         self.format = KeyFormat(prefix, checksum=checksum)
+        if isinstance(accept_prefixes, str):
+            # A str is an iterable of one-char prefixes, which would accept far too much.
+            raise TypeError(f"accept_prefixes must be a list of prefixes: [{accept_prefixes!r}]")
         extra = [KeyFormat(p, checksum=checksum) for p in accept_prefixes if p != prefix]
         self.formats: tuple[KeyFormat, ...] = (self.format, *extra)
         if pepper is None:
@@ -210,7 +214,8 @@ class APIKeyManager:
 
         Metadata comes as a dict, as keyword fields, or both (a field given twice is an
         error). It must hold a non-empty string ``user_id``; ``permissions`` (a list of
-        strings) become the key's scopes. Nothing is stored if anything is invalid.
+        strings) become the key's scopes. ``prefix`` picks one of the accepted prefixes
+        (default: the manager's own). Nothing is stored if anything is invalid.
         """
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
@@ -230,7 +235,7 @@ class APIKeyManager:
             if expires_at.timestamp() <= now:
                 raise ValueError("expires_at is in the past")
             expiry = expires_at.astimezone(timezone.utc)
-        fmt = self.format if prefix is None else KeyFormat(prefix, checksum=self.format.checksum)
+        fmt = self.format if prefix is None else self._format_for(prefix)
         created = _utc(now)
         for _ in range(_MAX_ATTEMPTS):
             key = fmt.generate()
@@ -252,6 +257,16 @@ class APIKeyManager:
                 return key, info
             logger.warning("key collision on %s; drawing another key", info.hint)
         raise KeyguardError(f"could not draw a unique key in {_MAX_ATTEMPTS} attempts")
+
+    def _format_for(self, prefix: str) -> KeyFormat:
+        """The accepted format with ``prefix``: issuing a key its own checks refuse is a bug."""
+        for fmt in self.formats:
+            if fmt.prefix == prefix:
+                return fmt
+        validate_prefix(prefix)
+        raise ValueError(
+            f"this manager does not accept keys with prefix {prefix!r}; add it to accept_prefixes"
+        )
 
     def generate_key(
         self,
@@ -422,7 +437,9 @@ class APIKeyManager:
             raise ValueError(f"grace must be a non-negative timedelta, got {grace!r}")
         if expires_in is None and old.expires_at is not None:
             expires_in = old.expires_at - old.created_at
-        new_key, new = self.create_key(old.metadata, expires_in=expires_in, prefix=old.prefix)
+        accepted = any(f.prefix == old.prefix for f in self.formats)
+        prefix = old.prefix if accepted else None
+        new_key, new = self.create_key(old.metadata, expires_in=expires_in, prefix=prefix)
         if grace == timedelta(0):
             self.store.revoke(old.digest, _utc(self._clock()))
         else:
