@@ -49,8 +49,11 @@ class MemoryStore:
     def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
         with self._lock:
             if user_id is None:
-                return sorted(self._records.values(), key=lambda info: info.created_at)
-            return [self._records[d] for d in self._by_user.get(user_id, ())]
+                records = list(self._records.values())
+            else:
+                records = [self._records[d] for d in self._by_user.get(user_id, ())]
+        # Insertion order is not age order when a caller supplies its own created_at.
+        return sorted(records, key=lambda info: info.created_at)
 
     def revoke(self, digest: str, at: datetime) -> bool:
         with self._lock:

@@ -1,0 +1,298 @@
+"""The KeyStore contract, written once and run against every store in the ``store`` fixture.
+
+Only the protocol's methods are used here, so a new backend passes by being added to the
+fixture in ``tests/stores/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from keyguard import APIKeyManager, KeyInfo, KeyStore
+
+T0 = datetime(2024, 5, 17, 8, 30, 15, 123456, tzinfo=timezone.utc)
+
+
+def record(user_id: str = "u1", *, minutes: float = 0, **changes: Any) -> KeyInfo:
+    """A record with a fresh digest and key_id, created ``minutes`` after ``T0``."""
+    info = KeyInfo(
+        key_id="key_" + secrets.token_hex(8),
+        prefix="sk_",
+        hint="sk_…" + secrets.token_hex(2),
+        user_id=user_id,
+        metadata={"user_id": user_id, "permissions": ["read"]},
+        created_at=T0 + timedelta(minutes=minutes),
+        digest=secrets.token_hex(32),
+    )
+    return dataclasses.replace(info, **changes)
+
+
+def stored(store: KeyStore, info: KeyInfo) -> KeyInfo:
+    """The record the store now holds under ``info``'s digest (it must hold one)."""
+    found = store.get(info.digest)
+    assert found is not None, "record is missing"
+    return found
+
+
+# -- add and get ---------------------------------------------------------------------------
+
+
+def test_add_then_get(store: KeyStore) -> None:
+    info = record(hash_scheme="hmac-sha256")
+
+    assert store.add(info) is True
+
+    assert store.get(info.digest) == info
+    assert store.get_by_id(info.key_id) == info
+    assert stored(store, info).scopes == ("read",)
+
+
+def test_unknown_digest_and_id_give_none(store: KeyStore) -> None:
+    store.add(record())
+
+    assert store.get("0" * 64) is None
+    assert store.get("") is None
+    assert store.get_by_id("key_missing") is None
+    assert store.list_keys("nobody") == []
+
+
+def test_add_refuses_a_known_digest_and_keeps_the_first_record(store: KeyStore) -> None:
+    first = record("u1")
+    same_digest = record("u2", digest=first.digest, metadata={"user_id": "u2"})
+    store.add(first)
+
+    assert store.add(same_digest) is False
+
+    assert store.get(first.digest) == first
+    assert store.get_by_id(same_digest.key_id) is None
+    assert store.list_keys() == [first]
+    assert store.list_keys("u2") == []
+
+
+def test_add_refuses_a_known_key_id_and_keeps_the_first_record(store: KeyStore) -> None:
+    first = record("u1")
+    same_id = record("u2", key_id=first.key_id)
+    store.add(first)
+
+    assert store.add(same_id) is False
+
+    assert store.get_by_id(first.key_id) == first
+    assert store.get(same_id.digest) is None
+    assert store.list_keys() == [first]
+
+
+def test_add_of_the_same_record_twice(store: KeyStore) -> None:
+    info = record()
+
+    assert [store.add(info), store.add(info)] == [True, False]
+    assert store.list_keys() == [info]
+
+
+def test_add_is_atomic_under_a_race(store: KeyStore) -> None:
+    contenders = 16
+    info = record()
+    barrier = threading.Barrier(contenders)
+
+    def add() -> bool:
+        barrier.wait()
+        return store.add(info)
+
+    with ThreadPoolExecutor(contenders) as pool:
+        results = [f.result() for f in [pool.submit(add) for _ in range(contenders)]]
+
+    assert results.count(True) == 1
+    assert store.list_keys() == [info]
+
+
+# -- listing -------------------------------------------------------------------------------
+
+
+def test_list_keys_by_user_and_all_oldest_first(store: KeyStore) -> None:
+    # Added out of age order, so an insertion-ordered listing would fail.
+    plan = [("u1", 30), ("u2", 10), ("u1", 40), ("u1", 20), ("u2", 0), ("u1", 5)]
+    records = [record(user, minutes=minutes) for user, minutes in plan]
+    for info in records:
+        assert store.add(info)
+    by_age = sorted(records, key=lambda info: info.created_at)
+
+    assert store.list_keys() == by_age
+    assert store.list_keys(None) == by_age
+    assert store.list_keys("u1") == [r for r in by_age if r.user_id == "u1"]
+    assert store.list_keys("u2") == [r for r in by_age if r.user_id == "u2"]
+    assert store.list_keys("u3") == []
+
+
+def test_list_keys_keeps_revoked_and_expired_records(store: KeyStore) -> None:
+    revoked, expired = record(minutes=0), record(minutes=1, expires_at=T0)
+    store.add(revoked)
+    store.add(expired)
+    store.revoke(revoked.digest, T0)
+
+    assert [r.key_id for r in store.list_keys("u1")] == [revoked.key_id, expired.key_id]
+
+
+# -- changing records ----------------------------------------------------------------------
+
+
+def test_revoke_once(store: KeyStore) -> None:
+    info, bystander = record(), record()
+    store.add(info)
+    store.add(bystander)
+    first_time, second_time = T0 + timedelta(hours=1), T0 + timedelta(hours=2)
+
+    assert store.revoke(info.digest, first_time) is True
+    assert store.revoke(info.digest, second_time) is False
+    assert store.revoke("0" * 64, first_time) is False
+
+    assert stored(store, info) == dataclasses.replace(info, revoked_at=first_time)
+    assert store.get_by_id(info.key_id) == stored(store, info)
+    assert stored(store, bystander) == bystander
+
+
+def test_set_expiry(store: KeyStore) -> None:
+    info = record()
+    store.add(info)
+    deadline = T0 + timedelta(days=30, microseconds=7)
+
+    assert store.set_expiry(info.digest, deadline) is True
+    assert stored(store, info).expires_at == deadline
+    assert store.get_by_id(info.key_id) == stored(store, info)
+    assert store.set_expiry(info.digest, None) is True
+    assert stored(store, info) == info
+    assert store.set_expiry("0" * 64, deadline) is False
+    assert store.list_keys() == [info]
+
+
+def test_touch_records_the_last_use(store: KeyStore) -> None:
+    info = record()
+    store.add(info)
+    first, later = T0 + timedelta(seconds=1), T0 + timedelta(minutes=5, microseconds=1)
+
+    store.touch(info.digest, first)
+    assert stored(store, info).last_used_at == first
+    store.touch(info.digest, later)
+    assert stored(store, info) == dataclasses.replace(info, last_used_at=later)
+
+
+def test_touch_of_an_unknown_digest_creates_nothing(store: KeyStore) -> None:
+    store.touch("0" * 64, T0)
+
+    assert store.get("0" * 64) is None
+    assert store.list_keys() == []
+
+
+# -- round trips ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({}, id="user_id only"),
+        pytest.param({"email": "zoë@exämple.org", "name": "Zoë Ünïcode"}, id="accents"),
+        pytest.param({"name": "山田太郎", "note": "שלום", "emoji": "🔑🛡️"}, id="CJK RTL emoji"),
+        pytest.param({"quote": 'it\'s "quoted" \\ back\\slash\n\ttab'}, id="escapes"),
+        pytest.param({"nul": "a\x00b"}, id="NUL char"),
+        pytest.param(
+            {"org": {"id": 7, "teams": [{"name": "a", "roles": ["x", "y"]}, {}]}}, id="nested"
+        ),
+        pytest.param(
+            {"int": 2**53 + 1, "neg": -3, "float": 0.1, "big": 1e300, "t": True, "f": False},
+            id="numbers and booleans",
+        ),
+        pytest.param({"nothing": None, "empty": [], "obj": {}}, id="empty values"),
+        pytest.param({"permissions": ["read", "write:all"]}, id="permissions"),
+    ],
+)
+def test_metadata_round_trips(store: KeyStore, extra: dict[str, Any]) -> None:
+    metadata = {"user_id": "ünï-ũser", **extra}
+    info = record("ünï-ũser", metadata=metadata)
+    store.add(info)
+
+    assert stored(store, info).metadata == metadata
+    assert store.list_keys("ünï-ũser")[0].metadata == metadata
+    assert stored(store, info).scopes == tuple(metadata.get("permissions", ()))
+
+
+def test_timestamps_round_trip_as_aware_utc(store: KeyStore) -> None:
+    info = record(
+        created_at=T0,
+        expires_at=T0 + timedelta(days=90, microseconds=1),
+        revoked_at=T0 + timedelta(days=1, microseconds=999_999),
+        last_used_at=datetime(2038, 1, 19, 3, 14, 8, 1, tzinfo=timezone.utc),
+    )
+    store.add(info)
+
+    back = stored(store, info)
+
+    assert back == info
+    for name in ("created_at", "expires_at", "revoked_at", "last_used_at"):
+        value = getattr(back, name)
+        assert value.utcoffset() == timedelta(0), name
+    assert back.expires_ts == info.expires_ts
+
+
+def test_timestamps_in_other_zones_keep_their_instant(store: KeyStore) -> None:
+    india = timezone(timedelta(hours=5, minutes=30))
+    info = record(created_at=T0.astimezone(india), expires_at=datetime(2030, 1, 1, tzinfo=india))
+    store.add(info)
+
+    back = stored(store, info)
+
+    assert back.created_at == T0
+    assert back.expires_at == datetime(2030, 1, 1, tzinfo=india)
+    assert back.created_at.tzinfo is not None and back.expires_at is not None
+
+
+# -- concurrency through the manager -------------------------------------------------------
+
+
+def test_sixteen_threads_lose_nothing_and_duplicate_nothing(store: KeyStore) -> None:
+    manager = APIKeyManager(store)
+    threads, per_thread = 16, 20
+    barrier = threading.Barrier(threads)
+
+    def work(n: int) -> list[str]:
+        barrier.wait()
+        keys = [manager.generate_key(user_id=f"user-{n}", n=i) for i in range(per_thread)]
+        assert all(manager.validate_key(key) for key in keys)
+        assert all(manager.revoke_key(key) for key in keys[::2])
+        assert not any(manager.validate_key(key) for key in keys[::2])
+        return keys
+
+    with ThreadPoolExecutor(threads) as pool:
+        issued = [f.result() for f in [pool.submit(work, n) for n in range(threads)]]
+
+    records = manager.list_keys(include_inactive=True)
+    assert len(records) == threads * per_thread
+    assert len({r.key_id for r in records}) == len({r.digest for r in records}) == len(records)
+    assert len({key for keys in issued for key in keys}) == threads * per_thread
+    for n, keys in enumerate(issued):
+        assert [manager.validate_key(key) for key in keys] == [False, True] * (per_thread // 2)
+        metadata = [manager.get_metadata(key) for key in keys[1::2]]
+        assert metadata == [{"user_id": f"user-{n}", "n": i} for i in range(1, per_thread, 2)]
+        assert len(manager.list_keys(f"user-{n}")) == per_thread // 2
+
+
+def test_racing_revocations_succeed_once_per_key(store: KeyStore) -> None:
+    manager = APIKeyManager(store)
+    keys = [manager.generate_key(user_id="u1") for _ in range(16)]
+    barrier = threading.Barrier(len(keys))
+
+    def revoke_all(offset: int) -> list[str]:
+        barrier.wait()
+        order = keys[offset:] + keys[:offset]
+        return [key for key in order if manager.revoke_key(key)]
+
+    with ThreadPoolExecutor(len(keys)) as pool:
+        wins = [f.result() for f in [pool.submit(revoke_all, n) for n in range(len(keys))]]
+
+    assert Counter(key for won in wins for key in won) == Counter(keys)
+    assert manager.list_keys("u1") == []
