@@ -185,12 +185,16 @@ class SQLiteStore:
             return conn
         if self._closed:
             raise StoreError(f"{self!r} is closed")
+        conn = None
         try:
             conn = sqlite3.connect(
                 self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
             )
             conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as e:
+            # A corrupt file fails on the first statement: close the connection, or it leaks.
+            if conn is not None:
+                conn.close()
             raise StoreError(f"cannot open SQLite key store {str(self.path)!r}: {e}") from e
         self._local.conn = conn
         with self._lock:
