@@ -21,15 +21,18 @@ _Factory = Callable[[SplitResult, dict[str, str]], KeyStore]
 def _memory(url: SplitResult, params: dict[str, str]) -> KeyStore:
     _no_params(url, params)
     if url.netloc or url.path not in ("", "/"):
-        raise ValueError(f"memory store URL takes no host or path: {url.geturl()!r}")
+        # The URL is not echoed: its host part may carry a password.
+        raise ValueError("memory store URL takes no host or path: use memory://")
     return MemoryStore()
 
 
 def _sqlite(url: SplitResult, params: dict[str, str]) -> KeyStore:
     _no_params(url, params)
     if url.netloc:
+        # Only the host name is echoed: the rest of the host part may carry a password.
+        host = f" {url.hostname!r}" if url.hostname else ""
         raise ValueError(
-            f"SQLite URL has a host {url.netloc!r}: use sqlite:///relative.db"
+            f"SQLite URL names a host{host}: use sqlite:///relative.db"
             " or sqlite:////absolute/path.db"
         )
     path = unquote(url.path[1:])
