@@ -273,7 +273,7 @@ def test_list_shows_an_aligned_table_within_80_columns(cli: CLI) -> None:
         column = lines[0].index(header)
         assert all(line[column - 1] == " " and line[column] != " " for line in lines[1:])
     assert lines[1].split()[1:3] == [short["hint"], "alice"]
-    assert "in 89d" in lines[1]
+    assert lines[1].split()[5:7] == ["in", "90d"]
     assert lines[2].split()[1].endswith(long["hint"][-5:])  # the hint keeps its last 4 hex
     assert all(line.rstrip().endswith("active") for line in lines[1:])
 
@@ -295,6 +295,24 @@ def test_list_hides_inactive_keys_unless_all_and_filters_by_user(cli: CLI) -> No
     assert [k["status"] for k in everything] == ["expired", "active", "revoked", "active"]
     table = cli("list", "--all").out.splitlines()
     assert [line.split()[-1] for line in table[1:]] == ["expired", "active", "revoked", "active"]
+
+
+@pytest.mark.parametrize(
+    ("expires", "shown"),
+    [
+        pytest.param("45s", "in 45s", id="seconds"),
+        pytest.param("45m", "in 45m", id="minutes"),
+        pytest.param("36h", "in 36h", id="hours under 2d"),
+        pytest.param("2w", "in 14d", id="days"),
+        pytest.param("1095d", "in 3y", id="years from 730d"),
+    ],
+)
+def test_list_shows_expiry_as_a_rounded_distance(cli: CLI, expires: str, shown: str) -> None:
+    cli.create("--user", "alice", "--expires", expires)
+
+    row = cli("list").out.splitlines()[1]
+
+    assert f" {shown} " in row
 
 
 def test_list_says_when_there_are_no_keys(cli: CLI) -> None:
@@ -459,6 +477,11 @@ def test_rotate_by_key_with_zero_grace_revokes_at_once(cli: CLI) -> None:
     assert body["key_id"] != old["key_id"]
     assert cli("verify", body["key"]).code == 0
     assert cli("verify", old_key).out.startswith("revoked: ")
+    human = cli("rotate", body["key_id"], "--grace", "0s")
+    assert human.out.splitlines()[:2] == [
+        f"Rotated {body['key_id']} into {human.out.split()[3]} for user 'alice'.",
+        f"The old key {body['hint']} is revoked.",
+    ]
 
 
 def test_rotate_a_revoked_key_exits_1(cli: CLI) -> None:

@@ -259,6 +259,11 @@ def test_scan_checksum_drops_invalid_candidates(leaks: tuple[CLI, Leaks]) -> Non
     assert body["checked_against_store"] is True
     assert body["revoked"] == []
     tree.assert_masked(result)
+    human = cli("scan", "repo", "--checksum")
+    assert human.out.splitlines()[3] == (
+        "Scanned 3 file(s) (skipped 1 binary): 3 finding(s): 1 live, 1 revoked, 1 unknown;"
+        " 1 checksum-invalid string(s) ignored."
+    )
 
 
 def test_scan_exits_0_when_no_key_found_is_live(leaks: tuple[CLI, Leaks]) -> None:

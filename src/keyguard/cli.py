@@ -119,19 +119,19 @@ def _when(value: datetime | None, empty: str = "never") -> str:
 
 
 def _relative(value: datetime | None, now: float) -> str:
-    """A short distance from now (``in 89d``, ``5m ago``) that fits a table column."""
+    """A short, rounded distance from now (``in 90d``, ``5m ago``) that fits a table column."""
     if value is None:
         return "never"
     delta = value.timestamp() - now
-    seconds = abs(delta)
-    if seconds < 60:
+    seconds = round(abs(delta))
+    if seconds == 0:
         return "now"
-    for unit, size, limit in (("m", 60, 60), ("h", 3600, 48), ("d", 86400, 730)):
+    for unit, size, limit in (("s", 1, 60), ("m", 60, 60), ("h", 3600, 48), ("d", 86400, 730)):
         if seconds < size * limit:
-            amount = f"{int(seconds // size)}{unit}"
+            amount = f"{round(seconds / size)}{unit}"
             break
     else:
-        amount = f"{int(seconds // (365 * 86400))}y"
+        amount = f"{round(seconds / (365 * 86400))}y"
     return f"in {amount}" if delta > 0 else f"{amount} ago"
 
 
