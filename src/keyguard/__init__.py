@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .exceptions import InvalidKeyError as InvalidKeyError
 from .exceptions import KeyguardError as KeyguardError
 from .exceptions import StoreError as StoreError
@@ -20,18 +22,38 @@ from .stores import MemoryStore as MemoryStore
 from .stores import SQLiteStore as SQLiteStore
 from .stores import store_from_url as store_from_url
 
+if TYPE_CHECKING:
+    from .stores.cached import CachedStore as CachedStore
+    from .stores.postgres import PostgresStore as PostgresStore
+    from .stores.redis import RedisStore as RedisStore
+
+_LAZY = {"CachedStore": "cached", "PostgresStore": "postgres", "RedisStore": "redis"}
+
+
+def __getattr__(name: str) -> Any:
+    # These modules (and the drivers they import when a store is built) load on first use.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".stores.{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "APIKeyManager",
     "AsyncKeyStore",
+    "CachedStore",
     "InvalidKeyError",
     "KeyFormat",
     "KeyInfo",
     "KeyStore",
     "KeyguardError",
     "MemoryStore",
+    "PostgresStore",
     "Reason",
+    "RedisStore",
     "SQLiteStore",
     "StoreError",
     "Verification",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ._url import DEFAULT_STORE_URL, STORE_URL_ENV, store_from_url
-from .base import AsyncKeyStore, KeyStore
+from .base import AsyncKeyStore, InvalidationSource, KeyStore
+from .cached import CachedStore
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
@@ -11,6 +12,8 @@ __all__ = [
     "DEFAULT_STORE_URL",
     "STORE_URL_ENV",
     "AsyncKeyStore",
+    "CachedStore",
+    "InvalidationSource",
     "KeyStore",
     "MemoryStore",
     "SQLiteStore",

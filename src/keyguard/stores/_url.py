@@ -1,16 +1,22 @@
-"""``store_from_url``: pick and configure a store from one URL (``KEYGUARD_STORE``)."""
+"""``store_from_url``: pick and configure a store from one URL (``KEYGUARD_STORE``).
+
+The Redis and PostgreSQL stores are imported only when their URL is used, so their
+drivers stay optional. Any URL may add ``cache_ttl=<seconds>`` (and optionally
+``cache_max_entries=<n>``, ``cache_push=0``) to wrap the store in a :class:`CachedStore`.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
+from typing import Any
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
 from .base import KeyStore
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
-__all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "store_from_url"]
+__all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "redact_url", "register_scheme", "store_from_url"]
 
 STORE_URL_ENV = "KEYGUARD_STORE"
 DEFAULT_STORE_URL = "sqlite:///keyguard.db"
@@ -47,7 +53,84 @@ def _no_params(url: SplitResult, params: dict[str, str]) -> None:
         raise ValueError(f"unknown parameter(s) {names} for a {url.scheme}:// store URL")
 
 
-_FACTORIES: dict[str, _Factory] = {"memory": _memory, "sqlite": _sqlite}
+def _redis(url: SplitResult, params: dict[str, str]) -> KeyStore:
+    from .redis import CLIENT_URL_PARAMETERS, DEFAULT_NAMESPACE, RedisStore
+
+    namespace = params.pop("namespace", DEFAULT_NAMESPACE)
+    _only(url, params, CLIENT_URL_PARAMETERS, ours=("namespace",))
+    client_url = url._replace(query=urlencode(params)).geturl()
+    return RedisStore(client_url, namespace=namespace)
+
+
+def _postgres(url: SplitResult, params: dict[str, str]) -> KeyStore:
+    from .postgres import DEFAULT_SCHEMA, DEFAULT_TABLE, PostgresStore
+
+    options: dict[str, Any] = {
+        "table": params.pop("table", DEFAULT_TABLE),
+        "schema": params.pop("schema", DEFAULT_SCHEMA),
+    }
+    for name in ("min_size", "max_size"):
+        if name in params:
+            options[name] = _number(url, name, params.pop(name), int)
+    # The rest is for libpq, which knows its own parameters (sslmode, connect_timeout…).
+    dsn = url._replace(query=urlencode(params)).geturl()
+    return PostgresStore(dsn, **options)
+
+
+def _only(
+    url: SplitResult, params: dict[str, str], allowed: frozenset[str], ours: tuple[str, ...]
+) -> None:
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        known = ", ".join(sorted({*allowed, *ours, *_CACHE_PARAMETERS}))
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(unknown)} for a {url.scheme}:// store URL;"
+            f" known: {known}"
+        )
+
+
+def _number(url: SplitResult, name: str, value: str, kind: type[Any]) -> Any:
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    if number is None or not number > 0 or number != number or number == float("inf"):
+        raise ValueError(
+            f"store URL parameter {name} must be a positive {kind.__name__}, got {value!r}"
+        )
+    return number
+
+
+_CACHE_PARAMETERS = ("cache_ttl", "cache_max_entries", "cache_push")
+
+
+def _cache_options(url: SplitResult, params: dict[str, str]) -> dict[str, Any] | None:
+    """Take the ``cache_*`` parameters out of ``params``; None if no cache is asked for."""
+    found = {name: params.pop(name) for name in _CACHE_PARAMETERS if name in params}
+    if not found:
+        return None
+    if "cache_ttl" not in found:
+        raise ValueError(f"{', '.join(sorted(found))} need cache_ttl=<seconds> in the store URL")
+    options: dict[str, Any] = {"ttl": _number(url, "cache_ttl", found["cache_ttl"], float)}
+    if "cache_max_entries" in found:
+        options["max_entries"] = _number(url, "cache_max_entries", found["cache_max_entries"], int)
+    if "cache_push" in found:
+        if found["cache_push"] not in ("0", "1"):
+            raise ValueError(
+                f"store URL parameter cache_push must be 0 or 1, got {found['cache_push']!r}"
+            )
+        options["push"] = found["cache_push"] == "1"
+    return options
+
+
+_FACTORIES: dict[str, _Factory] = {
+    "memory": _memory,
+    "sqlite": _sqlite,
+    "redis": _redis,
+    "rediss": _redis,
+    "postgresql": _postgres,
+    "postgres": _postgres,
+}
 
 
 def register_scheme(scheme: str, factory: _Factory) -> None:
@@ -58,8 +141,12 @@ def register_scheme(scheme: str, factory: _Factory) -> None:
 def store_from_url(url: str | None = None) -> KeyStore:
     """Return the store named by ``url`` (default: ``$KEYGUARD_STORE``, else SQLite).
 
-    Schemes: ``memory://``, ``sqlite:///relative.db``, ``sqlite:////absolute/path.db``.
-    An unknown scheme or parameter raises :class:`ValueError`.
+    Schemes: ``memory://``, ``sqlite:///relative.db``, ``sqlite:////absolute/path.db``,
+    ``redis://host:6379/0?namespace=myapp`` (``rediss://`` for TLS) and
+    ``postgresql://user@host:5432/db?table=keyguard_keys&schema=public`` (or
+    ``postgres://``). ``cache_ttl=<seconds>`` on any of them wraps the store in a
+    :class:`~keyguard.CachedStore`. An unknown scheme or parameter raises
+    :class:`ValueError`; a password in the URL never appears in a message.
     """
     if url is None:
         url = os.environ.get(STORE_URL_ENV) or DEFAULT_STORE_URL
@@ -69,18 +156,24 @@ def store_from_url(url: str | None = None) -> KeyStore:
     factory = _FACTORIES.get(parts.scheme.lower())
     if factory is None:
         known = ", ".join(f"{s}://" for s in sorted(_FACTORIES))
-        raise ValueError(f"unknown store URL scheme in {_redact(url)!r}; use one of {known}")
+        raise ValueError(f"unknown store URL scheme in {redact_url(url)!r}; use one of {known}")
     try:
         params = dict(
             parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
         )
     except ValueError as e:
-        raise ValueError(f"malformed query string in store URL {_redact(url)!r}") from e
-    return factory(parts, params)
+        raise ValueError(f"malformed query string in store URL {redact_url(url)!r}") from e
+    cache = _cache_options(parts, params)
+    store = factory(parts, params)
+    if cache is None:
+        return store
+    from .cached import CachedStore
+
+    return CachedStore(store, **cache)
 
 
-def _redact(url: str) -> str:
-    """Hide a password in a URL before it goes into a message."""
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for messages and reprs."""
     parts = urlsplit(url)
     if parts.password is None:
         return url

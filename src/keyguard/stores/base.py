@@ -7,12 +7,13 @@ judged by the manager, and every record is kept (revoked and expired ones too) f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from ..records import KeyInfo
 
-__all__ = ["AsyncKeyStore", "KeyStore"]
+__all__ = ["AsyncKeyStore", "InvalidationSource", "KeyStore", "Subscription"]
 
 
 @runtime_checkable
@@ -59,14 +60,62 @@ class KeyStore(Protocol):
 class AsyncKeyStore(Protocol):
     """The async twin a networked store offers, so an event loop never blocks on it.
 
-    The manager uses it in ``averify`` when the store has it; local stores (memory,
-    SQLite) do not need it and are answered inline.
+    Each method does what its :class:`KeyStore` namesake does. The manager uses the twin
+    in ``averify`` when the store has it; local stores (memory, SQLite) do not need it and
+    are answered inline.
     """
+
+    async def aadd(self, info: KeyInfo) -> bool:
+        """Async :meth:`KeyStore.add`."""
+        ...
 
     async def aget(self, digest: str) -> KeyInfo | None:
         """Async :meth:`KeyStore.get`."""
         ...
 
+    async def aget_by_id(self, key_id: str) -> KeyInfo | None:
+        """Async :meth:`KeyStore.get_by_id`."""
+        ...
+
+    async def alist_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+        """Async :meth:`KeyStore.list_keys`."""
+        ...
+
+    async def arevoke(self, digest: str, at: datetime) -> bool:
+        """Async :meth:`KeyStore.revoke`."""
+        ...
+
+    async def aset_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        """Async :meth:`KeyStore.set_expiry`."""
+        ...
+
     async def atouch(self, digest: str, at: datetime) -> None:
         """Async :meth:`KeyStore.touch`."""
+        ...
+
+    async def aclose(self) -> None:
+        """Async :meth:`KeyStore.close`: also releases connections bound to the event loop."""
+        ...
+
+
+class Subscription(Protocol):
+    """A running subscription; ``close`` stops it and waits for its thread."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class InvalidationSource(Protocol):
+    """A shared store that tells other processes when a record changes (push invalidation).
+
+    :class:`~keyguard.CachedStore` subscribes so that a revocation made anywhere reaches
+    its cache within a second instead of after its ``ttl``.
+    """
+
+    def subscribe_invalidations(self, callback: Callable[[str | None], None]) -> Subscription:
+        """Call ``callback(digest)`` from a daemon thread whenever a record changes.
+
+        ``callback(None)`` means "changes may have been missed, forget everything": it is
+        sent each time the subscription is (re-)established.
+        """
         ...

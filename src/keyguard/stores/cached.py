@@ -1,0 +1,320 @@
+"""``CachedStore``: an in-process LRU in front of any store, with bounded staleness.
+
+A hot key costs no call to the inner store within ``ttl`` and a repeated unknown key
+reaches it once per ``ttl``. Changes made through this process drop the entry at once;
+changes made elsewhere are seen within ``ttl`` at most, and within milliseconds when the
+inner store pushes invalidations (Redis pub/sub, PostgreSQL LISTEN/NOTIFY).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import datetime
+
+from ..records import KeyInfo
+from .base import AsyncKeyStore, InvalidationSource, KeyStore, Subscription
+
+__all__ = ["CachedStore"]
+
+_MISS = object()
+
+
+class CachedStore:
+    """Cache ``inner``'s answers to :meth:`get` (found and not found) for ``ttl`` seconds.
+
+    :param inner: the store that holds the keys; closed by :meth:`close`.
+    :param ttl: seconds an answer may be reused; the staleness bound for a change made
+        by another process when push invalidation is off or its connection is down.
+    :param max_entries: records kept at most, least recently used dropped first; up to as
+        many "not found" answers are kept apart, so a flood of unknown keys cannot push
+        hot keys out.
+    :param push: subscribe to the inner store's invalidations when it offers them, so that
+        every process sees a revocation within about a second.
+    :param clock: monotonic seconds; for tests.
+
+    Listing and lookups by ``key_id`` are operator paths and always go to the inner store.
+    """
+
+    def __init__(
+        self,
+        inner: KeyStore,
+        *,
+        ttl: float = 5.0,
+        max_entries: int = 10_000,
+        push: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(inner, KeyStore):
+            raise TypeError(f"inner must follow the KeyStore contract, got {inner!r}")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < 1e9:
+            raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be a positive int, got {max_entries!r}")
+        self.inner = inner
+        self.ttl = float(ttl)
+        self.max_entries = max_entries
+        self._clock = clock
+        self._ainner = inner if isinstance(inner, AsyncKeyStore) else None
+        self._found: OrderedDict[str, tuple[float, KeyInfo]] = OrderedDict()
+        self._missing: OrderedDict[str, float] = OrderedDict()
+        # Reads in flight, and those an invalidation overtook: their answer is not kept.
+        self._inflight: dict[str, int] = {}
+        self._stale: set[str] = set()
+        self._lock = threading.Lock()
+        self._push = push and isinstance(inner, InvalidationSource)
+        self._subscription: Subscription | None = None
+        self._closed = False
+        if self._push:
+            self._subscribe()
+        ref = weakref.ref(self)
+
+        def reset_in_child() -> None:
+            store = ref()
+            if store is not None:
+                store._reset_after_fork()
+
+        os.register_at_fork(after_in_child=reset_in_child)
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedStore({self.inner!r}, ttl={self.ttl:g}, max_entries={self.max_entries},"
+            f" push={self._push})"
+        )
+
+    # -- the cache ---------------------------------------------------------------------
+
+    def get(self, digest: str) -> KeyInfo | None:
+        now = self._clock()
+        with self._lock:
+            entry = self._found.get(digest)
+            if entry is not None and entry[0] > now:
+                self._found.move_to_end(digest)
+                return entry[1]
+        cached = self._probe(digest, now)
+        if cached is not _MISS:
+            return cached  # type: ignore[return-value]
+        try:
+            info = self.inner.get(digest)
+        except BaseException:
+            self._settle(digest, None, now, keep=False)
+            raise
+        self._settle(digest, info, now)
+        return info
+
+    async def aget(self, digest: str) -> KeyInfo | None:
+        now = self._clock()
+        cached = self._probe(digest, now)
+        if cached is not _MISS:
+            return cached  # type: ignore[return-value]
+        try:
+            if self._ainner is not None:
+                info = await self._ainner.aget(digest)
+            else:
+                info = self.inner.get(digest)  # a local store answers inline
+        except BaseException:
+            self._settle(digest, None, now, keep=False)
+            raise
+        self._settle(digest, info, now)
+        return info
+
+    def _probe(self, digest: str, now: float) -> KeyInfo | object | None:
+        """The cached answer, or ``_MISS`` after registering a read in flight."""
+        with self._lock:
+            entry = self._found.get(digest)
+            if entry is not None:
+                if entry[0] > now:
+                    self._found.move_to_end(digest)
+                    return entry[1]
+                del self._found[digest]
+            deadline = self._missing.get(digest)
+            if deadline is not None:
+                if deadline > now:
+                    self._missing.move_to_end(digest)
+                    return None
+                del self._missing[digest]
+            self._inflight[digest] = self._inflight.get(digest, 0) + 1
+            if self._subscription is None and self._push and not self._closed:
+                self._subscribe()
+            return _MISS
+
+    def _settle(
+        self, digest: str, info: KeyInfo | None, read_at: float, keep: bool = True
+    ) -> None:
+        """Keep the answer of a finished read unless an invalidation overtook it."""
+        with self._lock:
+            left = self._inflight.pop(digest, 1) - 1
+            stale = digest in self._stale
+            if left:
+                self._inflight[digest] = left
+            else:
+                self._stale.discard(digest)
+            if not keep or stale or self._closed:
+                return
+            # The answer is as old as the read's start: ttl counts from there.
+            deadline = read_at + self.ttl
+            if info is None:
+                self._missing[digest] = deadline
+                if len(self._missing) > self.max_entries:
+                    self._missing.popitem(last=False)
+            else:
+                self._found[digest] = (deadline, info)
+                if len(self._found) > self.max_entries:
+                    self._found.popitem(last=False)
+
+    def invalidate(self, digest: str | None = None) -> None:
+        """Forget the answer for ``digest``, or every answer with ``None``; thread-safe."""
+        with self._lock:
+            if digest is None:
+                self._found.clear()
+                self._missing.clear()
+                self._stale.update(self._inflight)
+            else:
+                self._found.pop(digest, None)
+                self._missing.pop(digest, None)
+                if digest in self._inflight:
+                    self._stale.add(digest)
+
+    def __len__(self) -> int:
+        """Answers held now (found and not found), expired ones included until reused."""
+        return len(self._found) + len(self._missing)
+
+    # -- push invalidation -------------------------------------------------------------
+
+    def _subscribe(self) -> None:
+        assert isinstance(self.inner, InvalidationSource)
+        self._subscription = self.inner.subscribe_invalidations(self.invalidate)
+
+    @property
+    def listening(self) -> bool:
+        """Whether push invalidation is live (a revocation elsewhere is seen at once)."""
+        ready = getattr(self._subscription, "ready", None)
+        return isinstance(ready, threading.Event) and ready.is_set()
+
+    def wait_until_listening(self, timeout: float = 5.0) -> bool:
+        """Block until push invalidation is live; False on timeout or if there is none."""
+        with self._lock:
+            if self._subscription is None and self._push and not self._closed:
+                self._subscribe()
+        ready = getattr(self._subscription, "ready", None)
+        return isinstance(ready, threading.Event) and ready.wait(timeout)
+
+    def _reset_after_fork(self) -> None:
+        """A forked child has no listener thread: forget all, resubscribe on first use."""
+        self._lock = threading.Lock()
+        self._found.clear()
+        self._missing.clear()
+        self._inflight.clear()
+        self._stale.clear()
+        self._subscription = None
+
+    # -- writes go through, then drop the entry ----------------------------------------
+
+    def add(self, info: KeyInfo) -> bool:
+        try:
+            return self.inner.add(info)
+        finally:
+            self.invalidate(info.digest)
+
+    def get_by_id(self, key_id: str) -> KeyInfo | None:
+        return self.inner.get_by_id(key_id)
+
+    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+        return self.inner.list_keys(user_id)
+
+    def revoke(self, digest: str, at: datetime) -> bool:
+        try:
+            return self.inner.revoke(digest, at)
+        finally:
+            self.invalidate(digest)
+
+    def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        try:
+            return self.inner.set_expiry(digest, expires_at)
+        finally:
+            self.invalidate(digest)
+
+    def touch(self, digest: str, at: datetime) -> None:
+        self.inner.touch(digest, at)
+        self._touched(digest, at)
+
+    def _touched(self, digest: str, at: datetime) -> None:
+        """Show the new ``last_used_at`` in a cached record without refetching it."""
+        with self._lock:
+            entry = self._found.get(digest)
+            if entry is not None:
+                self._found[digest] = (entry[0], dataclasses.replace(entry[1], last_used_at=at))
+
+    def _stop_listening(self) -> Subscription | None:
+        with self._lock:
+            self._closed = True
+            subscription, self._subscription = self._subscription, None
+            self._found.clear()
+            self._missing.clear()
+        return subscription
+
+    def close(self) -> None:
+        """Stop push invalidation, drop the cache and close the inner store."""
+        subscription = self._stop_listening()
+        if subscription is not None:
+            subscription.close()
+        self.inner.close()
+
+    # -- the async twin ----------------------------------------------------------------
+
+    async def aadd(self, info: KeyInfo) -> bool:
+        try:
+            if self._ainner is not None:
+                return await self._ainner.aadd(info)
+            return self.inner.add(info)
+        finally:
+            self.invalidate(info.digest)
+
+    async def aget_by_id(self, key_id: str) -> KeyInfo | None:
+        if self._ainner is not None:
+            return await self._ainner.aget_by_id(key_id)
+        return self.inner.get_by_id(key_id)
+
+    async def alist_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+        if self._ainner is not None:
+            return await self._ainner.alist_keys(user_id)
+        return self.inner.list_keys(user_id)
+
+    async def arevoke(self, digest: str, at: datetime) -> bool:
+        try:
+            if self._ainner is not None:
+                return await self._ainner.arevoke(digest, at)
+            return self.inner.revoke(digest, at)
+        finally:
+            self.invalidate(digest)
+
+    async def aset_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        try:
+            if self._ainner is not None:
+                return await self._ainner.aset_expiry(digest, expires_at)
+            return self.inner.set_expiry(digest, expires_at)
+        finally:
+            self.invalidate(digest)
+
+    async def atouch(self, digest: str, at: datetime) -> None:
+        if self._ainner is not None:
+            await self._ainner.atouch(digest, at)
+        else:
+            self.inner.touch(digest, at)
+        self._touched(digest, at)
+
+    async def aclose(self) -> None:
+        """:meth:`close` for event loops: the listener thread is joined off the loop."""
+        subscription = self._stop_listening()
+        if subscription is not None:
+            await asyncio.to_thread(subscription.close)
+        if self._ainner is not None:
+            await self._ainner.aclose()
+        else:
+            self.inner.close()

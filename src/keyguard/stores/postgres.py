@@ -1,0 +1,610 @@
+"""``PostgresStore``: keys in a PostgreSQL table shared by every worker (psycopg 3 + pool).
+
+The schema is created idempotently (``CREATE … IF NOT EXISTS`` under an advisory lock, so
+workers starting together do not race) and never altered or dropped automatically:
+
+- ``<schema>.<table>``: one row per key, ``digest`` primary key, ``key_id`` unique,
+  metadata ``jsonb``, times ``timestamptz``, an index on ``(user_id, created_at)``;
+  ``metadata_json`` keeps the exact JSON text only for the rare metadata jsonb would alter
+  (a NUL character, a float like ``1e300``);
+- ``<schema>.<table>_meta``: a ``schema_version`` row;
+- a trigger that sends ``NOTIFY`` with the digest whenever a row is added, deleted, revoked
+  or given a new expiry, by keyguard or by hand, so caches elsewhere can drop it at once.
+
+psycopg is imported only when a store is built (``pip install 'keyguard[postgres]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import threading
+import weakref
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import StoreError
+from ..records import KeyInfo
+from ._listener import POLL_SECONDS, Listener
+from ._url import redact_url
+
+if TYPE_CHECKING:
+    import psycopg_pool
+
+__all__ = ["DEFAULT_SCHEMA", "DEFAULT_TABLE", "SCHEMA_VERSION", "PostgresStore"]
+
+SCHEMA_VERSION = 1
+DEFAULT_TABLE = "keyguard_keys"
+DEFAULT_SCHEMA = "public"
+# Lower case only: a quoted mixed-case name would need quoting in every hand-written query.
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
+_MAX_TABLE = 48  # leaves room for the _meta, _user_idx and _notify suffixes within 63 bytes
+_COLUMNS = (
+    "digest",
+    "key_id",
+    "hash_scheme",
+    "prefix",
+    "hint",
+    "user_id",
+    "metadata",
+    "created_at",
+    "expires_at",
+    "revoked_at",
+    "last_used_at",
+    "metadata_json",
+)
+# Our own pools run in autocommit without server-side prepared statements: every read is
+# then exactly one round trip, and PgBouncer in transaction mode works.
+_CONNECTION_KWARGS: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
+_LISTEN_KWARGS: dict[str, Any] = {
+    "autocommit": True,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
+
+def _import_psycopg() -> tuple[Any, Any]:
+    try:
+        import psycopg
+        import psycopg.sql
+        import psycopg.types.json
+        import psycopg_pool
+    except ImportError as e:
+        raise ImportError(
+            "PostgresStore needs psycopg 3 and psycopg_pool: pip install 'keyguard[postgres]'"
+        ) from e
+    return psycopg, psycopg_pool
+
+
+def _identifier(kind: str, value: object, limit: int) -> str:
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value) or len(value) > limit:
+        raise ValueError(
+            f"PostgreSQL {kind} name must be 1-{limit} characters of lower-case letters,"
+            f" digits and _, not starting with a digit; got {value!r}"
+        )
+    return value
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(timezone.utc)
+
+
+def _jsonb_exact(value: Any) -> bool:
+    """Whether jsonb gives ``value`` back unchanged.
+
+    jsonb refuses NUL characters and reads a float written with an exponent (``1e300``)
+    back as an integer.
+    """
+    if isinstance(value, str):
+        return "\x00" not in value
+    if isinstance(value, float):
+        return "e" not in repr(value)
+    if isinstance(value, dict):
+        return all(_jsonb_exact(k) and _jsonb_exact(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_jsonb_exact(v) for v in value)
+    return True
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
+    digest, key_id, scheme, prefix, hint, user_id, metadata, created, *times, exact = row
+    expires, revoked, used = times
+    return KeyInfo(
+        key_id=key_id,
+        prefix=prefix,
+        hint=hint,
+        user_id=user_id,
+        metadata=metadata if exact is None else json.loads(exact),
+        created_at=created.astimezone(timezone.utc),
+        expires_at=_utc(expires),
+        revoked_at=_utc(revoked),
+        last_used_at=_utc(used),
+        digest=digest,
+        hash_scheme=scheme,
+    )
+
+
+class PostgresStore:
+    """A key store in one PostgreSQL table, built from a DSN or from a pool the app has.
+
+    :param dsn: ``postgresql://user[:password]@host:5432/db[?sslmode=…]``.
+    :param pool: an existing ``psycopg_pool.ConnectionPool`` (not closed by :meth:`close`);
+        give its connections ``autocommit=True`` for one round trip per check.
+    :param async_pool: an existing ``AsyncConnectionPool`` for the async methods; by
+        default one is made from ``dsn`` (or ``pool``'s settings) per event loop.
+    :param table: table name (lower-case identifier); ``<table>_meta`` sits beside it.
+    :param schema: PostgreSQL schema holding the tables, created if missing.
+    :param min_size: connections each pool keeps open.
+    :param max_size: connections each pool opens at most.
+    :param timeout: seconds to wait for a free connection before :class:`StoreError`.
+    :param create_schema: create missing tables, index and trigger; with False a missing
+        table is a :class:`StoreError` (for roles without DDL rights).
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: psycopg_pool.ConnectionPool[Any] | None = None,
+        async_pool: psycopg_pool.AsyncConnectionPool[Any] | None = None,
+        table: str = DEFAULT_TABLE,
+        schema: str = DEFAULT_SCHEMA,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 5.0,
+        create_schema: bool = True,
+    ) -> None:
+        if (dsn is None) == (pool is None):
+            raise TypeError("give PostgresStore either a dsn or a pool, not both or neither")
+        self.table = _identifier("table", table, _MAX_TABLE)
+        self.schema = _identifier("schema", schema, 63)
+        if not 1 <= min_size <= max_size:
+            raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
+        self._psycopg, self._pool_module = _import_psycopg()
+        psycopg = self._psycopg
+        if dsn is not None:
+            try:
+                psycopg.conninfo.conninfo_to_dict(dsn)
+            except psycopg.Error as e:
+                raise ValueError(f"invalid PostgreSQL DSN {redact_url(dsn)!r}: {e}") from None
+            self._conninfo: str = dsn
+            self._kwargs: dict[str, Any] = dict(_CONNECTION_KWARGS)
+        else:
+            assert pool is not None
+            # A pool may compute its settings per connection; take them as they are now.
+            conninfo, kwargs = pool.conninfo, pool.kwargs
+            self._conninfo = conninfo() if callable(conninfo) else conninfo
+            self._kwargs = dict((kwargs() if callable(kwargs) else kwargs) or {})
+        self._sizes = (min_size, max_size)
+        self._timeout = timeout
+        self._owns_pool = pool is None
+        self._pool: psycopg_pool.ConnectionPool[Any] | None = pool
+        self._orphans: list[object] = []
+        self._given_async = async_pool
+        self._async: psycopg_pool.AsyncConnectionPool[Any] | None = async_pool
+        self._async_loop: asyncio.AbstractEventLoop | None = None
+        self._async_opening: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        #: the NOTIFY channel this table's trigger signals on (an identifier, at most 63 bytes).
+        self.channel = (
+            "keyguard_" + hashlib.sha256(f"{self.schema}.{self.table}".encode()).hexdigest()[:20]
+        )
+        self._prepare_statements()
+        try:
+            self._setup(create_schema)
+        except BaseException:
+            self.close()
+            raise
+        ref = weakref.ref(self)
+
+        def forget_in_child() -> None:
+            store = ref()
+            if store is not None:
+                store._forget()
+
+        os.register_at_fork(after_in_child=forget_in_child)
+
+    def __repr__(self) -> str:
+        try:
+            info = self._psycopg.conninfo.conninfo_to_dict(self._conninfo)
+        except Exception:
+            info = {}
+        where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+        return f"PostgresStore({where!r}, table='{self.schema}.{self.table}')"
+
+    # -- statements and schema ---------------------------------------------------------
+
+    def _prepare_statements(self) -> None:
+        sql = self._psycopg.sql
+        table = sql.Identifier(self.schema, self.table)
+        columns = sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS)
+        select = sql.SQL("SELECT {} FROM {}").format(columns, table)
+
+        def render(query: Any) -> bytes:
+            return bytes(query.as_bytes(None))
+
+        self._q_get = render(sql.SQL("{} WHERE digest = %s").format(select))
+        self._q_get_by_id = render(sql.SQL("{} WHERE key_id = %s").format(select))
+        self._q_list_all = render(sql.SQL("{} ORDER BY created_at, seq").format(select))
+        self._q_list_user = render(
+            sql.SQL("{} WHERE user_id = %s ORDER BY created_at, seq").format(select)
+        )
+        self._q_add = render(
+            sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
+                table, columns, sql.SQL(", ").join(sql.Placeholder() for _ in _COLUMNS)
+            )
+        )
+        self._q_revoke = render(
+            sql.SQL(
+                "UPDATE {} SET revoked_at = %s WHERE digest = %s AND revoked_at IS NULL"
+            ).format(table)
+        )
+        self._q_set_expiry = render(
+            sql.SQL("UPDATE {} SET expires_at = %s WHERE digest = %s").format(table)
+        )
+        # GREATEST ignores NULL; it keeps a slow worker from moving last_used_at backwards.
+        self._q_touch = render(
+            sql.SQL(
+                "UPDATE {} SET last_used_at = GREATEST(last_used_at, %s) WHERE digest = %s"
+            ).format(table)
+        )
+
+    def _setup(self, create_schema: bool) -> None:
+        sql = self._psycopg.sql
+        name = f"{self.schema}.{self.table}"
+        meta = sql.Identifier(self.schema, f"{self.table}_meta")
+        table = sql.Identifier(self.schema, self.table)
+        function = sql.Identifier(self.schema, f"{self.table}_notify")
+        try:
+            with self._connection() as conn, conn.transaction():
+                # Workers starting together would otherwise race on CREATE TABLE IF NOT EXISTS.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"keyguard:{name}",))
+                state = conn.execute(
+                    "SELECT to_regnamespace(%(s)s) IS NOT NULL,"
+                    " to_regclass(%(t)s) IS NOT NULL, to_regclass(%(m)s) IS NOT NULL,"
+                    " EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = %(g)s"
+                    "   AND tgrelid = to_regclass(%(t)s))",
+                    {
+                        "s": f'"{self.schema}"',
+                        "t": f'"{self.schema}"."{self.table}"',
+                        "m": f'"{self.schema}"."{self.table}_meta"',
+                        "g": f"{self.table}_notify",
+                    },
+                ).fetchone()
+                has_schema, has_table, has_meta, has_trigger = state
+                version = None
+                if has_meta:
+                    row = conn.execute(
+                        sql.SQL("SELECT value FROM {} WHERE name = 'schema_version'").format(meta)
+                    ).fetchone()
+                    version = row[0] if row else None
+                elif has_table:
+                    raise StoreError(
+                        f"table {name!r} exists but is not a keyguard key store"
+                        f" (no {self.table}_meta table); refusing to modify it"
+                    )
+                if version is not None and version != str(SCHEMA_VERSION):
+                    raise StoreError(
+                        f"{name!r} has keyguard schema version {version!r};"
+                        f" this keyguard supports {SCHEMA_VERSION}"
+                    )
+                if has_table and version is not None and has_trigger:
+                    return
+                if not create_schema:
+                    raise StoreError(
+                        f"keyguard tables in {self.schema!r} are missing or incomplete"
+                        f" ({name!r}); create them with PostgresStore(..., create_schema=True)"
+                    )
+                if not has_schema:
+                    conn.execute(
+                        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                            sql.Identifier(self.schema)
+                        )
+                    )
+                self._create(conn, table, meta, function, has_trigger)
+        except self._psycopg.Error as e:
+            raise StoreError(f"cannot prepare PostgreSQL key store {self!r}: {e}") from e
+
+    def _create(self, conn: Any, table: Any, meta: Any, function: Any, has_trigger: bool) -> None:
+        sql = self._psycopg.sql
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, value text NOT NULL)"
+            ).format(meta)
+        )
+        conn.execute(
+            sql.SQL(
+                """CREATE TABLE IF NOT EXISTS {} (
+                    digest text PRIMARY KEY,
+                    key_id text NOT NULL UNIQUE,
+                    hash_scheme text NOT NULL,
+                    prefix text NOT NULL,
+                    hint text NOT NULL,
+                    user_id text NOT NULL,
+                    metadata jsonb NOT NULL,
+                    created_at timestamptz NOT NULL,
+                    expires_at timestamptz,
+                    revoked_at timestamptz,
+                    last_used_at timestamptz,
+                    metadata_json text,
+                    seq bigint GENERATED ALWAYS AS IDENTITY
+                )"""
+            ).format(table)
+        )
+        conn.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (user_id, created_at)").format(
+                sql.Identifier(f"{self.table}_user_idx"), table
+            )
+        )
+        if not has_trigger:
+            # CREATE OR REPLACE only our own function, and only while its trigger is absent.
+            conn.execute(
+                sql.SQL(
+                    """CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN
+                      IF TG_OP = 'UPDATE'
+                         AND NEW.revoked_at IS NOT DISTINCT FROM OLD.revoked_at
+                         AND NEW.expires_at IS NOT DISTINCT FROM OLD.expires_at
+                         AND NEW.digest = OLD.digest THEN
+                        RETURN NULL;
+                      END IF;
+                      IF TG_OP = 'DELETE' THEN
+                        PERFORM pg_notify({}, OLD.digest);
+                      ELSE
+                        PERFORM pg_notify({}, NEW.digest);
+                      END IF;
+                      RETURN NULL;
+                    END $$"""
+                ).format(function, sql.Literal(self.channel), sql.Literal(self.channel))
+            )
+            conn.execute(
+                sql.SQL(
+                    "CREATE TRIGGER {} AFTER INSERT OR DELETE OR UPDATE OF revoked_at,"
+                    " expires_at, digest ON {} FOR EACH ROW EXECUTE FUNCTION {}()"
+                ).format(sql.Identifier(f"{self.table}_notify"), table, function)
+            )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (name, value) VALUES ('schema_version', %s)"
+                " ON CONFLICT (name) DO NOTHING"
+            ).format(meta),
+            (str(SCHEMA_VERSION),),
+        )
+
+    # -- connections -------------------------------------------------------------------
+
+    def _sync_pool(self) -> psycopg_pool.ConnectionPool[Any]:
+        pool = self._pool
+        if pool is not None:
+            return pool
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"{self!r} is closed")
+            if self._pool is None:
+                min_size, max_size = self._sizes
+                self._pool = self._pool_module.ConnectionPool(
+                    self._conninfo,
+                    kwargs=self._kwargs,
+                    min_size=min_size,
+                    max_size=max_size,
+                    timeout=self._timeout,
+                    open=True,
+                    name=f"keyguard-{self.table}",
+                )
+            return self._pool
+
+    def _connection(self) -> Any:
+        return self._sync_pool().connection()
+
+    def _forget(self) -> None:
+        """In a forked child, leave the parent's pool alone (its sockets are the parent's)."""
+        self._lock = threading.Lock()
+        if self._owns_pool and self._pool is not None:
+            self._orphans.append(self._pool)
+            self._pool = None
+        if self._given_async is None:
+            self._async, self._async_loop = None, None
+
+    def _fail(self, action: str, e: Exception) -> StoreError:
+        return StoreError(f"PostgreSQL key store {self!r} could not {action}: {e}")
+
+    def _add_params(self, info: KeyInfo) -> tuple[Any, ...]:
+        metadata, exact = info.metadata, None
+        if not _jsonb_exact(metadata):
+            # Keep the exact JSON beside a queryable approximation that jsonb accepts.
+            metadata, exact = _without_nul(metadata), json.dumps(metadata)
+        return (
+            info.digest,
+            info.key_id,
+            info.hash_scheme,
+            info.prefix,
+            info.hint,
+            info.user_id,
+            self._psycopg.types.json.Jsonb(metadata),
+            info.created_at,
+            info.expires_at,
+            info.revoked_at,
+            info.last_used_at,
+            exact,
+        )
+
+    # -- the sync contract -------------------------------------------------------------
+
+    def _one(self, query: bytes, params: tuple[Any, ...], action: str) -> KeyInfo | None:
+        try:
+            with self._connection() as conn:
+                row = conn.execute(query, params).fetchone()
+        except self._psycopg.Error as e:
+            raise self._fail(action, e) from e
+        return None if row is None else _row_to_info(row)
+
+    def _write(self, query: bytes, params: tuple[Any, ...], action: str) -> bool:
+        try:
+            with self._connection() as conn:
+                return bool(conn.execute(query, params).rowcount == 1)
+        except self._psycopg.Error as e:
+            raise self._fail(action, e) from e
+
+    def add(self, info: KeyInfo) -> bool:
+        return self._write(self._q_add, self._add_params(info), "add a key")
+
+    def get(self, digest: str) -> KeyInfo | None:
+        return self._one(self._q_get, (digest,), "read a key")
+
+    def get_by_id(self, key_id: str) -> KeyInfo | None:
+        return self._one(self._q_get_by_id, (key_id,), "read a key")
+
+    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+        query, params = (
+            (self._q_list_all, ()) if user_id is None else (self._q_list_user, (user_id,))
+        )
+        try:
+            with self._connection() as conn:
+                rows = conn.execute(query, params).fetchall()
+        except self._psycopg.Error as e:
+            raise self._fail("list keys", e) from e
+        return [_row_to_info(row) for row in rows]
+
+    def revoke(self, digest: str, at: datetime) -> bool:
+        return self._write(self._q_revoke, (at, digest), "revoke a key")
+
+    def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        return self._write(self._q_set_expiry, (expires_at, digest), "change an expiry")
+
+    def touch(self, digest: str, at: datetime) -> None:
+        self._write(self._q_touch, (at, digest), "record a key's use")
+
+    def close(self) -> None:
+        """Close the pools this store opened (a pool passed in stays open)."""
+        self._close_async_outside_loop()
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None and self._owns_pool:
+            pool.close()
+
+    # -- push invalidation -------------------------------------------------------------
+
+    def subscribe_invalidations(self, callback: Callable[[str | None], None]) -> Listener:
+        """LISTEN on this table's channel on a daemon thread (see ``InvalidationSource``)."""
+        return Listener(f"keyguard-postgres-{self.table}", self._listen, callback)
+
+    def _listen(self, stop: threading.Event, emit: Callable[[str | None], None]) -> None:
+        psycopg = self._psycopg
+        kwargs = {**self._kwargs, **_LISTEN_KWARGS, "connect_timeout": 5}
+        with psycopg.connect(self._conninfo, **kwargs) as conn:
+            conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel)))
+            # Listening from here on: anything cached before may be stale.
+            emit(None)
+            while not stop.is_set():
+                for notice in conn.notifies(timeout=POLL_SECONDS):
+                    emit(notice.payload)
+
+    # -- the async twin ----------------------------------------------------------------
+
+    async def _apool(self) -> psycopg_pool.AsyncConnectionPool[Any]:
+        """The async pool for the running loop (async connections belong to one loop)."""
+        loop = asyncio.get_running_loop()
+        pool = self._async
+        if pool is None or (self._given_async is None and self._async_loop is not loop):
+            if self._closed:
+                raise StoreError(f"{self!r} is closed")
+            min_size, max_size = self._sizes
+            pool = self._pool_module.AsyncConnectionPool(
+                self._conninfo,
+                kwargs=self._kwargs,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=self._timeout,
+                open=False,
+                name=f"keyguard-{self.table}-async",
+            )
+            # Published before the first await, so concurrent tasks share this one pool.
+            self._async, self._async_loop = pool, loop
+            self._async_opening = loop.create_task(pool.open())
+        opening = self._async_opening
+        if opening is not None:
+            await opening
+            self._async_opening = None
+        return pool
+
+    async def _aone(self, query: bytes, params: tuple[Any, ...], action: str) -> KeyInfo | None:
+        try:
+            async with (await self._apool()).connection() as conn:
+                cursor = await conn.execute(query, params)
+                row = await cursor.fetchone()
+        except self._psycopg.Error as e:
+            raise self._fail(action, e) from e
+        return None if row is None else _row_to_info(row)
+
+    async def _awrite(self, query: bytes, params: tuple[Any, ...], action: str) -> bool:
+        try:
+            async with (await self._apool()).connection() as conn:
+                cursor = await conn.execute(query, params)
+                return bool(cursor.rowcount == 1)
+        except self._psycopg.Error as e:
+            raise self._fail(action, e) from e
+
+    async def aadd(self, info: KeyInfo) -> bool:
+        return await self._awrite(self._q_add, self._add_params(info), "add a key")
+
+    async def aget(self, digest: str) -> KeyInfo | None:
+        return await self._aone(self._q_get, (digest,), "read a key")
+
+    async def aget_by_id(self, key_id: str) -> KeyInfo | None:
+        return await self._aone(self._q_get_by_id, (key_id,), "read a key")
+
+    async def alist_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+        query, params = (
+            (self._q_list_all, ()) if user_id is None else (self._q_list_user, (user_id,))
+        )
+        try:
+            async with (await self._apool()).connection() as conn:
+                cursor = await conn.execute(query, params)
+                rows = await cursor.fetchall()
+        except self._psycopg.Error as e:
+            raise self._fail("list keys", e) from e
+        return [_row_to_info(row) for row in rows]
+
+    async def arevoke(self, digest: str, at: datetime) -> bool:
+        return await self._awrite(self._q_revoke, (at, digest), "revoke a key")
+
+    async def aset_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        return await self._awrite(self._q_set_expiry, (expires_at, digest), "change an expiry")
+
+    async def atouch(self, digest: str, at: datetime) -> None:
+        await self._awrite(self._q_touch, (at, digest), "record a key's use")
+
+    async def aclose(self) -> None:
+        """Close this loop's async pool, then the sync one (see :meth:`close`)."""
+        pool, self._async, self._async_loop = self._async, self._given_async, None
+        if pool is not None and pool is not self._given_async:
+            await pool.close()
+        self.close()
+
+    def _close_async_outside_loop(self) -> None:
+        """Close an async pool from sync code when its loop can still run it."""
+        pool, loop = self._async, self._async_loop
+        if pool is None or pool is self._given_async or loop is None:
+            return
+        if loop.is_closed() or loop.is_running():
+            return  # cannot run it; its sockets go with the loop
+        self._async, self._async_loop = self._given_async, None
+        loop.run_until_complete(pool.close())

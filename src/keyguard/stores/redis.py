@@ -1,0 +1,469 @@
+"""``RedisStore``: keys in a Redis server shared by every worker and machine (redis-py).
+
+Layout under a namespace ``ns`` (so two apps can share one Redis):
+
+- ``ns:key:<digest>``: one hash per record (times as integer microseconds since the epoch,
+  metadata as JSON); never given a TTL, so an expired key still answers ``expired``;
+- ``ns:ids``: a hash ``key_id -> digest``;
+- ``ns:user:<user_id>`` and ``ns:all``: sorted sets of digests scored by creation time;
+- ``ns:meta``: ``schema_version``; and the pub/sub channel ``ns:changes``, which carries
+  the digest of every record that is added, revoked or given a new expiry.
+
+Every write is one Lua script, so "add if absent" and "revoke if active" are decided by
+the server atomically, and a read (``HGETALL``) is one round trip. redis-py is imported
+only when a store is built (``pip install 'keyguard[redis]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, cast
+
+from ..exceptions import StoreError
+from ..records import KeyInfo
+from ._listener import POLL_SECONDS, Listener
+from ._url import redact_url
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+__all__ = ["DEFAULT_NAMESPACE", "SCHEMA_VERSION", "RedisStore"]
+
+SCHEMA_VERSION = 1
+DEFAULT_NAMESPACE = "keyguard"
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.:{}\-]{1,64}")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+_TIMES = ("expires_at", "revoked_at", "last_used_at")
+
+# KEYS: record, ids, user set, all set, meta.  ARGV: digest, key_id, score, channel, fields…
+_ADD = f"""
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('HSETNX', KEYS[5], 'schema_version', '{SCHEMA_VERSION}')
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return 1
+"""
+# KEYS: record.  ARGV: revoked_at, channel, digest.
+_REVOKE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[1], 'revoked_at', ARGV[1]) == 0 then return 0 end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+# KEYS: record.  ARGV: expires_at ('' for none), channel, digest.
+_SET_EXPIRY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] == '' then
+  redis.call('HDEL', KEYS[1], 'expires_at')
+else
+  redis.call('HSET', KEYS[1], 'expires_at', ARGV[1])
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+# KEYS: record.  ARGV: last_used_at.  Never creates a record.
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'last_used_at', ARGV[1])
+end
+return 0
+"""
+
+#: Query parameters redis-py understands in a URL; any other one is refused, not ignored.
+CLIENT_URL_PARAMETERS = frozenset(
+    {
+        "db",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "retry_on_timeout",
+        "max_connections",
+        "health_check_interval",
+        "client_name",
+        "protocol",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_check_hostname",
+        "ssl_min_version",
+    }
+)
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+        import redis.asyncio
+    except ImportError as e:
+        raise ImportError(
+            "RedisStore needs the redis package: pip install 'keyguard[redis]'"
+        ) from e
+    return redis
+
+
+def _us(value: datetime) -> int:
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def _from_us(value: str) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(value))
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _fields(info: KeyInfo) -> list[str]:
+    fields = [
+        "key_id",
+        info.key_id,
+        "hash_scheme",
+        info.hash_scheme,
+        "prefix",
+        info.prefix,
+        "hint",
+        info.hint,
+        "user_id",
+        info.user_id,
+        "metadata",
+        json.dumps(info.metadata, separators=(",", ":")),
+        "created_at",
+        str(_us(info.created_at)),
+    ]
+    for name in _TIMES:
+        value: datetime | None = getattr(info, name)
+        if value is not None:
+            fields += [name, str(_us(value))]
+    return fields
+
+
+def _decode(digest: str, raw: Mapping[Any, Any]) -> KeyInfo | None:
+    if not raw:
+        return None
+    h = {_text(k): _text(v) for k, v in raw.items()}
+    try:
+        return KeyInfo(
+            key_id=h["key_id"],
+            prefix=h["prefix"],
+            hint=h["hint"],
+            user_id=h["user_id"],
+            metadata=json.loads(h["metadata"]),
+            created_at=_from_us(h["created_at"]),
+            expires_at=_from_us(h["expires_at"]) if "expires_at" in h else None,
+            revoked_at=_from_us(h["revoked_at"]) if "revoked_at" in h else None,
+            last_used_at=_from_us(h["last_used_at"]) if "last_used_at" in h else None,
+            digest=digest,
+            hash_scheme=h["hash_scheme"],
+        )
+    except (KeyError, ValueError) as e:
+        raise StoreError(f"Redis record for key {h.get('key_id', '?')!r} is corrupt: {e}") from e
+
+
+class RedisStore:
+    """A key store in Redis, built from a URL or from a client the app already has.
+
+    :param url: ``redis://[:password@]host:6379/0`` or ``rediss://…`` (TLS).
+    :param client: an existing ``redis.Redis`` (not closed by :meth:`close`).
+    :param async_client: an existing ``redis.asyncio.Redis`` for the async methods; by
+        default one is made from ``url`` (or ``client``'s settings) per event loop.
+    :param namespace: prefix of every Redis key, so several apps can share one server.
+    :param options: further ``redis.Redis.from_url`` options (timeouts, pool size).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: redis.Redis | None = None,
+        async_client: redis.asyncio.Redis | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        **options: Any,
+    ) -> None:
+        if (url is None) == (client is None):
+            raise TypeError("give RedisStore either a url or a client, not both or neither")
+        if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+            raise ValueError(
+                f"Redis namespace must be 1-64 characters of letters, digits and _.:{{}}-,"
+                f" got {namespace!r}"
+            )
+        self._redis = _import_redis()
+        self.namespace = namespace
+        self._url = url
+        self._options = options
+        self._owns_client = client is None
+        if client is None:
+            client = cast("redis.Redis", self._redis.Redis.from_url(url, **options))
+        self._client: redis.Redis = client
+        self._given_async = async_client
+        self._async: redis.asyncio.Redis | None = async_client
+        self._async_loop: asyncio.AbstractEventLoop | None = None
+        self._async_scripts: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._ids = f"{namespace}:ids"
+        self._all = f"{namespace}:all"
+        self._meta = f"{namespace}:meta"
+        self.channel = f"{namespace}:changes"
+        self._add = client.register_script(_ADD)
+        self._revoke = client.register_script(_REVOKE)
+        self._set_expiry = client.register_script(_SET_EXPIRY)
+        self._touch = client.register_script(_TOUCH)
+        self._hgetall = client.hgetall
+
+    def __repr__(self) -> str:
+        where = redact_url(self._url) if self._url else repr(self._client)
+        return f"RedisStore({where!r}, namespace={self.namespace!r})"
+
+    # -- keys and arguments ------------------------------------------------------------
+
+    def record_key(self, digest: str) -> str:
+        """The Redis key of the hash holding the record for ``digest``."""
+        return f"{self.namespace}:key:{digest}"
+
+    def user_key(self, user_id: str) -> str:
+        """The Redis key of the sorted set of ``user_id``'s digests."""
+        return f"{self.namespace}:user:{user_id}"
+
+    def _add_call(self, info: KeyInfo) -> tuple[list[str], list[str]]:
+        keys = [
+            self.record_key(info.digest),
+            self._ids,
+            self.user_key(info.user_id),
+            self._all,
+            self._meta,
+        ]
+        score = str(_us(info.created_at))
+        return keys, [info.digest, info.key_id, score, self.channel, *_fields(info)]
+
+    def _fail(self, action: str, e: Exception) -> StoreError:
+        return StoreError(f"Redis key store {self!r} could not {action}: {e}")
+
+    # -- the sync contract -------------------------------------------------------------
+
+    def add(self, info: KeyInfo) -> bool:
+        keys, args = self._add_call(info)
+        try:
+            return bool(self._add(keys=keys, args=args))
+        except self._redis.RedisError as e:
+            raise self._fail("add a key", e) from e
+
+    def get(self, digest: str) -> KeyInfo | None:
+        try:
+            raw = self._hgetall(self.record_key(digest))
+        except self._redis.RedisError as e:
+            raise self._fail("read a key", e) from e
+        return _decode(digest, cast("Mapping[Any, Any]", raw))
+
+    def get_by_id(self, key_id: str) -> KeyInfo | None:
+        try:
+            digest = self._client.hget(self._ids, key_id)
+        except self._redis.RedisError as e:
+            raise self._fail("read a key", e) from e
+        return None if digest is None else self.get(_text(digest))
+
+    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+        index = self._all if user_id is None else self.user_key(user_id)
+        try:
+            digests = [_text(d) for d in cast("list[Any]", self._client.zrange(index, 0, -1))]
+            pipe = self._client.pipeline(transaction=False)
+            for digest in digests:
+                pipe.hgetall(self.record_key(digest))
+            hashes = pipe.execute() if digests else []
+        except self._redis.RedisError as e:
+            raise self._fail("list keys", e) from e
+        records = [_decode(d, h) for d, h in zip(digests, hashes, strict=True)]
+        return [r for r in records if r is not None]
+
+    def revoke(self, digest: str, at: datetime) -> bool:
+        try:
+            return bool(
+                self._revoke(keys=[self.record_key(digest)], args=[_us(at), self.channel, digest])
+            )
+        except self._redis.RedisError as e:
+            raise self._fail("revoke a key", e) from e
+
+    def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        value = "" if expires_at is None else str(_us(expires_at))
+        try:
+            return bool(
+                self._set_expiry(
+                    keys=[self.record_key(digest)], args=[value, self.channel, digest]
+                )
+            )
+        except self._redis.RedisError as e:
+            raise self._fail("change an expiry", e) from e
+
+    def touch(self, digest: str, at: datetime) -> None:
+        try:
+            self._touch(keys=[self.record_key(digest)], args=[_us(at)])
+        except self._redis.RedisError as e:
+            raise self._fail("record a key's use", e) from e
+
+    def close(self) -> None:
+        """Close the connections this store opened (a client passed in stays open)."""
+        self._close_async_outside_loop()
+        if self._owns_client:
+            self._client.close()
+
+    # -- push invalidation -------------------------------------------------------------
+
+    def subscribe_invalidations(self, callback: Callable[[str | None], None]) -> Listener:
+        """Follow ``ns:changes`` on a daemon thread (see :class:`InvalidationSource`)."""
+        return Listener(f"keyguard-redis-{self.namespace}", self._listen, callback)
+
+    def _listen(self, stop: threading.Event, emit: Callable[[str | None], None]) -> None:
+        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self.channel)
+            while not stop.is_set():
+                message = pubsub.get_message(timeout=POLL_SECONDS)
+                if message is None:
+                    continue
+                kind = _text(message["type"])
+                # A (re-)subscription confirmed: anything cached before it may be stale.
+                if kind == "subscribe":
+                    emit(None)
+                elif kind == "message":
+                    emit(_text(message["data"]))
+        finally:
+            pubsub.close()
+
+    # -- the async twin ----------------------------------------------------------------
+
+    def _aclient(self) -> tuple[redis.asyncio.Redis, dict[str, Any]]:
+        """The async client for the running loop (async connections belong to one loop)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._async
+            if client is None or (self._given_async is None and self._async_loop is not loop):
+                client = self._new_async_client()
+                self._async, self._async_loop = client, loop
+                self._async_scripts = {}
+            if not self._async_scripts:
+                self._async_scripts = {
+                    "add": client.register_script(_ADD),
+                    "revoke": client.register_script(_REVOKE),
+                    "set_expiry": client.register_script(_SET_EXPIRY),
+                    "touch": client.register_script(_TOUCH),
+                }
+            return client, self._async_scripts
+
+    def _new_async_client(self) -> redis.asyncio.Redis:
+        aio = self._redis.asyncio
+        if self._url is not None:
+            return cast("redis.asyncio.Redis", aio.Redis.from_url(self._url, **self._options))
+        pool = self._client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        name = getattr(pool, "connection_class", object).__name__
+        kwargs["connection_class"] = getattr(aio.connection, name, aio.connection.Connection)
+        try:
+            return cast(
+                "redis.asyncio.Redis",
+                aio.Redis(connection_pool=aio.ConnectionPool(**kwargs)),
+            )
+        except TypeError as e:
+            raise StoreError(
+                f"cannot derive an async client from {self._client!r}; pass async_client="
+            ) from e
+
+    async def aadd(self, info: KeyInfo) -> bool:
+        _, scripts = self._aclient()
+        keys, args = self._add_call(info)
+        try:
+            return bool(await scripts["add"](keys=keys, args=args))
+        except self._redis.RedisError as e:
+            raise self._fail("add a key", e) from e
+
+    async def aget(self, digest: str) -> KeyInfo | None:
+        client, _ = self._aclient()
+        try:
+            raw = await client.hgetall(self.record_key(digest))
+        except self._redis.RedisError as e:
+            raise self._fail("read a key", e) from e
+        return _decode(digest, raw)
+
+    async def aget_by_id(self, key_id: str) -> KeyInfo | None:
+        client, _ = self._aclient()
+        try:
+            digest = await client.hget(self._ids, key_id)
+        except self._redis.RedisError as e:
+            raise self._fail("read a key", e) from e
+        return None if digest is None else await self.aget(_text(digest))
+
+    async def alist_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+        client, _ = self._aclient()
+        index = self._all if user_id is None else self.user_key(user_id)
+        try:
+            digests = [_text(d) for d in cast("list[Any]", await client.zrange(index, 0, -1))]
+            hashes: list[Any] = []
+            if digests:
+                pipe = client.pipeline(transaction=False)
+                for digest in digests:
+                    pipe.hgetall(self.record_key(digest))
+                hashes = await pipe.execute()
+        except self._redis.RedisError as e:
+            raise self._fail("list keys", e) from e
+        records = [_decode(d, h) for d, h in zip(digests, hashes, strict=True)]
+        return [r for r in records if r is not None]
+
+    async def arevoke(self, digest: str, at: datetime) -> bool:
+        _, scripts = self._aclient()
+        try:
+            return bool(
+                await scripts["revoke"](
+                    keys=[self.record_key(digest)], args=[_us(at), self.channel, digest]
+                )
+            )
+        except self._redis.RedisError as e:
+            raise self._fail("revoke a key", e) from e
+
+    async def aset_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        _, scripts = self._aclient()
+        value = "" if expires_at is None else str(_us(expires_at))
+        try:
+            return bool(
+                await scripts["set_expiry"](
+                    keys=[self.record_key(digest)], args=[value, self.channel, digest]
+                )
+            )
+        except self._redis.RedisError as e:
+            raise self._fail("change an expiry", e) from e
+
+    async def atouch(self, digest: str, at: datetime) -> None:
+        _, scripts = self._aclient()
+        try:
+            await scripts["touch"](keys=[self.record_key(digest)], args=[_us(at)])
+        except self._redis.RedisError as e:
+            raise self._fail("record a key's use", e) from e
+
+    async def aclose(self) -> None:
+        """Close this loop's async connections, then the sync ones (see :meth:`close`)."""
+        with self._lock:
+            client, self._async, self._async_loop = self._async, self._given_async, None
+            self._async_scripts = {}
+        if client is not None and client is not self._given_async:
+            await client.aclose()
+        self.close()
+
+    def _close_async_outside_loop(self) -> None:
+        """Close an async client from sync code when its loop can still run it."""
+        with self._lock:
+            client, loop = self._async, self._async_loop
+            if client is None or client is self._given_async or loop is None:
+                return
+            if loop.is_closed() or loop.is_running():
+                return  # cannot run it; its sockets go with the loop
+            self._async, self._async_loop = self._given_async, None
+        loop.run_until_complete(client.aclose())
