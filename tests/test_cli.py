@@ -484,6 +484,15 @@ def test_rotate_by_key_with_zero_grace_revokes_at_once(cli: CLI) -> None:
     ]
 
 
+def test_rotate_checksum_gives_the_new_key_a_checksum(cli: CLI) -> None:
+    old_key, _ = cli.create("--user", "alice", "--prefix", "pk_")
+
+    new_key = cli("rotate", old_key, "--checksum", "--json").json()["key"]
+
+    assert KeyFormat("pk_", checksum=True).matches(new_key)
+    assert cli("verify", new_key, "--checksum").code == 0
+
+
 def test_rotate_a_revoked_key_exits_1(cli: CLI) -> None:
     _, old = cli.create("--user", "alice")
     cli("revoke", old["key_id"])

@@ -231,7 +231,7 @@ class _Session:
         return self._store
 
     def manager(self, prefix: str = DEFAULT_PREFIX, *, create: bool = False) -> APIKeyManager:
-        """A manager over the store; it never records "last used" (an operator is no use)."""
+        """A manager over the store that never records "last used": a look is not a use."""
         checksum = bool(getattr(self.args, "checksum", False))
         store = self.store(create=create)
         try:
@@ -271,7 +271,7 @@ def _resolve(session: _Session, ref: str) -> tuple[APIKeyManager, KeyInfo]:
             raise CLIError(f"no key with key_id {ref!r}")
         return manager, info
     key = _read_key(ref)
-    fmt = _key_format(key, bool(getattr(session.args, "checksum", False)))
+    fmt = _key_format(key, checksum=False)  # the record, not the checksum, decides
     if fmt is None:
         raise CLIError(
             f"{mask_key(key)!r} is neither a key_id (key_ and 16 hex) nor a well-formed key"
@@ -506,10 +506,9 @@ def _cmd_scan(session: _Session) -> int:
         if info is not None and status(key) == "live"
     }
     revoked: list[str] = []
-    if args.revoke and live:
+    if args.revoke and live and manager is not None:
         names = ", ".join(f"{i.key_id} ({i.hint})" for i in live.values())
         if args.yes or _confirm(f"Revoke {len(live)} live key(s): {names}?"):
-            assert manager is not None
             revoked = [kid for kid in live if manager.revoke_by_id(kid)]
 
     for skipped in report.unreadable:
