@@ -148,6 +148,7 @@ def test_key_format_describes_its_keys() -> None:
     assert repr(fmt) == "KeyFormat(prefix='sk_live_', checksum=False)"
     assert fmt == KeyFormat("sk_live_")
     assert fmt != KeyFormat("sk_live_", checksum=True)
+    assert fmt != "sk_live_"
     assert len({fmt, KeyFormat("sk_live_"), KeyFormat("sk_test_")}) == 2
 
 

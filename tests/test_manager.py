@@ -24,6 +24,7 @@ from keyguard import (
     KeyStore,
     MemoryStore,
     Reason,
+    StoreError,
     Verification,
     mask_key,
 )
@@ -683,6 +684,31 @@ def test_last_use_is_not_recorded_for_refused_keys(
     manager.validate_key(UNKNOWN_KEY)
 
     assert store.calls["touch"] == 0
+
+
+class TouchFailsStore(CountingStore):
+    """A store whose last-use writes fail, as a read-only replica's would."""
+
+    def touch(self, digest: str, at: datetime) -> None:
+        super().touch(digest, at)
+        raise StoreError("store is read-only")
+
+
+def test_a_failed_last_use_write_does_not_refuse_the_key(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = TouchFailsStore()
+    manager = APIKeyManager(store, clock=clock)
+    key, info = manager.create_key(user_id="u1")
+
+    with caplog.at_level(logging.WARNING, logger="keyguard"):
+        result = manager.verify(key)
+
+    assert result.ok is True
+    assert store.calls["touch"] == 1
+    assert info.key_id in caplog.text
+    assert "read-only" in caplog.text
+    assert key[3:] not in caplog.text
 
 
 def test_last_used_resolution_none_disables_writes(store: CountingStore) -> None:
