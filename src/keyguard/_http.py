@@ -1,0 +1,389 @@
+"""HTTP details shared by the ASGI and WSGI middleware, validated and precomputed once.
+
+:class:`Guard` holds the options common to both middlewares; it reads credentials from
+header values (``Authorization: Bearer <key>`` or a raw key header) and an optional query
+parameter, and owns the catalogue of :class:`Problem` responses (RFC 9457 bodies with
+RFC 6750 ``WWW-Authenticate`` challenges). The middlewares keep only the per-request loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import unquote_plus
+
+from .manager import Reason
+
+if TYPE_CHECKING:
+    from .manager import APIKeyManager, Verification
+    from .records import KeyInfo
+
+__all__ = [
+    "MAX_CREDENTIAL_LENGTH",
+    "ErrorResponder",
+    "ErrorResponse",
+    "Guard",
+    "Problem",
+    "Problems",
+]
+
+logger = logging.getLogger("keyguard")
+
+#: Longest credential header value read, in bytes; longer ones are refused unparsed.
+MAX_CREDENTIAL_LENGTH = 8192
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+#: WebSocket close codes (RFC 6455): policy violation, and "try again later".
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+
+# RFC 7230 token characters (header names) and RFC 6749 scope-token characters.
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+_QUOTABLE_RE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
+# Header names that a WSGI server does not pass as HTTP_*, or that cannot carry a key.
+_UNUSABLE_HEADERS = frozenset({"content-type", "content-length", "cookie", "host"})
+
+
+class ErrorResponse(NamedTuple):
+    """A complete HTTP error response, independent of any framework."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+#: Renders a refusal: ``(problem, scope_or_environ) -> ErrorResponse``, or None for the default.
+ErrorResponder = Callable[["Problem", Mapping[str, Any]], "ErrorResponse | None"]
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """One way a request can be refused, with its response precomputed.
+
+    ``code`` is the stable machine-readable name (``missing_api_key``, ``invalid_api_key``,
+    ...); ``www_authenticate`` is the RFC 6750 challenge sent with it, if any.
+    """
+
+    status: int
+    code: str
+    detail: str
+    www_authenticate: str | None = None
+    title: str = field(init=False)
+    #: The RFC 9457 ``application/problem+json`` body.
+    body: bytes = field(init=False, repr=False)
+    headers: tuple[tuple[str, str], ...] = field(init=False, repr=False)
+    status_line: str = field(init=False, repr=False)
+    raw_headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False)
+    close_code: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        phrase = HTTPStatus(self.status).phrase
+        body = json.dumps(self.as_dict(phrase), separators=(",", ":")).encode()
+        headers = [("content-type", PROBLEM_CONTENT_TYPE), ("content-length", str(len(body)))]
+        if self.www_authenticate is not None:
+            headers.append(("www-authenticate", self.www_authenticate))
+        setattr_ = object.__setattr__
+        setattr_(self, "title", phrase)
+        setattr_(self, "body", body)
+        setattr_(self, "headers", tuple(headers))
+        setattr_(self, "status_line", f"{self.status} {phrase}")
+        setattr_(self, "raw_headers", tuple((n.encode(), v.encode()) for n, v in headers))
+        close = CLOSE_TRY_AGAIN_LATER if self.status >= 500 else CLOSE_POLICY_VIOLATION
+        setattr_(self, "close_code", close)
+
+    def as_dict(self, title: str | None = None) -> dict[str, Any]:
+        """The RFC 9457 members: ``type``, ``title``, ``status``, ``detail`` and ``code``."""
+        return {
+            "type": "about:blank",
+            "title": self.title if title is None else title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+
+    @property
+    def response(self) -> ErrorResponse:
+        """The default response (a fresh header list, so callers may extend it)."""
+        return ErrorResponse(self.status, list(self.headers), self.body)
+
+
+class Problems:
+    """The catalogue of refusals for one middleware (its realm, headers and scopes)."""
+
+    def __init__(self, realm: str, how_to_send: str, required_scopes: Sequence[str]) -> None:
+        challenge = f'Bearer realm="{realm}"'
+        invalid_token = f'{challenge}, error="invalid_token"'
+        invalid_request = f'{challenge}, error="invalid_request"'
+        self.missing = Problem(
+            401, "missing_api_key", f"This API needs an API key: {how_to_send}.", challenge
+        )
+        self.invalid = Problem(401, "invalid_api_key", "The API key is not valid.", invalid_token)
+        self.revoked = Problem(
+            401, "revoked_api_key", "The API key has been revoked.", invalid_token
+        )
+        self.expired = Problem(401, "expired_api_key", "The API key has expired.", invalid_token)
+        wanted = " ".join(required_scopes)
+        self.insufficient_scope = Problem(
+            403,
+            "insufficient_scope",
+            f"The API key lacks a scope this API requires ({', '.join(required_scopes)}).",
+            f'{challenge}, error="insufficient_scope", scope="{wanted}"',
+        )
+
+        def bad_request(detail: str) -> Problem:
+            return Problem(400, "invalid_request", detail, invalid_request)
+
+        self.conflicting = bad_request(
+            "The request carries more than one different API key; send exactly one."
+        )
+        self.bad_authorization = bad_request(
+            "The Authorization header must be 'Bearer <key>' with exactly one key."
+        )
+        self.bad_value = bad_request("An API key header or parameter must hold exactly one key.")
+        self.empty = bad_request("An API key header or parameter is present but empty.")
+        self.bad_characters = bad_request(
+            "An API key header or parameter contains characters other than visible ASCII."
+        )
+        self.too_large = bad_request(
+            f"An API key header or parameter is longer than {MAX_CREDENTIAL_LENGTH} bytes."
+        )
+        self.store_unavailable = Problem(
+            503, "store_unavailable", "The API key store is unavailable; try again shortly."
+        )
+        self._by_reason = {
+            Reason.MALFORMED: self.invalid,
+            Reason.NOT_FOUND: self.invalid,
+            Reason.REVOKED: self.revoked,
+            Reason.EXPIRED: self.expired,
+        }
+
+    def __iter__(self) -> Iterator[Problem]:
+        return (p for p in vars(self).values() if isinstance(p, Problem))
+
+    def refusal(self, reason: Reason) -> Problem:
+        """The problem for a key the manager refused for ``reason``."""
+        return self._by_reason.get(reason, self.invalid)
+
+
+def _display_header(name: str) -> str:
+    return "-".join(part.capitalize() for part in name.split("-"))
+
+
+def _check_exempt_path(path: object) -> str:
+    if not isinstance(path, str):
+        raise TypeError(f"exempt paths must be str, not {type(path).__name__}")
+    if (
+        not path.startswith("/")
+        or "//" in path
+        or has_dot_segment(path)
+        or not path.isprintable()
+        or any(c in path for c in " ?#")
+    ):
+        raise ValueError(
+            f"exempt path {path!r} must be a normalised absolute path such as '/health'"
+            " (no '//', '.' or '..' segments, query, fragment or spaces)"
+        )
+    return path
+
+
+def has_dot_segment(path: str) -> bool:
+    """Whether ``path`` has a ``.`` or ``..`` segment (which some servers collapse later)."""
+    if "/." not in path:
+        return False
+    return any(segment in (".", "..") for segment in path.split("/"))
+
+
+class Guard:
+    """The options both middlewares take, validated, with everything derived from them.
+
+    See :class:`keyguard.asgi.APIKeyMiddleware` for what each option means.
+    """
+
+    def __init__(
+        self,
+        manager: APIKeyManager,
+        *,
+        exempt_paths: Iterable[str],
+        exempt_patterns: Iterable[str | re.Pattern[str]],
+        optional: bool,
+        required_scopes: Iterable[str],
+        header_names: Iterable[str],
+        query_param: str | None,
+        strip_credentials: bool,
+        realm: str,
+        error_responder: ErrorResponder | None,
+        allow_cors_preflight: bool,
+        stacklevel: int,
+    ) -> None:
+        if not callable(getattr(manager, "verify", None)):
+            raise TypeError(f"manager must be an APIKeyManager, got {manager!r}")
+        self.manager = manager
+        if isinstance(exempt_paths, str) or isinstance(exempt_patterns, (str, re.Pattern)):
+            raise TypeError("exempt_paths and exempt_patterns take a list, not a single string")
+        self.exempt_paths = frozenset(_check_exempt_path(p) for p in exempt_paths)
+        self.exempt_patterns = tuple(
+            p if isinstance(p, re.Pattern) else re.compile(p) for p in exempt_patterns
+        )
+        self.optional = bool(optional)
+        if isinstance(required_scopes, str):
+            required_scopes = [required_scopes]
+        self.required_scopes = tuple(dict.fromkeys(required_scopes))
+        for scope in self.required_scopes:
+            if not isinstance(scope, str) or not _SCOPE_RE.fullmatch(scope):
+                raise ValueError(f"invalid scope {scope!r}: use visible ASCII without spaces")
+        if self.optional and self.required_scopes:
+            raise ValueError(
+                "optional=True lets callers without a key through, so required_scopes would"
+                " only bind callers who send one; require scopes per route instead"
+            )
+        if isinstance(header_names, str):
+            raise TypeError("header_names takes a list of names, not a single string")
+        names: dict[str, bool] = {}
+        for name in header_names:
+            if not isinstance(name, str) or not _TOKEN_RE.fullmatch(name):
+                raise ValueError(f"invalid header name {name!r}")
+            lower = name.lower()
+            if lower in _UNUSABLE_HEADERS:
+                raise ValueError(f"the {name!r} header cannot carry an API key")
+            names[lower] = lower == "authorization"
+        if query_param is not None and (
+            not isinstance(query_param, str) or not _TOKEN_RE.fullmatch(query_param)
+        ):
+            raise ValueError(f"invalid query parameter name {query_param!r}")
+        if not names and query_param is None:
+            raise ValueError("give at least one header name or a query_param to read keys from")
+        #: Lower-cased header name -> whether it uses the ``Bearer`` scheme (Authorization).
+        self.header_names = names
+        self.raw_header_names = {n.encode("latin-1"): b for n, b in names.items()}
+        self.environ_names = tuple(
+            ("HTTP_" + n.upper().replace("-", "_"), b) for n, b in names.items()
+        )
+        self.query_param = query_param
+        if query_param is not None:
+            warnings.warn(
+                f"keyguard reads API keys from the {query_param!r} query parameter: URLs end"
+                " up in access logs, proxy logs and browser history, so keys sent this way"
+                " leak; prefer the Authorization header",
+                UserWarning,
+                stacklevel=stacklevel + 1,
+            )
+        self.strip_credentials = bool(strip_credentials)
+        if not isinstance(realm, str) or not realm or not _QUOTABLE_RE.fullmatch(realm):
+            raise ValueError(f"invalid realm {realm!r}: use printable ASCII without '\"' or '\\'")
+        self.realm = realm
+        if error_responder is not None and not callable(error_responder):
+            raise TypeError("error_responder must be callable")
+        self.error_responder = error_responder
+        self.allow_cors_preflight = bool(allow_cors_preflight)
+        ways = [
+            "'Authorization: Bearer <key>'" if bearer else f"'{_display_header(n)}: <key>'"
+            for n, bearer in names.items()
+        ]
+        if query_param is not None:
+            ways.append(f"the '{query_param}' query parameter")
+        self.problems = Problems(realm, "send it as " + " or ".join(ways), self.required_scopes)
+
+    def is_exempt_by_pattern(self, path: str) -> bool:
+        """Whether an exempt pattern fullmatches ``path``; paths with dot segments never do."""
+        if has_dot_segment(path):
+            return False
+        return any(p.fullmatch(path) for p in self.exempt_patterns)
+
+    def missing_scope(self, info: KeyInfo) -> bool:
+        """Whether the key lacks one of the app-wide required scopes."""
+        scopes = info.scopes
+        return any(s not in scopes for s in self.required_scopes)
+
+    def refusal(self, result: Verification) -> Problem:
+        return self.problems.refusal(result.reason)
+
+    def split_query(self, query: str) -> tuple[list[str], str]:
+        """Return the values of the key parameter and the query string without it."""
+        name = self.query_param
+        values: list[str] = []
+        kept: list[str] = []
+        for part in query.split("&"):
+            raw_name, eq, raw_value = part.partition("=")
+            if raw_name == name or (
+                ("%" in raw_name or "+" in raw_name) and unquote_plus(raw_name) == name
+            ):
+                values.append(unquote_plus(raw_value) if eq else "")
+            else:
+                kept.append(part)
+        return values, "&".join(kept)
+
+    def extract(
+        self, values: Iterable[tuple[bool, str]], query_values: Sequence[str] = ()
+    ) -> str | Problem | None:
+        """Find the one key in credential header values and query values, exactly.
+
+        ``values`` pairs each header value (latin-1 text) with whether its header uses the
+        Bearer scheme. Returns the key, None if there is none, or the request's problem.
+        Comma-joined values (repeated headers merged by a server or proxy) are split.
+        """
+        problems = self.problems
+        found: set[str] = set()
+        for bearer, value in values:
+            if len(value) > MAX_CREDENTIAL_LENGTH:
+                return problems.too_large
+            value = value.strip(" \t")
+            if not value:
+                return problems.empty
+            if not (value.isascii() and value.isprintable()):
+                return problems.bad_characters
+            for part in value.split(","):
+                part = part.strip(" ")
+                if not part:
+                    continue
+                if bearer:
+                    scheme, _, token = part.partition(" ")
+                    if scheme.lower() != "bearer":
+                        continue  # another scheme, for someone else to handle
+                    token = token.strip(" ")
+                    if not token or " " in token:
+                        return problems.bad_authorization
+                    found.add(token)
+                elif " " in part:
+                    return problems.bad_value
+                else:
+                    found.add(part)
+        for value in query_values:
+            if len(value) > MAX_CREDENTIAL_LENGTH:
+                return problems.too_large
+            if not value:
+                return problems.empty
+            if not (value.isascii() and value.isprintable()):
+                return problems.bad_characters
+            if " " in value or "," in value:
+                return problems.bad_value
+            found.add(value)
+        if len(found) > 1:
+            return problems.conflicting
+        return found.pop() if found else None
+
+    def render(self, problem: Problem, request: Mapping[str, Any]) -> ErrorResponse | None:
+        """The user's rendering of ``problem``, or None to send the precomputed default."""
+        if self.error_responder is None:
+            return None
+        response = self.error_responder(problem, request)
+        if response is None or isinstance(response, ErrorResponse):
+            return response
+        try:
+            status, headers, body = response
+        except (TypeError, ValueError):
+            raise TypeError(
+                "error_responder must return an ErrorResponse (status, headers, body) or None,"
+                f" got {type(response).__name__}"
+            ) from None
+        return ErrorResponse(status, headers, body)
+
+
+def carries_key(bearer: bool, value: str) -> bool:
+    """Whether a header value would be read as a credential (for ``strip_credentials``)."""
+    return not bearer or value.lstrip(" \t")[:6].lower() == "bearer"
