@@ -1,0 +1,62 @@
+"""A tiny Starlette API guarded by keyguard's ASGI middleware.
+
+Run it with ``python examples/starlette_app.py`` (or ``uvicorn examples.starlette_app:app``).
+Keys live in ``$KEYGUARD_STORE`` (default ``sqlite:///keyguard.db``), shared with the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+
+from starlette.applications import Starlette
+from starlette.authentication import requires
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from keyguard import APIKeyManager
+from keyguard.asgi import APIKeyMiddleware
+
+manager = APIKeyManager.from_url()
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def whoami(request: Request) -> JSONResponse:
+    return JSONResponse({"user_id": request.user.identity, "scopes": request.auth.scopes})
+
+
+@requires("write")
+async def create_item(request: Request) -> JSONResponse:
+    return JSONResponse({"created": True, "by": request.user.identity}, status_code=201)
+
+
+app = Starlette(
+    routes=[
+        Route("/health", health),
+        Route("/whoami", whoami),
+        Route("/items", create_item, methods=["POST"]),
+    ],
+    middleware=[Middleware(APIKeyMiddleware, manager=manager, exempt_paths=["/health"])],
+)
+
+
+def print_demo_key(base_url: str) -> None:
+    """Create and print a demo key if the store has no active key; it is shown only here."""
+    if manager.list_keys():
+        print("The store has keys; create another with: keyguard create --user you --scope read")
+        return
+    key = manager.generate_key(user_id="demo", permissions=["read", "write"])
+    print(f"Created a demo key with scopes read and write: {key}")
+    print(f'Try: curl -H "Authorization: Bearer {key}" {base_url}/whoami', flush=True)
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    port = int(os.environ.get("PORT", "8000"))
+    print_demo_key(f"http://127.0.0.1:{port}")
+    uvicorn.run(app, host="127.0.0.1", port=port)

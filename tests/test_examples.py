@@ -1,0 +1,123 @@
+"""The examples in examples/, imported in-process on a fresh SQLite store."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import httpx
+import pytest
+from flask import Flask
+
+from keyguard import APIKeyManager
+
+pytestmark = pytest.mark.anyio
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+NAMES = ["starlette_app", "fastapi_app", "flask_app"]
+KEY_RE = re.compile(r"sk_[0-9a-f]{32}")
+
+
+@pytest.fixture
+def store_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = f"sqlite:///{tmp_path / 'keyguard.db'}"
+    monkeypatch.setenv("KEYGUARD_STORE", url)
+    return url
+
+
+@pytest.fixture(params=NAMES)
+def example(request: pytest.FixtureRequest, store_url: str) -> Iterator[ModuleType]:
+    """The example module, imported afresh so it opens the test's store."""
+    name = f"keyguard_example_{request.param}"
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{request.param}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pydantic look modules up by name
+    spec.loader.exec_module(module)
+    yield module
+    module.manager.store.close()
+    del sys.modules[name]
+
+
+@pytest.fixture
+def issuer(store_url: str) -> Iterator[APIKeyManager]:
+    """Another manager on the same file, as the CLI would be."""
+    manager = APIKeyManager.from_url(store_url)
+    yield manager
+    manager.store.close()
+
+
+async def call(
+    example: ModuleType, method: str, path: str, key: str | None = None
+) -> httpx.Response:
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    if isinstance(example.app, Flask):
+        transport = httpx.WSGITransport(app=example.app)
+        with httpx.Client(transport=transport, base_url="http://test") as client:
+            return client.request(method, path, headers=headers)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=example.app), base_url="http://test"
+    ) as client:
+        return await client.request(method, path, headers=headers)
+
+
+async def test_health_is_public(example: ModuleType) -> None:
+    response = await call(example, "GET", "/health")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+async def test_whoami_needs_a_key_and_echoes_its_owner(
+    example: ModuleType, issuer: APIKeyManager
+) -> None:
+    refused = await call(example, "GET", "/whoami")
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == 'Bearer realm="api"'
+    key = issuer.generate_key(user_id="alice", permissions=["read"])
+    response = await call(example, "GET", "/whoami", key)
+    assert (response.status_code, response.json()) == (
+        200,
+        {"user_id": "alice", "scopes": ["read"]},
+    )
+
+
+async def test_creating_items_needs_the_write_scope(
+    example: ModuleType, issuer: APIKeyManager
+) -> None:
+    reader = issuer.generate_key(user_id="reader", permissions=["read"])
+    writer = issuer.generate_key(user_id="writer", permissions=["read", "write"])
+    assert (await call(example, "POST", "/items")).status_code == 401
+    assert (await call(example, "POST", "/items", reader)).status_code == 403
+    created = await call(example, "POST", "/items", writer)
+    assert (created.status_code, created.json()) == (201, {"created": True, "by": "writer"})
+
+
+async def test_revoked_key_is_refused_on_the_next_request(
+    example: ModuleType, issuer: APIKeyManager
+) -> None:
+    key = issuer.generate_key(user_id="alice")
+    assert (await call(example, "GET", "/whoami", key)).status_code == 200
+    assert issuer.revoke_key(key)
+    refused = await call(example, "GET", "/whoami", key)
+    assert (refused.status_code, refused.json()["code"]) == (401, "revoked_api_key")
+
+
+async def test_demo_key_is_printed_once_with_a_working_curl_line(
+    example: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example.print_demo_key("http://127.0.0.1:8000")
+    first = capsys.readouterr().out
+    keys = KEY_RE.findall(first)
+    assert len(set(keys)) == 1
+    curl = next(line for line in first.splitlines() if line.startswith("Try: curl"))
+    assert f'-H "Authorization: Bearer {keys[0]}" http://127.0.0.1:8000/whoami' in curl
+    response = await call(example, "GET", "/whoami", keys[0])
+    assert response.json() == {"user_id": "demo", "scopes": ["read", "write"]}
+
+    example.print_demo_key("http://127.0.0.1:8000")
+    second = capsys.readouterr().out
+    assert KEY_RE.search(second) is None
+    assert "keyguard create" in second
