@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from .exceptions import InvalidKeyError as InvalidKeyError
 from .exceptions import KeyguardError as KeyguardError
@@ -22,7 +22,7 @@ from .stores import MemoryStore as MemoryStore
 from .stores import SQLiteStore as SQLiteStore
 from .stores import store_from_url as store_from_url
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from .stores.cached import CachedStore as CachedStore
     from .stores.postgres import PostgresStore as PostgresStore
     from .stores.redis import RedisStore as RedisStore
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 _LAZY = {"CachedStore": "cached", "PostgresStore": "postgres", "RedisStore": "redis"}
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     # These modules (and the drivers they import when a store is built) load on first use.
     if name in _LAZY:
         import importlib
