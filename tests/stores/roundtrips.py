@@ -85,6 +85,9 @@ class RoundTripProxy:
         with self._lock:
             self._closed = True
             sockets, self._sockets = self._sockets, []
+        # shutdown (not close) is what wakes a thread blocked in accept() on Linux.
+        with suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         for s in sockets:
             with suppress(OSError):

@@ -10,8 +10,14 @@ from __future__ import annotations
 import functools
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import SplitResult, urlsplit
 
+from keyguard import CachedStore, KeyStore, MemoryStore, PostgresStore, RedisStore, SQLiteStore
 from tests.conftest import service_unavailable
+from tests.stores.roundtrips import RoundTripProxy, round_trip_proxy
 
 REDIS_URL = os.environ.get("KEYGUARD_TEST_REDIS_URL") or "redis://127.0.0.1:6379/0"
 POSTGRES_DSN = (
@@ -98,3 +104,106 @@ def drop_postgres_table(table: str, schema: str = "public") -> None:
         )
         if schema != "public":
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(sql.Identifier(schema)))
+
+
+@contextmanager
+def redis_namespace() -> Iterator[tuple[str, str]]:
+    """``(url, namespace)``: a Redis namespace no one else uses, emptied afterwards."""
+    url = require_redis()
+    namespace = unique_name("kgtest:")
+    try:
+        yield url, namespace
+    finally:
+        drop_redis_namespace(namespace)
+
+
+@contextmanager
+def postgres_table(schema: str = "public") -> Iterator[tuple[str, str]]:
+    """``(dsn, table)``: a PostgreSQL table name no one else uses, dropped afterwards."""
+    dsn = require_postgres()
+    table = unique_name("kgtest_")
+    try:
+        yield dsn, table
+    finally:
+        drop_postgres_table(table, schema)
+
+
+@contextmanager
+def redis_store() -> Iterator[RedisStore]:
+    """A RedisStore in a namespace of its own."""
+    with redis_namespace() as (url, namespace):
+        store = RedisStore(url, namespace=namespace)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+@contextmanager
+def postgres_store() -> Iterator[PostgresStore]:
+    """A PostgresStore on a table of its own."""
+    with postgres_table() as (dsn, table):
+        store = PostgresStore(dsn, table=table, max_size=4)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+@contextmanager
+def open_store(name: str, tmp_path: Path) -> Iterator[KeyStore]:
+    """A fresh, empty store of the named kind, cleaned up on exit."""
+    if name.startswith("cached-"):
+        with open_store(name.removeprefix("cached-"), tmp_path) as inner:
+            cached = CachedStore(inner, ttl=60)
+            try:
+                yield cached
+            finally:
+                cached.close()
+    elif name == "memory":
+        yield MemoryStore()
+    elif name == "sqlite":
+        store: KeyStore = SQLiteStore(tmp_path / "keys.db")
+        try:
+            yield store
+        finally:
+            store.close()
+    elif name == "redis":
+        with redis_store() as redis:
+            yield redis
+    elif name == "postgres":
+        with postgres_store() as postgres:
+            yield postgres
+    else:
+        raise AssertionError(f"unknown store {name!r}")
+
+
+@contextmanager
+def proxied_store(
+    store: RedisStore | PostgresStore,
+) -> Iterator[tuple[RedisStore | PostgresStore, RoundTripProxy]]:
+    """A second store on ``store``'s namespace or table whose traffic a proxy counts."""
+    if isinstance(store, RedisStore):
+        parts = urlsplit(REDIS_URL)
+        with round_trip_proxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
+            url = parts._replace(netloc=_netloc(parts, proxy.port)).geturl()
+            redis = RedisStore(url, namespace=store.namespace)
+            try:
+                yield redis, proxy
+            finally:
+                redis.close()
+    else:
+        parts = urlsplit(POSTGRES_DSN)
+        with round_trip_proxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+            dsn = parts._replace(netloc=_netloc(parts, proxy.port)).geturl()
+            postgres = PostgresStore(dsn, table=store.table, schema=store.schema, max_size=1)
+            try:
+                yield postgres, proxy
+            finally:
+                postgres.close()
+
+
+def _netloc(parts: SplitResult, port: int) -> str:
+    """``parts``' netloc pointing at 127.0.0.1:``port`` instead, credentials kept."""
+    credentials = parts.netloc.rpartition("@")[0]
+    return f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"

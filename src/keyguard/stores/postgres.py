@@ -504,7 +504,7 @@ class PostgresStore:
 
     def subscribe_invalidations(self, callback: Callable[[str | None], None]) -> Listener:
         """LISTEN on this table's channel on a daemon thread (see ``InvalidationSource``)."""
-        return Listener(f"keyguard-postgres-{self.table}", self._listen, callback)
+        return Listener(f"keyguard-listener-postgres-{self.table}", self._listen, callback)
 
     def _listen(self, stop: threading.Event, emit: Callable[[str | None], None]) -> None:
         psycopg = self._psycopg

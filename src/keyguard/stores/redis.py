@@ -321,7 +321,7 @@ class RedisStore:
 
     def subscribe_invalidations(self, callback: Callable[[str | None], None]) -> Listener:
         """Follow ``ns:changes`` on a daemon thread (see :class:`InvalidationSource`)."""
-        return Listener(f"keyguard-redis-{self.namespace}", self._listen, callback)
+        return Listener(f"keyguard-listener-redis-{self.namespace}", self._listen, callback)
 
     def _listen(self, stop: threading.Event, emit: Callable[[str | None], None]) -> None:
         pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
