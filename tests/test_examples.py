@@ -29,18 +29,30 @@ def store_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return url
 
 
-@pytest.fixture(params=NAMES)
-def example(request: pytest.FixtureRequest, store_url: str) -> Iterator[ModuleType]:
-    """The example module, imported afresh so it opens the test's store."""
-    name = f"keyguard_example_{request.param}"
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{request.param}.py")
+def load_example(filename: str) -> Iterator[ModuleType]:
+    """Import an example afresh (so it opens the test's store); close its store afterwards."""
+    name = f"keyguard_example_{filename}"
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{filename}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and pydantic look modules up by name
-    spec.loader.exec_module(module)
-    yield module
-    module.manager.store.close()
-    del sys.modules[name]
+    sys.modules[name] = module  # pydantic resolves the module's annotations by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[name]
+        if isinstance(getattr(module, "manager", None), APIKeyManager):
+            module.manager.store.close()
+
+
+@pytest.fixture(params=NAMES)
+def example(request: pytest.FixtureRequest, store_url: str) -> Iterator[ModuleType]:
+    yield from load_example(request.param)
+
+
+@pytest.fixture
+def fastapi_example(store_url: str) -> Iterator[ModuleType]:
+    yield from load_example("fastapi_app")
 
 
 @pytest.fixture
@@ -121,3 +133,14 @@ async def test_demo_key_is_printed_once_with_a_working_curl_line(
     second = capsys.readouterr().out
     assert KEY_RE.search(second) is None
     assert "keyguard create" in second
+
+
+async def test_fastapi_example_documents_the_key_for_swagger(fastapi_example: ModuleType) -> None:
+    document = (await call(fastapi_example, "GET", "/openapi.json")).json()
+    assert set(document["components"]["securitySchemes"]) == {"APIKeyBearer", "APIKeyHeader"}
+    either: list[dict[str, list[str]]] = [{"APIKeyBearer": []}, {"APIKeyHeader": []}]
+    assert document["paths"]["/whoami"]["get"]["security"] == either
+    assert document["paths"]["/items"]["post"]["security"] == either
+    assert "security" not in document["paths"]["/health"]["get"]
+    docs = await call(fastapi_example, "GET", "/docs")
+    assert (docs.status_code, "swagger-ui" in docs.text) == (200, True)
