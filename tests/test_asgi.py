@@ -317,6 +317,7 @@ def test_required_scopes(keys: Keyring, key: str, status: int) -> None:
         pytest.param("/health", "/api", True, id="under root_path, relative path"),
         pytest.param("/apix/health", "/api", False, id="root_path not on a segment"),
         pytest.param("/api/health/", "/api", False, id="under root_path, trailing slash"),
+        pytest.param("/api", "/api", False, id="the mount point itself"),
     ],
 )
 def test_exempt_paths_match_exactly(
@@ -735,6 +736,12 @@ def test_bad_configuration_raises(
 ) -> None:
     with pytest.raises(error, match=match):
         APIKeyMiddleware(Recorder(), manager=keys.manager, **options)
+
+
+def test_repr_names_app_and_manager(keys: Keyring) -> None:
+    app, _ = guard(keys)
+    assert repr(app).startswith("APIKeyMiddleware(app=<tests.test_asgi.Recorder object")
+    assert "manager=APIKeyManager(" in repr(app)
 
 
 def test_manager_is_required_to_be_a_manager() -> None:

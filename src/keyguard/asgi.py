@@ -142,7 +142,8 @@ class APIKeyMiddleware:
         self._problems = self.guard.problems
         # A store without an async twin is answered inline by averify; calling verify
         # directly gives the same result without a coroutine per request.
-        self._verify = None if isinstance(manager.store, AsyncKeyStore) else manager.verify
+        store = getattr(manager, "store", None)
+        self._verify = None if isinstance(store, AsyncKeyStore) else manager.verify
 
     def __repr__(self) -> str:
         return f"APIKeyMiddleware(app={self.app!r}, manager={self.manager!r})"
@@ -177,39 +178,50 @@ class APIKeyMiddleware:
                 elif value[:7] in _BEARER_PREFIXES:
                     key = value[7:].decode("latin-1")
 
-        outcome: KeyInfo | Problem | None
-        if key is None:
-            outcome = await self._authenticate(scope)
-        else:
+        if key is not None:
             try:
                 verify = self._verify
                 result = verify(key) if verify is not None else await self.manager.averify(key)
             except StoreError as e:
-                outcome = self._store_failed(e)
+                await self._refuse(scope, send, self._store_failed(e))
+                return
+            if result.ok and not self._required:
+                info = result.key
+                scope["user"] = scope["auth"] = APIKeyUser(info)  # type: ignore[arg-type]
+                scope["keyguard.key"] = info
+                if self._strip:
+                    self._strip_credentials(scope)
+                await self.app(scope, receive, send)
+                return
+            if result.ok:
+                outcome: KeyInfo | Problem | None = result.key
+            elif result.reason is _MALFORMED:
+                outcome = await self._authenticate(scope)
             else:
-                if result.ok:
-                    outcome = result.key
-                elif result.reason is _MALFORMED:
-                    outcome = await self._authenticate(scope)
-                else:
-                    outcome = self.guard.refusal(result)
+                outcome = self.guard.refusal(result)
+        else:
+            outcome = await self._authenticate(scope)
+        await self._conclude(scope, receive, send, outcome)
 
-        if type(outcome) is not KeyInfo:
-            if outcome is None:
-                if self.guard.optional:
-                    await self._let_through(scope, receive, send)
-                    return
-                outcome = self._problems.missing
-            await self._refuse(scope, send, outcome)  # type: ignore[arg-type]
-            return
-        if self._required and self.guard.missing_scope(outcome):
+    async def _conclude(
+        self, scope: Scope, receive: Receive, send: Send, outcome: KeyInfo | Problem | None
+    ) -> None:
+        """Admit, let through or refuse the request, once its credential is judged."""
+        if outcome is None:
+            if self.guard.optional:
+                await self._let_through(scope, receive, send)
+            else:
+                await self._refuse(scope, send, self._problems.missing)
+        elif isinstance(outcome, Problem):
+            await self._refuse(scope, send, outcome)
+        elif self._required and self.guard.missing_scope(outcome):
             await self._refuse(scope, send, self._problems.insufficient_scope)
-            return
-        scope["user"] = scope["auth"] = APIKeyUser(outcome)
-        scope["keyguard.key"] = outcome
-        if self._strip:
-            self._strip_credentials(scope)
-        await self.app(scope, receive, send)
+        else:
+            scope["user"] = scope["auth"] = APIKeyUser(outcome)
+            scope["keyguard.key"] = outcome
+            if self._strip:
+                self._strip_credentials(scope)
+            await self.app(scope, receive, send)
 
     def _is_exempt(self, scope: Scope) -> bool:
         path = route_path(scope)
