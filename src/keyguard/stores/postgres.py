@@ -24,11 +24,13 @@ import re
 import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import StoreError
 from ..records import KeyInfo
+from ._aio import PerLoop
 from ._listener import POLL_SECONDS, Listener
 from ._url import redact_url
 
@@ -140,6 +142,12 @@ def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
     )
 
 
+@dataclass
+class _AsyncPool:
+    pool: psycopg_pool.AsyncConnectionPool[Any]
+    opening: asyncio.Task[None] | None
+
+
 class PostgresStore:
     """A key store in one PostgreSQL table, built from a DSN or from a pool the app has.
 
@@ -197,9 +205,7 @@ class PostgresStore:
         self._pool: psycopg_pool.ConnectionPool[Any] | None = pool
         self._orphans: list[object] = []
         self._given_async = async_pool
-        self._async: psycopg_pool.AsyncConnectionPool[Any] | None = async_pool
-        self._async_loop: asyncio.AbstractEventLoop | None = None
-        self._async_opening: asyncio.Task[None] | None = None
+        self._async = PerLoop(self._new_async_pool, self._close_async_pool)
         self._lock = threading.Lock()
         self._closed = False
         #: the NOTIFY channel this table's trigger signals on (an identifier, at most 63 bytes).
@@ -420,7 +426,7 @@ class PostgresStore:
             self._orphans.append(self._pool)
             self._pool = None
         if self._given_async is None:
-            self._async, self._async_loop = None, None
+            self._async = PerLoop(self._new_async_pool, self._close_async_pool)
 
     def _fail(self, action: str, e: Exception) -> StoreError:
         return StoreError(f"PostgreSQL key store {self!r} could not {action}: {e}")
@@ -493,7 +499,7 @@ class PostgresStore:
 
     def close(self) -> None:
         """Close the pools this store opened (a pool passed in stays open)."""
-        self._close_async_outside_loop()
+        self._async.close()
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
@@ -520,30 +526,34 @@ class PostgresStore:
     # -- the async twin ----------------------------------------------------------------
 
     async def _apool(self) -> psycopg_pool.AsyncConnectionPool[Any]:
-        """The async pool for the running loop (async connections belong to one loop)."""
-        loop = asyncio.get_running_loop()
-        pool = self._async
-        if pool is None or (self._given_async is None and self._async_loop is not loop):
-            if self._closed:
-                raise StoreError(f"{self!r} is closed")
-            min_size, max_size = self._sizes
-            pool = self._pool_module.AsyncConnectionPool(
-                self._conninfo,
-                kwargs=self._kwargs,
-                min_size=min_size,
-                max_size=max_size,
-                timeout=self._timeout,
-                open=False,
-                name=f"keyguard-{self.table}-async",
-            )
-            # Published before the first await, so concurrent tasks share this one pool.
-            self._async, self._async_loop = pool, loop
-            self._async_opening = loop.create_task(pool.open())
-        opening = self._async_opening
-        if opening is not None:
-            await opening
-            self._async_opening = None
-        return pool
+        """The async pool of the running loop (async connections belong to one loop)."""
+        entry = self._async.get()
+        if entry.opening is not None:
+            await entry.opening
+            entry.opening = None
+        return entry.pool
+
+    def _new_async_pool(self) -> _AsyncPool:
+        if self._given_async is not None:
+            return _AsyncPool(self._given_async, None)
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
+        min_size, max_size = self._sizes
+        pool = self._pool_module.AsyncConnectionPool(
+            self._conninfo,
+            kwargs=self._kwargs,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=self._timeout,
+            open=False,
+            name=f"keyguard-{self.table}-async",
+        )
+        # Opened in a task shared by every caller, so concurrent first checks wait for it.
+        return _AsyncPool(pool, asyncio.get_running_loop().create_task(pool.open()))
+
+    async def _close_async_pool(self, entry: _AsyncPool) -> None:
+        if entry.pool is not self._given_async:
+            await entry.pool.close()
 
     async def _aone(self, query: bytes, params: tuple[Any, ...], action: str) -> KeyInfo | None:
         try:
@@ -593,18 +603,6 @@ class PostgresStore:
         await self._awrite(self._q_touch, (at, digest), "record a key's use")
 
     async def aclose(self) -> None:
-        """Close this loop's async pool, then the sync one (see :meth:`close`)."""
-        pool, self._async, self._async_loop = self._async, self._given_async, None
-        if pool is not None and pool is not self._given_async:
-            await pool.close()
+        """Close this loop's async pool, then the rest (see :meth:`close`)."""
+        await self._async.aclose()
         self.close()
-
-    def _close_async_outside_loop(self) -> None:
-        """Close an async pool from sync code when its loop can still run it."""
-        pool, loop = self._async, self._async_loop
-        if pool is None or pool is self._given_async or loop is None:
-            return
-        if loop.is_closed() or loop.is_running():
-            return  # cannot run it; its sockets go with the loop
-        self._async, self._async_loop = self._given_async, None
-        loop.run_until_complete(pool.close())

@@ -16,16 +16,16 @@ only when a store is built (``pip install 'keyguard[redis]'``).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from ..exceptions import StoreError
 from ..records import KeyInfo
+from ._aio import PerLoop
 from ._listener import POLL_SECONDS, Listener
 from ._url import redact_url
 
@@ -81,6 +81,8 @@ end
 return 0
 """
 
+_SCRIPTS = (("add", _ADD), ("revoke", _REVOKE), ("set_expiry", _SET_EXPIRY), ("touch", _TOUCH))
+
 #: Query parameters redis-py understands in a URL; any other one is refused, not ignored.
 CLIENT_URL_PARAMETERS = frozenset(
     {
@@ -90,6 +92,7 @@ CLIENT_URL_PARAMETERS = frozenset(
         "socket_keepalive",
         "retry_on_timeout",
         "max_connections",
+        "timeout",
         "health_check_interval",
         "client_name",
         "protocol",
@@ -172,6 +175,11 @@ def _decode(digest: str, raw: Mapping[Any, Any]) -> KeyInfo | None:
         raise StoreError(f"Redis record for key {h.get('key_id', '?')!r} is corrupt: {e}") from e
 
 
+class _AsyncClient(NamedTuple):
+    client: redis.asyncio.Redis
+    scripts: dict[str, Any]
+
+
 class RedisStore:
     """A key store in Redis, built from a URL or from a client the app already has.
 
@@ -180,7 +188,9 @@ class RedisStore:
     :param async_client: an existing ``redis.asyncio.Redis`` for the async methods; by
         default one is made from ``url`` (or ``client``'s settings) per event loop.
     :param namespace: prefix of every Redis key, so several apps can share one server.
-    :param options: further ``redis.Redis.from_url`` options (timeouts, pool size).
+    :param options: further ``redis.Redis.from_url`` options: ``max_connections`` (per
+        pool, default 50), ``timeout`` (seconds to wait for a free connection, default 5),
+        socket timeouts.
     """
 
     def __init__(
@@ -205,12 +215,11 @@ class RedisStore:
         self._options = options
         self._owns_client = client is None
         if client is None:
-            client = cast("redis.Redis", self._redis.Redis.from_url(url, **options))
+            pool = self._redis.BlockingConnectionPool.from_url(url, **self._pool_options())
+            client = cast("redis.Redis", self._redis.Redis.from_pool(pool))
         self._client: redis.Redis = client
         self._given_async = async_client
-        self._async: redis.asyncio.Redis | None = async_client
-        self._async_loop: asyncio.AbstractEventLoop | None = None
-        self._async_scripts: dict[str, Any] = {}
+        self._async = PerLoop(self._new_async_client, self._close_async_client)
         self._lock = threading.Lock()
         self._ids = f"{namespace}:ids"
         self._all = f"{namespace}:all"
@@ -221,6 +230,11 @@ class RedisStore:
         self._set_expiry = client.register_script(_SET_EXPIRY)
         self._touch = client.register_script(_TOUCH)
         self._hgetall = client.hgetall
+
+    def _pool_options(self) -> dict[str, Any]:
+        # A bounded pool that waits for a free connection: under a burst of requests a
+        # pool that refuses ("Too many connections") would turn load into errors.
+        return {"max_connections": 50, "timeout": 5.0, **self._options}
 
     def __repr__(self) -> str:
         where = redact_url(self._url) if self._url else repr(self._client)
@@ -313,7 +327,7 @@ class RedisStore:
 
     def close(self) -> None:
         """Close the connections this store opened (a client passed in stays open)."""
-        self._close_async_outside_loop()
+        self._async.close()
         if self._owns_client:
             self._client.close()
 
@@ -342,44 +356,37 @@ class RedisStore:
 
     # -- the async twin ----------------------------------------------------------------
 
-    def _aclient(self) -> tuple[redis.asyncio.Redis, dict[str, Any]]:
-        """The async client for the running loop (async connections belong to one loop)."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            client = self._async
-            if client is None or (self._given_async is None and self._async_loop is not loop):
-                client = self._new_async_client()
-                self._async, self._async_loop = client, loop
-                self._async_scripts = {}
-            if not self._async_scripts:
-                self._async_scripts = {
-                    "add": client.register_script(_ADD),
-                    "revoke": client.register_script(_REVOKE),
-                    "set_expiry": client.register_script(_SET_EXPIRY),
-                    "touch": client.register_script(_TOUCH),
-                }
-            return client, self._async_scripts
+    def _aclient(self) -> _AsyncClient:
+        """The async client of the running loop (async connections belong to one loop)."""
+        return self._async.get()
 
-    def _new_async_client(self) -> redis.asyncio.Redis:
+    def _new_async_client(self) -> _AsyncClient:
         aio = self._redis.asyncio
-        if self._url is not None:
-            return cast("redis.asyncio.Redis", aio.Redis.from_url(self._url, **self._options))
-        pool = self._client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        name = getattr(pool, "connection_class", object).__name__
-        kwargs["connection_class"] = getattr(aio.connection, name, aio.connection.Connection)
-        try:
-            return cast(
-                "redis.asyncio.Redis",
-                aio.Redis(connection_pool=aio.ConnectionPool(**kwargs)),
-            )
-        except TypeError as e:
-            raise StoreError(
-                f"cannot derive an async client from {self._client!r}; pass async_client="
-            ) from e
+        client: redis.asyncio.Redis
+        if self._given_async is not None:
+            client = self._given_async
+        elif self._url is not None:
+            pool = aio.BlockingConnectionPool.from_url(self._url, **self._pool_options())
+            client = aio.Redis.from_pool(pool)
+        else:
+            pool = self._client.connection_pool
+            kwargs = dict(pool.connection_kwargs)
+            name = getattr(pool, "connection_class", object).__name__
+            kwargs["connection_class"] = getattr(aio.connection, name, aio.connection.Connection)
+            try:
+                client = aio.Redis(connection_pool=aio.ConnectionPool(**kwargs))
+            except TypeError as e:
+                raise StoreError(
+                    f"cannot derive an async client from {self._client!r}; pass async_client="
+                ) from e
+        return _AsyncClient(client, {name: client.register_script(lua) for name, lua in _SCRIPTS})
+
+    async def _close_async_client(self, item: _AsyncClient) -> None:
+        if item.client is not self._given_async:
+            await item.client.aclose(close_connection_pool=True)
 
     async def aadd(self, info: KeyInfo) -> bool:
-        _, scripts = self._aclient()
+        scripts = self._aclient().scripts
         keys, args = self._add_call(info)
         try:
             return bool(await scripts["add"](keys=keys, args=args))
@@ -387,7 +394,7 @@ class RedisStore:
             raise self._fail("add a key", e) from e
 
     async def aget(self, digest: str) -> KeyInfo | None:
-        client, _ = self._aclient()
+        client = self._aclient().client
         try:
             raw = await client.hgetall(self.record_key(digest))
         except self._redis.RedisError as e:
@@ -395,7 +402,7 @@ class RedisStore:
         return _decode(digest, raw)
 
     async def aget_by_id(self, key_id: str) -> KeyInfo | None:
-        client, _ = self._aclient()
+        client = self._aclient().client
         try:
             digest = await client.hget(self._ids, key_id)
         except self._redis.RedisError as e:
@@ -403,7 +410,7 @@ class RedisStore:
         return None if digest is None else await self.aget(_text(digest))
 
     async def alist_keys(self, user_id: str | None = None) -> list[KeyInfo]:
-        client, _ = self._aclient()
+        client = self._aclient().client
         index = self._all if user_id is None else self.user_key(user_id)
         try:
             digests = [_text(d) for d in cast("list[Any]", await client.zrange(index, 0, -1))]
@@ -419,7 +426,7 @@ class RedisStore:
         return [r for r in records if r is not None]
 
     async def arevoke(self, digest: str, at: datetime) -> bool:
-        _, scripts = self._aclient()
+        scripts = self._aclient().scripts
         try:
             return bool(
                 await scripts["revoke"](
@@ -430,7 +437,7 @@ class RedisStore:
             raise self._fail("revoke a key", e) from e
 
     async def aset_expiry(self, digest: str, expires_at: datetime | None) -> bool:
-        _, scripts = self._aclient()
+        scripts = self._aclient().scripts
         value = "" if expires_at is None else str(_us(expires_at))
         try:
             return bool(
@@ -442,28 +449,13 @@ class RedisStore:
             raise self._fail("change an expiry", e) from e
 
     async def atouch(self, digest: str, at: datetime) -> None:
-        _, scripts = self._aclient()
+        scripts = self._aclient().scripts
         try:
             await scripts["touch"](keys=[self.record_key(digest)], args=[_us(at)])
         except self._redis.RedisError as e:
             raise self._fail("record a key's use", e) from e
 
     async def aclose(self) -> None:
-        """Close this loop's async connections, then the sync ones (see :meth:`close`)."""
-        with self._lock:
-            client, self._async, self._async_loop = self._async, self._given_async, None
-            self._async_scripts = {}
-        if client is not None and client is not self._given_async:
-            await client.aclose()
+        """Close this loop's async connections, then the rest (see :meth:`close`)."""
+        await self._async.aclose()
         self.close()
-
-    def _close_async_outside_loop(self) -> None:
-        """Close an async client from sync code when its loop can still run it."""
-        with self._lock:
-            client, loop = self._async, self._async_loop
-            if client is None or client is self._given_async or loop is None:
-                return
-            if loop.is_closed() or loop.is_running():
-                return  # cannot run it; its sockets go with the loop
-            self._async, self._async_loop = self._given_async, None
-        loop.run_until_complete(client.aclose())

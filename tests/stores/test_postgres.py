@@ -1,0 +1,330 @@
+"""PostgresStore beyond the shared contract: schema, safety, pools, URLs, round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import pytest
+from psycopg import sql
+
+from keyguard import APIKeyManager, KeyInfo, PostgresStore, StoreError, store_from_url
+from tests.stores.services import postgres_table, proxied_store, unique_name
+
+T0 = datetime(2024, 5, 17, 8, 30, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def table() -> Iterator[tuple[str, str]]:
+    """``(dsn, table)`` for a table this test may create; dropped afterwards."""
+    with postgres_table() as dsn_table:
+        yield dsn_table
+
+
+def query(dsn: str, statement: Any, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cursor = conn.execute(statement, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def record(user_id: str = "u1", **metadata: Any) -> KeyInfo:
+    return KeyInfo(
+        key_id="key_" + secrets.token_hex(8),
+        prefix="sk_",
+        hint="sk_…abcd",
+        user_id=user_id,
+        metadata={"user_id": user_id, **metadata},
+        created_at=T0,
+        digest=secrets.token_hex(32),
+    )
+
+
+# -- schema --------------------------------------------------------------------------------
+
+
+def test_the_schema_is_typed_indexed_and_versioned(table: tuple[str, str]) -> None:
+    dsn, name = table
+    PostgresStore(dsn, table=name).close()
+
+    columns = dict(
+        query(
+            dsn,
+            "SELECT column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = 'public' AND table_name = %s",
+            (name,),
+        )
+    )
+    indexes = query(dsn, "SELECT indexdef FROM pg_indexes WHERE tablename = %s", (name,))
+    version = query(dsn, sql.SQL("SELECT value FROM {}").format(sql.Identifier(f"{name}_meta")))
+
+    assert columns["metadata"] == "jsonb"
+    assert columns["created_at"] == columns["revoked_at"] == "timestamp with time zone"
+    defs = " | ".join(i[0] for i in indexes)
+    assert f"UNIQUE INDEX {name}_pkey ON public.{name} USING btree (digest)" in defs
+    assert f"UNIQUE INDEX {name}_key_id_key ON public.{name} USING btree (key_id)" in defs
+    assert f"INDEX {name}_user_idx ON public.{name} USING btree (user_id, created_at)" in defs
+    assert version == [("1",)]
+
+
+def test_metadata_is_queryable_jsonb(table: tuple[str, str]) -> None:
+    dsn, name = table
+    store = PostgresStore(dsn, table=name)
+    store.add(record(email="a@x.io", permissions=["read"]))
+    store.close()
+
+    found = query(
+        dsn,
+        sql.SQL(
+            "SELECT metadata->>'email', metadata_json FROM {} WHERE metadata ? 'email'"
+        ).format(sql.Identifier(name)),
+    )
+
+    assert found == [("a@x.io", None)]
+
+
+def test_opening_again_changes_nothing(table: tuple[str, str]) -> None:
+    dsn, name = table
+    first = PostgresStore(dsn, table=name)
+    info = record()
+    first.add(info)
+    first.close()
+
+    second = PostgresStore(dsn, table=name, create_schema=False)
+
+    assert second.get(info.digest) == info
+    second.close()
+
+
+def test_workers_starting_together_all_get_the_schema(table: tuple[str, str]) -> None:
+    dsn, name = table
+
+    def start(_: int) -> bool:
+        store = PostgresStore(dsn, table=name, max_size=1)
+        store.close()
+        return True
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(start, range(6))) == [True] * 6
+    triggers = query(dsn, "SELECT tgname FROM pg_trigger WHERE tgname = %s", (f"{name}_notify",))
+    assert triggers == [(f"{name}_notify",)]
+
+
+def test_a_schema_of_its_own_is_created() -> None:
+    schema = unique_name("kgtest_s_")
+    with postgres_table(schema) as (dsn, name):
+        store = PostgresStore(dsn, table=name, schema=schema)
+        info = record()
+        store.add(info)
+        store.close()
+
+        rows = query(dsn, sql.SQL("SELECT key_id FROM {}").format(sql.Identifier(schema, name)))
+        assert rows == [(info.key_id,)]
+
+
+# -- nothing destructive -------------------------------------------------------------------
+
+
+def test_a_foreign_table_of_that_name_is_left_untouched(table: tuple[str, str]) -> None:
+    dsn, name = table
+    query(dsn, sql.SQL("CREATE TABLE {} (id int)").format(sql.Identifier(name)))
+    query(dsn, sql.SQL("INSERT INTO {} VALUES (42)").format(sql.Identifier(name)))
+
+    with pytest.raises(StoreError, match="not a keyguard key store"):
+        PostgresStore(dsn, table=name)
+
+    assert query(dsn, sql.SQL("SELECT * FROM {}").format(sql.Identifier(name))) == [(42,)]
+    assert query(dsn, "SELECT to_regclass(%s)", (f"{name}_meta",)) == [(None,)]
+
+
+def test_a_newer_schema_version_is_refused(table: tuple[str, str]) -> None:
+    dsn, name = table
+    PostgresStore(dsn, table=name).close()
+    meta = sql.Identifier(f"{name}_meta")
+    query(dsn, sql.SQL("UPDATE {} SET value = '2'").format(meta))
+
+    with pytest.raises(StoreError, match="schema version '2'"):
+        PostgresStore(dsn, table=name)
+
+    assert query(dsn, sql.SQL("SELECT value FROM {}").format(meta)) == [("2",)]
+
+
+def test_without_create_schema_nothing_is_created(table: tuple[str, str]) -> None:
+    dsn, name = table
+
+    with pytest.raises(StoreError, match="missing or incomplete"):
+        PostgresStore(dsn, table=name, create_schema=False)
+
+    assert query(dsn, "SELECT to_regclass(%s)", (name,)) == [(None,)]
+
+
+# -- construction, pools and URLs ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        pytest.param({}, TypeError, "either a dsn or a pool", id="neither"),
+        pytest.param(
+            {"dsn": "postgresql://x", "pool": object()}, TypeError, "either a dsn", id="both"
+        ),
+        pytest.param(
+            {"dsn": "postgresql://x", "table": "Keys"}, ValueError, "lower-case", id="upper"
+        ),
+        pytest.param(
+            {"dsn": "postgresql://x", "table": 'k"; DROP TABLE x; --'},
+            ValueError,
+            "table name",
+            id="injection",
+        ),
+        pytest.param(
+            {"dsn": "postgresql://x", "table": "t" * 49}, ValueError, "1-48", id="long table"
+        ),
+        pytest.param(
+            {"dsn": "postgresql://x", "schema": "1abc"}, ValueError, "schema name", id="digit"
+        ),
+        pytest.param(
+            {"dsn": "postgresql://x", "min_size": 3, "max_size": 2},
+            ValueError,
+            "min_size",
+            id="sizes",
+        ),
+    ],
+)
+def test_bad_construction_is_refused(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        PostgresStore(**options)
+
+
+def test_an_existing_pool_is_used_and_left_open(table: tuple[str, str]) -> None:
+    dsn, name = table
+    with psycopg_pool.ConnectionPool(
+        dsn, kwargs={"autocommit": True}, min_size=1, max_size=2, open=True
+    ) as pool:
+        store = PostgresStore(pool=pool, table=name)
+        manager = APIKeyManager(store)
+        key = manager.generate_key(user_id="u1")
+
+        async def check() -> bool:
+            try:
+                return (await manager.averify(key)).ok
+            finally:
+                await store.aclose()
+
+        assert manager.validate_key(key)
+        assert asyncio.run(check()) is True
+        with pool.connection() as conn:  # close() left the app's pool alone
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_an_existing_async_pool_is_used_and_left_open(table: tuple[str, str]) -> None:
+    dsn, name = table
+
+    async def main() -> tuple[bool, Any]:
+        async with psycopg_pool.AsyncConnectionPool(
+            dsn, kwargs={"autocommit": True}, min_size=1, max_size=2, open=False
+        ) as apool:
+            store = PostgresStore(dsn, async_pool=apool, table=name)
+            added = await store.aadd(record())
+            await store.aclose()
+            async with apool.connection() as conn:
+                row = await (await conn.execute("SELECT 1")).fetchone()
+            return added, row
+
+    assert asyncio.run(main()) == (True, (1,))
+
+
+def test_store_from_url_reads_table_schema_and_pool_sizes(table: tuple[str, str]) -> None:
+    dsn, name = table
+    for scheme in ("postgresql", "postgres"):
+        url = dsn.replace("postgresql", scheme, 1)
+        store = store_from_url(
+            f"{url}?table={name}&schema=public&min_size=1&max_size=3&application_name=kg"
+        )
+        try:
+            assert isinstance(store, PostgresStore)
+            assert (store.table, store.schema, store._sizes) == (name, "public", (1, 3))
+            assert store.get("0" * 64) is None
+        finally:
+            store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        pytest.param(
+            "postgresql://kg:s3cret@127.0.0.1/test?tabel=x", "invalid PostgreSQL DSN", id="typo"
+        ),
+        pytest.param(
+            "postgresql://kg:s3cret@127.0.0.1/test?namespace=x",
+            "invalid PostgreSQL DSN",
+            id="redis param",
+        ),
+        pytest.param(
+            "postgresql://kg:s3cret@127.0.0.1/test?table=Bad", "lower-case", id="bad table"
+        ),
+        pytest.param(
+            "postgresql://kg:s3cret@127.0.0.1/test?max_size=0", "positive int", id="bad size"
+        ),
+    ],
+)
+def test_bad_urls_are_refused_without_the_password(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as exc_info:
+        store_from_url(url)
+
+    assert "s3cret" not in str(exc_info.value)
+
+
+def test_an_unreachable_server_is_a_store_error_without_the_password() -> None:
+    with pytest.raises(StoreError, match="cannot prepare") as exc_info:
+        PostgresStore("postgresql://kg:s3cret@127.0.0.1:1/test?connect_timeout=1", timeout=0.5)
+
+    assert "s3cret" not in str(exc_info.value)
+
+
+def test_without_psycopg_building_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+
+    with pytest.raises(ImportError, match=r"pip install 'keyguard\[postgres\]'"):
+        PostgresStore("postgresql://127.0.0.1/test")
+
+
+# -- round trips ---------------------------------------------------------------------------
+
+
+def test_a_check_costs_exactly_one_round_trip(table: tuple[str, str]) -> None:
+    dsn, name = table
+    store = PostgresStore(dsn, table=name)
+    key = APIKeyManager(store).generate_key(user_id="u1")
+    with proxied_store(store) as (proxied, proxy):
+        manager = APIKeyManager(proxied, last_used_resolution=None)
+        costs = []
+        # Enough checks on one connection to pass psycopg's auto-prepare threshold (5).
+        for candidate in [key, "sk_" + "1" * 32] * 5:
+            before = proxy.round_trips
+            manager.verify(candidate)
+            costs.append(proxy.round_trips - before)
+
+        async def async_costs() -> list[int]:
+            try:
+                await manager.averify("sk_" + "3" * 32)  # opens the async pool
+                found = []
+                for candidate in [key, "sk_" + "4" * 32] * 5:
+                    before = proxy.round_trips
+                    await manager.averify(candidate)
+                    found.append(proxy.round_trips - before)
+                return found
+            finally:
+                await proxied.aclose()
+
+        assert costs == [1] * 10
+        assert asyncio.run(async_costs()) == [1] * 10
+    store.close()
