@@ -1,0 +1,155 @@
+"""The Starlette example under gunicorn with 3 uvicorn workers sharing one store.
+
+A key created by another process (this test) must be accepted by every worker on its
+first request, and once revoked, refused by every worker within the store URL's promised
+bound: at once without a cache, within a second with a pushed cache (Redis pub/sub,
+PostgreSQL LISTEN/NOTIFY), within ``cache_ttl`` with a cache that cannot be pushed to.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keyguard import APIKeyManager
+from tests.stores.services import postgres_table, redis_namespace
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = 3
+MAX_REQUESTS = 3000  # to reach every worker; the kernel spreads connections unevenly
+
+
+@contextmanager
+def gunicorn(store_url: str, log: Path) -> Iterator[str]:
+    """Serve tests/multiworker_app.py with 3 uvicorn workers; yield its base URL."""
+    env = {**os.environ, "KEYGUARD_STORE": store_url, "PYTHONPATH": str(ROOT)}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("gunicorn")),
+                "--worker-class",
+                "uvicorn_worker.UvicornWorker",
+                "--workers",
+                str(WORKERS),
+                "--bind",
+                "127.0.0.1:0",
+                "--graceful-timeout",
+                "5",
+                "--chdir",
+                str(ROOT),
+                "tests.multiworker_app:app",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not (found := re.search(r"Listening at: (http://\S+)", log.read_text())):
+            assert process.poll() is None, f"gunicorn exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"gunicorn did not start:\n{log.read_text()}"
+            time.sleep(0.05)
+        yield found.group(1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def ask(base: str, path: str, key: str | None = None) -> tuple[str, int]:
+    """One request on a new connection: (pid of the worker that answered, status)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.get(f"{base}{path}", headers=headers, timeout=10)
+    return response.headers["x-worker-pid"], response.status_code
+
+
+def first_answer_of_each_worker(ask_once: Callable[[], tuple[str, int]]) -> dict[str, int]:
+    """Ask until every worker has answered once; return each worker's first status."""
+    first: dict[str, int] = {}
+    for _ in range(MAX_REQUESTS):
+        pid, status = ask_once()
+        first.setdefault(pid, status)
+        if len(first) == WORKERS:
+            return first
+    raise AssertionError(f"only workers {sorted(first)} answered in {MAX_REQUESTS} requests")
+
+
+@contextmanager
+def deployment(kind: str, tmp_path: Path) -> Iterator[tuple[str, str, float]]:
+    """``(workers' store URL, admin's store URL, promised seconds until every worker sees
+    a revocation)``."""
+    with ExitStack() as stack:
+        if kind.startswith("postgres"):
+            dsn, table = stack.enter_context(postgres_table())
+            url = f"{dsn}?table={table}"
+        elif kind.startswith("redis"):
+            redis_url, namespace = stack.enter_context(redis_namespace())
+            url = f"{redis_url}?namespace={namespace}"
+        else:
+            url = f"sqlite:///{tmp_path / 'keys.db'}"
+        if kind.endswith("+push"):
+            yield f"{url}&cache_ttl=30", url, 1.0  # pushed: far sooner than the ttl
+        elif kind.endswith("+ttl"):
+            yield f"{url}?cache_ttl=1", url, 1.0  # SQLite has no push: the ttl is the bound
+        else:
+            yield url, url, 0.0
+
+
+@pytest.mark.parametrize(
+    "kind", ["postgres+push", "redis+push", "sqlite", "sqlite+ttl", "postgres", "redis"]
+)
+def test_every_worker_accepts_a_new_key_and_refuses_it_once_revoked(
+    kind: str, tmp_path: Path
+) -> None:
+    with deployment(kind, tmp_path) as (url, admin_url, bound):
+        admin = APIKeyManager.from_url(admin_url)
+        with gunicorn(url, tmp_path / "gunicorn.log") as base:
+            # Every worker is up (and has built its store) before the key exists.
+            assert set(first_answer_of_each_worker(lambda: ask(base, "/health")).values()) == {200}
+
+            key = admin.generate_key(user_id="ops", permissions=["read"])
+            first = first_answer_of_each_worker(lambda: ask(base, "/whoami", key))
+            assert first == dict.fromkeys(first, 200), f"first answers per worker: {first}"
+
+            assert admin.revoke_key(key) is True
+            revoked_at = time.monotonic()
+            accepted: list[tuple[float, str]] = []  # (seconds after revocation, worker)
+
+            def ask_after_revocation() -> tuple[str, int]:
+                sent = time.monotonic() - revoked_at
+                pid, status = ask(base, "/whoami", key)
+                if status == 200:
+                    accepted.append((sent, pid))
+                return pid, status
+
+            # Keep asking until every worker has refused the key at least once.
+            refused: set[str] = set()
+            deadline = revoked_at + bound + 10
+            while len(refused) < WORKERS and time.monotonic() < deadline:
+                pid, status = ask_after_revocation()
+                if status == 401:
+                    refused.add(pid)
+            # Then every worker must keep refusing it.
+            after = first_answer_of_each_worker(ask_after_revocation)
+
+        admin.store.close()
+
+    assert len(refused) == WORKERS, f"workers still accepting: {set(after) - refused}"
+    late = [(sent, pid) for sent, pid in accepted if sent > bound]
+    assert late == [], f"accepted after the {bound}s bound: {late}"
+    assert after == dict.fromkeys(after, 401)
+    stale = max((sent for sent, _ in accepted), default=0.0)
+    print(f"[{kind}: last accepted {stale * 1000:.0f} ms after the revocation]", end=" ")
