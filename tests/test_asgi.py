@@ -276,6 +276,7 @@ def test_optional_mode_keeps_a_user_set_by_an_outer_middleware(keys: Keyring) ->
     scope["user"] = session_user = object()
     run(app, scope)
     assert inner.scopes[0]["user"] is session_user
+    assert inner.scopes[0]["auth"].scopes == []
     assert inner.scopes[0]["keyguard.key"] is None
 
 

@@ -259,8 +259,10 @@ class APIKeyMiddleware:
 
     async def _let_through(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Call the app for a request without a key: an anonymous user, no scopes."""
-        if "user" not in scope:  # keep a user set by an outer middleware (a session, say)
-            scope["user"] = scope["auth"] = AnonymousUser()
+        # Keep what an outer middleware (a session, say) may have set.
+        anonymous = AnonymousUser()
+        scope.setdefault("user", anonymous)
+        scope.setdefault("auth", anonymous)
         scope["keyguard.key"] = None
         if self._strip:
             self._strip_credentials(scope)
