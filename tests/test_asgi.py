@@ -475,6 +475,12 @@ def test_strip_credentials_removes_only_credential_headers(keys: Keyring) -> Non
     assert inner.scopes[0]["user"].identity == "alice"
 
 
+def test_strip_credentials_with_a_single_header(keys: Keyring) -> None:
+    app, inner = guard(keys, strip_credentials=True)
+    run(app, make_scope([(b"authorization", b"Bearer " + keys.read.encode())]))
+    assert inner.scopes[0]["headers"] == []
+
+
 def test_strip_credentials_keeps_other_authorization_schemes(keys: Keyring) -> None:
     app, inner = guard(keys, strip_credentials=True, optional=True)
     run(app, make_scope([(b"authorization", b"Basic YTpi")]))

@@ -145,6 +145,11 @@ def test_success_sets_keyguard_key_and_remote_user(keys: Keyring) -> None:
     assert environ["HTTP_AUTHORIZATION"] == "Bearer " + keys.write
 
 
+def test_repr_names_app_and_manager(keys: Keyring) -> None:
+    app, _ = guard(keys)
+    assert repr(app).startswith("APIKeyMiddleware(app=<tests.test_wsgi.Recorder object")
+
+
 def test_optional_mode_lets_keyless_requests_in(keys: Keyring) -> None:
     app, inner = guard(keys, optional=True)
     assert run(app, make_environ()).status == 200
