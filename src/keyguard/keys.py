@@ -13,6 +13,7 @@ import hmac
 import re
 import secrets
 import zlib
+from collections.abc import Callable
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -103,6 +104,17 @@ class KeyFormat:
         if self.checksum:
             return _crc(key[:-_CHECKSUM_LENGTH]) == key[-_CHECKSUM_LENGTH:]
         return True
+
+    def matcher(self) -> Callable[[object], bool]:
+        """Return :meth:`matches` as a plain function, for the per-request hot path."""
+        if self.checksum:
+            return self.matches
+        fullmatch = self._regex.fullmatch
+
+        def matches(key: object) -> bool:
+            return type(key) is str and fullmatch(key) is not None
+
+        return matches
 
 
 def generate_key(prefix: str = DEFAULT_PREFIX, *, checksum: bool = False) -> str:

@@ -180,7 +180,7 @@ class APIKeyManager:
         )
         self._async_store = self.store if isinstance(self.store, AsyncKeyStore) else None
         if len(self.formats) == 1:
-            self.is_well_formed: Callable[[object], bool] = self.format.matches
+            self.is_well_formed: Callable[[object], bool] = self.format.matcher()
         else:
             self.is_well_formed = lambda key: any(f.matches(key) for f in self.formats)
 
