@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import sys
 import threading
 import time
 import weakref
@@ -24,6 +25,8 @@ from .base import AsyncKeyStore, InvalidationSource, KeyStore, Subscription
 __all__ = ["CachedStore"]
 
 _MISS = object()
+# Free-threaded builds (3.13t) do not make each OrderedDict call atomic: hits take the lock.
+_LOCK_FREE_HITS: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class CachedStore:
@@ -91,12 +94,18 @@ class CachedStore:
     # -- the cache ---------------------------------------------------------------------
 
     def get(self, digest: str) -> KeyInfo | None:
-        now = self._clock()
-        with self._lock:
+        if _LOCK_FREE_HITS:
+            # Under the GIL each OrderedDict call is atomic, so a hit needs no lock: an
+            # entry evicted between these two calls only makes move_to_end raise KeyError.
+            # (try/except, not contextlib.suppress: this path costs ~0.1 µs in all.)
             entry = self._found.get(digest)
-            if entry is not None and entry[0] > now:
-                self._found.move_to_end(digest)
+            if entry is not None and entry[0] > self._clock():
+                try:  # noqa: SIM105
+                    self._found.move_to_end(digest)
+                except KeyError:
+                    pass
                 return entry[1]
+        now = self._clock()
         cached = self._probe(digest, now)
         if cached is not _MISS:
             return cached  # type: ignore[return-value]
@@ -109,6 +118,14 @@ class CachedStore:
         return info
 
     async def aget(self, digest: str) -> KeyInfo | None:
+        if _LOCK_FREE_HITS:
+            entry = self._found.get(digest)
+            if entry is not None and entry[0] > self._clock():
+                try:  # noqa: SIM105
+                    self._found.move_to_end(digest)
+                except KeyError:
+                    pass
+                return entry[1]
         now = self._clock()
         cached = self._probe(digest, now)
         if cached is not _MISS:
