@@ -8,6 +8,7 @@ PostgreSQL LISTEN/NOTIFY), within ``cache_ttl`` with a cache that cannot be push
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -30,9 +31,11 @@ MAX_REQUESTS = 3000  # to reach every worker; the kernel spreads connections une
 
 
 @contextmanager
-def gunicorn(store_url: str, log: Path) -> Iterator[str]:
+def gunicorn(store_url: str, log: Path, *options: str) -> Iterator[str]:
     """Serve tests/multiworker_app.py with 3 uvicorn workers; yield its base URL."""
     env = {**os.environ, "KEYGUARD_STORE": store_url, "PYTHONPATH": str(ROOT)}
+    # Recent gunicorn opens a control socket at one fixed path that parallel runs would share.
+    control_socket = ["--no-control-socket"] if _has_control_socket() else []
     with log.open("w") as out:
         process = subprocess.Popen(
             [
@@ -45,8 +48,10 @@ def gunicorn(store_url: str, log: Path) -> Iterator[str]:
                 "127.0.0.1:0",
                 "--graceful-timeout",
                 "5",
+                *control_socket,
                 "--chdir",
                 str(ROOT),
+                *options,
                 "tests.multiworker_app:app",
             ],
             env=env,
@@ -67,6 +72,13 @@ def gunicorn(store_url: str, log: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@functools.cache
+def _has_control_socket() -> bool:
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    out = subprocess.run([gunicorn, "--help"], capture_output=True, text=True, timeout=60)
+    return "--no-control-socket" in out.stdout
 
 
 def ask(base: str, path: str, key: str | None = None) -> tuple[str, int]:
@@ -109,14 +121,25 @@ def deployment(kind: str, tmp_path: Path) -> Iterator[tuple[str, str, float]]:
 
 
 @pytest.mark.parametrize(
-    "kind", ["postgres+push", "redis+push", "sqlite", "sqlite+ttl", "postgres", "redis"]
+    ("kind", "options"),
+    [
+        pytest.param("postgres+push", (), id="postgres+push"),
+        pytest.param("redis+push", (), id="redis+push"),
+        pytest.param("sqlite", (), id="sqlite"),
+        pytest.param("sqlite+ttl", (), id="sqlite+ttl"),
+        pytest.param("postgres", (), id="postgres"),
+        pytest.param("redis", (), id="redis"),
+        # The store (pools, listener thread) is built once in the master, then forked.
+        pytest.param("postgres+push", ("--preload",), id="postgres+push preloaded"),
+        pytest.param("redis+push", ("--preload",), id="redis+push preloaded"),
+    ],
 )
 def test_every_worker_accepts_a_new_key_and_refuses_it_once_revoked(
-    kind: str, tmp_path: Path
+    kind: str, options: tuple[str, ...], tmp_path: Path
 ) -> None:
     with deployment(kind, tmp_path) as (url, admin_url, bound):
         admin = APIKeyManager.from_url(admin_url)
-        with gunicorn(url, tmp_path / "gunicorn.log") as base:
+        with gunicorn(url, tmp_path / "gunicorn.log", *options) as base:
             # Every worker is up (and has built its store) before the key exists.
             assert set(first_answer_of_each_worker(lambda: ask(base, "/health")).values()) == {200}
 
