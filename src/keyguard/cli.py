@@ -10,35 +10,43 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
-from typing import Any, NoReturn
+from datetime import timedelta
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from ._cli_output import (
+    format_time,
+    key_info_json,
+    key_table,
+    print_json,
+    print_new_key,
+    print_scan_report,
+    printable,
+    terminal_width,
+)
+from ._durations import parse_duration as parse_duration
 from .exceptions import InvalidKeyError, KeyguardError
 from .keys import DEFAULT_PREFIX, KEY_BODY_LENGTH, KeyFormat, mask_key, validate_prefix
 from .manager import APIKeyManager
 from .records import KeyInfo
-from .scan import DEFAULT_MAX_FILE_SIZE, KeyScanner, ScanReport
+from .scan import DEFAULT_MAX_FILE_SIZE, KeyScanner
 from .stores import DEFAULT_STORE_URL, STORE_URL_ENV, KeyStore, store_from_url
 
 __all__ = ["main", "parse_duration"]
 
+_T = TypeVar("_T")
+
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
-_DURATION = re.compile(r"(\d{1,12})([smhdw])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_MAX_DURATION = timedelta(days=100 * 365)
 _RESERVED_META = {
     "user_id": "--user",
     "email": "--email",
     "permissions": "--scope",
     "name": "--name",
 }
-_SHOWN_ONCE = "This is the only time the key is shown: copy it now. keyguard keeps only its hash."
 
 
 class CLIError(Exception):
@@ -59,40 +67,23 @@ class _Parser(argparse.ArgumentParser):
 # -- parsing helpers ----------------------------------------------------------------------
 
 
-def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
-    """Parse ``90d``, ``24h``, ``30m``, ``3600s`` or ``2w`` into a timedelta.
+def _argument_type(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+    """Wrap ``parse`` so its ValueError becomes argparse's one-line "argument --x: ..." error."""
 
-    Raises :class:`ValueError` with a message fit for an operator.
-    """
-    match = _DURATION.fullmatch(text.strip().lower())
-    if match is None:
-        raise ValueError(
-            f"invalid duration {text!r}: use a whole number and a unit s, m, h, d or w"
-            " (e.g. 90d, 24h, 30m, 3600s, 2w)"
-        )
-    value = timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
-    if value > _MAX_DURATION:
-        raise ValueError(f"duration {text!r} is longer than 100 years")
-    if not allow_zero and not value:
-        raise ValueError(f"duration {text!r} must be positive")
-    return value
-
-
-def _duration_arg(allow_zero: bool) -> Callable[[str], timedelta]:
-    def convert(text: str) -> timedelta:
+    def convert(text: str) -> _T:
         try:
-            return parse_duration(text, allow_zero=allow_zero)
+            return parse(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
     return convert
 
 
-def _prefix_arg(text: str) -> str:
-    try:
-        return validate_prefix(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _duration_arg(allow_zero: bool) -> Callable[[str], timedelta]:
+    return _argument_type(lambda text: parse_duration(text, allow_zero=allow_zero))
+
+
+_prefix_arg = _argument_type(validate_prefix)
 
 
 def _meta_arg(text: str) -> tuple[str, str]:
@@ -100,98 +91,6 @@ def _meta_arg(text: str) -> tuple[str, str]:
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"expected k=v, got {text!r}")
     return name.strip(), value
-
-
-def _printable(text: str) -> str:
-    """Neutralise control characters so stored data cannot rewrite the operator's terminal."""
-    return "".join(c if c.isprintable() else "?" for c in text)
-
-
-# -- time and record formatting -----------------------------------------------------------
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _when(value: datetime | None, empty: str = "never") -> str:
-    return empty if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _relative(value: datetime | None, now: float) -> str:
-    """A short, rounded distance from now (``in 90d``, ``5m ago``) that fits a table column."""
-    if value is None:
-        return "never"
-    delta = value.timestamp() - now
-    seconds = round(abs(delta))
-    if seconds == 0:
-        return "now"
-    for unit, size, limit in (("s", 1, 60), ("m", 60, 60), ("h", 3600, 48), ("d", 86400, 730)):
-        if seconds < size * limit:
-            amount = f"{round(seconds / size)}{unit}"
-            break
-    else:
-        amount = f"{round(seconds / (365 * 86400))}y"
-    return f"in {amount}" if delta > 0 else f"{amount} ago"
-
-
-def _info_json(info: KeyInfo, now: float) -> dict[str, Any]:
-    return {
-        "key_id": info.key_id,
-        "hint": info.hint,
-        "prefix": info.prefix,
-        "user_id": info.user_id,
-        "scopes": list(info.scopes),
-        "metadata": info.metadata,
-        "created_at": _iso(info.created_at),
-        "expires_at": _iso(info.expires_at),
-        "revoked_at": _iso(info.revoked_at),
-        "last_used_at": _iso(info.last_used_at),
-        "status": info.status(now),
-        "hash_scheme": info.hash_scheme,
-    }
-
-
-def _fit_table(
-    headers: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    width: int,
-    shrink: Sequence[tuple[Sequence[int], int]],
-    keep_tail: Sequence[int] = (),
-) -> list[str]:
-    """Align ``rows`` under ``headers`` within ``width`` columns.
-
-    Gaps narrow from two spaces to one; then each ``(columns, floor)`` stage of ``shrink``
-    in turn cuts its widest column by one, down to ``floor``, until the table fits. Cut
-    text ends in ``…``, or keeps its last 4 characters for ``keep_tail`` columns (hints).
-    """
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1
-    for columns, floor in shrink:
-        while sum(widths) + gap * (len(widths) - 1) > width:
-            wide = [i for i in columns if widths[i] > max(floor, len(headers[i]))]
-            if not wide:
-                break
-            widths[max(wide, key=lambda i: widths[i])] -= 1
-
-    def cell(i: int, text: str) -> str:
-        size = widths[i]
-        if len(text) > size:
-            text = text[: size - 5] + "…" + text[-4:] if i in keep_tail else text[: size - 1] + "…"
-        return text.ljust(size)
-
-    return [
-        (" " * gap).join(cell(i, text) for i, text in enumerate(row)).rstrip()
-        for row in (headers, *rows)
-    ]
-
-
-def _terminal_width() -> int:
-    return max(80, shutil.get_terminal_size((80, 24)).columns)
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 # -- the session: store and manager for one command ----------------------------------------
@@ -305,12 +204,13 @@ def _cmd_create(session: _Session) -> int:
     except (ValueError, TypeError) as e:
         raise CLIError(str(e), EXIT_USAGE) from None
     if args.json:
-        _print_json({"key": key, **_info_json(info, session.now)})
+        print_json({"key": key, **key_info_json(info, session.now)})
         return EXIT_OK
-    expiry = "never expires" if info.expires_at is None else f"expires {_when(info.expires_at)}"
-    print(f"Created {info.key_id} for user {_printable(info.user_id)!r} ({expiry}).")
-    print(f"\n    {key}\n")
-    print(_SHOWN_ONCE)
+    expiry = (
+        "never expires" if info.expires_at is None else f"expires {format_time(info.expires_at)}"
+    )
+    print(f"Created {info.key_id} for user {printable(info.user_id)!r} ({expiry}).")
+    print_new_key(key)
     return EXIT_OK
 
 
@@ -318,28 +218,12 @@ def _cmd_list(session: _Session) -> int:
     args = session.args
     keys = session.manager().list_keys(args.user, include_inactive=args.all)
     if args.json:
-        _print_json({"keys": [_info_json(k, session.now) for k in keys]})
+        print_json({"keys": [key_info_json(k, session.now) for k in keys]})
         return EXIT_OK
     if not keys:
         print("No keys." if args.all else "No active keys (--all shows revoked and expired).")
         return EXIT_OK
-    headers = ("KEY_ID", "HINT", "USER", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "STATUS")
-    rows = [
-        (
-            k.key_id,
-            _printable(k.hint),
-            _printable(k.user_id),
-            _printable(",".join(k.scopes)) or "-",
-            k.created_at.strftime("%Y-%m-%d"),
-            _relative(k.expires_at, session.now),
-            _relative(k.last_used_at, session.now),
-            k.status(session.now),
-        )
-        for k in keys
-    ]
-    for line in _fit_table(
-        headers, rows, _terminal_width(), shrink=[((2, 3), 6), ((1,), 8)], keep_tail=(1,)
-    ):
+    for line in key_table(keys, session.now, terminal_width()):
         print(line)
     return EXIT_OK
 
@@ -348,7 +232,7 @@ def _cmd_show(session: _Session) -> int:
     _, info = _resolve(session, session.args.ref)
     now = session.now
     if session.args.json:
-        _print_json(_info_json(info, now))
+        print_json(key_info_json(info, now))
         return EXIT_OK
     extra = {k: v for k, v in info.metadata.items() if k not in _RESERVED_META}
     fields = [
@@ -359,15 +243,15 @@ def _cmd_show(session: _Session) -> int:
         ("name", info.metadata.get("name") or "-"),
         ("scopes", ", ".join(info.scopes) or "-"),
         ("metadata", json.dumps(extra, ensure_ascii=False) if extra else "-"),
-        ("created", _when(info.created_at)),
-        ("expires", _when(info.expires_at)),
-        ("revoked", _when(info.revoked_at, "-")),
-        ("last used", _when(info.last_used_at)),
+        ("created", format_time(info.created_at)),
+        ("expires", format_time(info.expires_at)),
+        ("revoked", format_time(info.revoked_at, "-")),
+        ("last used", format_time(info.last_used_at)),
         ("status", info.status(now)),
         ("hashed as", info.hash_scheme),
     ]
     for label, value in fields:
-        print(f"{label:<10} {_printable(str(value))}")
+        print(f"{label:<10} {printable(str(value))}")
     return EXIT_OK
 
 
@@ -380,9 +264,9 @@ def _cmd_revoke(session: _Session) -> int:
             status = "revoked"  # lost a race with another revoker
         raise CLIError(f"{info.key_id} ({info.hint}) is already {status}; nothing to revoke")
     if session.args.json:
-        _print_json({"revoked": True, "key_id": info.key_id, "hint": info.hint})
+        print_json({"revoked": True, "key_id": info.key_id, "hint": info.hint})
     else:
-        print(f"Revoked {info.key_id} ({info.hint}) of user {_printable(info.user_id)!r}.")
+        print(f"Revoked {info.key_id} ({info.hint}) of user {printable(info.user_id)!r}.")
     return EXIT_OK
 
 
@@ -398,17 +282,20 @@ def _cmd_rotate(session: _Session) -> int:
     if new is None or after is None:
         raise CLIError("the store lost a key during rotation", EXIT_USAGE)
     if args.json:
-        _print_json(
-            {"key": key, **_info_json(new, session.now), "old": _info_json(after, session.now)}
+        print_json(
+            {
+                "key": key,
+                **key_info_json(new, session.now),
+                "old": key_info_json(after, session.now),
+            }
         )
         return EXIT_OK
-    print(f"Rotated {old.key_id} into {new.key_id} for user {_printable(new.user_id)!r}.")
+    print(f"Rotated {old.key_id} into {new.key_id} for user {printable(new.user_id)!r}.")
     if after.revoked_at is not None:
         print(f"The old key {old.hint} is revoked.")
     else:
-        print(f"The old key {old.hint} keeps working until {_when(after.expires_at)}.")
-    print(f"\n    {key}\n")
-    print(_SHOWN_ONCE)
+        print(f"The old key {old.hint} keeps working until {format_time(after.expires_at)}.")
+    print_new_key(key)
     return EXIT_OK
 
 
@@ -419,12 +306,12 @@ def _cmd_verify(session: _Session) -> int:
     manager = session.manager(fmt.prefix if fmt else DEFAULT_PREFIX)
     result = manager.verify(key)
     if args.json:
-        info = None if result.key is None else _info_json(result.key, session.now)
-        _print_json({"ok": result.ok, "reason": result.reason.value, "key": info})
+        info = None if result.key is None else key_info_json(result.key, session.now)
+        print_json({"ok": result.ok, "reason": result.reason.value, "key": info})
     elif result.key is None:
         print(result.reason.value)
     else:
-        user = _printable(result.key.user_id)
+        user = printable(result.key.user_id)
         print(f"{result.reason.value}: {result.key.key_id} ({result.key.hint}) of user {user!r}")
     return EXIT_OK if result.ok else EXIT_INVALID
 
@@ -528,7 +415,7 @@ def _cmd_scan(session: _Session) -> int:
             }
         )
     if args.json:
-        _print_json(
+        print_json(
             {
                 "findings": rows,
                 "files_scanned": report.files_scanned,
@@ -539,55 +426,16 @@ def _cmd_scan(session: _Session) -> int:
             }
         )
     else:
-        _print_scan(report, rows, revoked, live, store_used=manager is not None)
+        print_scan_report(report, rows, revoked, live, store_used=manager is not None)
     if report.unreadable:
         return EXIT_USAGE
     failing = {"live", "unchecked"}
     return EXIT_INVALID if any(r["status"] in failing for r in rows) else EXIT_OK
 
 
-def _print_scan(
-    report: ScanReport,
-    rows: list[dict[str, Any]],
-    revoked: list[str],
-    live: dict[str, KeyInfo],
-    *,
-    store_used: bool,
-) -> None:
-    for row in rows:
-        known = f" ({row['key_id']})" if row["key_id"] else ""
-        print(f"{_printable(row['path'])}:{row['line']}: {row['hint']} {row['status']}{known}")
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    skipped: dict[str, int] = {}
-    for s in report.skipped:
-        reason = s.reason.partition(":")[0]
-        skipped[reason] = skipped.get(reason, 0) + 1
-    summary = f"Scanned {report.files_scanned} file(s)"
-    if skipped:
-        summary += " (skipped " + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) + ")"
-    if rows:
-        summary += f": {len(rows)} finding(s): " + ", ".join(
-            f"{n} {s}" for s, n in sorted(counts.items())
-        )
-    else:
-        summary += ": no keys found"
-    if report.rejected:
-        summary += f"; {report.rejected} checksum-invalid string(s) ignored"
-    print(summary + ".")
-    if "unchecked" in counts and not store_used:
-        print("No key store was consulted, so every key found counts as possibly live.")
-    for key_id in revoked:
-        print(f"Revoked {key_id} ({live[key_id].hint}).")
-    left = [k for k in live if k not in revoked]
-    if left:
-        print(f"Still live: {', '.join(left)}. Revoke with 'keyguard revoke KEY_ID'.")
-
-
 def _print_rule(session: _Session, scanner: KeyScanner) -> int:
     if session.args.json:
-        _print_json({"regex": scanner.pattern, "gitleaks": scanner.gitleaks_rule()})
+        print_json({"regex": scanner.pattern, "gitleaks": scanner.gitleaks_rule()})
         return EXIT_OK
     print("# Regex (POSIX ERE, RE2 and PCRE; group 2 is the key). A checksum is not checked.")
     print(scanner.pattern)

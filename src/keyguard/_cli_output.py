@@ -1,0 +1,174 @@
+"""What the ``keyguard`` command prints: key records as text or JSON, aligned tables, scan reports.
+
+Kept apart from the command logic so every command renders records, times and stored
+(untrusted) text the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from ._durations import relative_time
+from .records import KeyInfo
+from .scan import ScanReport
+
+__all__ = [
+    "format_time",
+    "key_info_json",
+    "key_table",
+    "print_json",
+    "print_new_key",
+    "print_scan_report",
+    "printable",
+    "terminal_width",
+]
+
+_SHOWN_ONCE = "This is the only time the key is shown: copy it now. keyguard keeps only its hash."
+
+
+def printable(text: str) -> str:
+    """Neutralise control characters so stored data cannot rewrite the operator's terminal."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def format_time(value: datetime | None, empty: str = "never") -> str:
+    """A UTC timestamp to the second, or ``empty`` when there is none."""
+    return empty if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def key_info_json(info: KeyInfo, now: float) -> dict[str, Any]:
+    """The JSON form of a record: everything but the digest, with its status at ``now``."""
+    return {
+        "key_id": info.key_id,
+        "hint": info.hint,
+        "prefix": info.prefix,
+        "user_id": info.user_id,
+        "scopes": list(info.scopes),
+        "metadata": info.metadata,
+        "created_at": _iso(info.created_at),
+        "expires_at": _iso(info.expires_at),
+        "revoked_at": _iso(info.revoked_at),
+        "last_used_at": _iso(info.last_used_at),
+        "status": info.status(now),
+        "hash_scheme": info.hash_scheme,
+    }
+
+
+def print_json(value: Any) -> None:
+    """Print ``value`` as indented JSON, keeping non-ASCII text readable."""
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def print_new_key(key: str) -> None:
+    """Print a freshly issued key, set apart, with the warning that it is shown only once."""
+    print(f"\n    {key}\n")
+    print(_SHOWN_ONCE)
+
+
+def terminal_width() -> int:
+    """The terminal's width, never under 80 columns (pipes and narrow windows get 80)."""
+    return max(80, shutil.get_terminal_size((80, 24)).columns)
+
+
+def _fit_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    width: int,
+    shrink: Sequence[tuple[Sequence[int], int]],
+    keep_tail: Sequence[int] = (),
+) -> list[str]:
+    """Align ``rows`` under ``headers`` within ``width`` columns.
+
+    Gaps narrow from two spaces to one; then each ``(columns, floor)`` stage of ``shrink``
+    in turn cuts its widest column by one, down to ``floor``, until the table fits. Cut
+    text ends in ``…``, or keeps its last 4 characters for ``keep_tail`` columns (hints).
+    """
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1
+    for columns, floor in shrink:
+        while sum(widths) + gap * (len(widths) - 1) > width:
+            wide = [i for i in columns if widths[i] > max(floor, len(headers[i]))]
+            if not wide:
+                break
+            widths[max(wide, key=lambda i: widths[i])] -= 1
+
+    def cell(i: int, text: str) -> str:
+        size = widths[i]
+        if len(text) > size:
+            text = text[: size - 5] + "…" + text[-4:] if i in keep_tail else text[: size - 1] + "…"
+        return text.ljust(size)
+
+    return [
+        (" " * gap).join(cell(i, text) for i, text in enumerate(row)).rstrip()
+        for row in (headers, *rows)
+    ]
+
+
+def key_table(keys: Sequence[KeyInfo], now: float, width: int) -> list[str]:
+    """The lines of the ``list`` table: one row per key, cut to fit ``width`` columns.
+
+    Users and scopes shrink first, then hints, which keep their last 4 characters.
+    """
+    headers = ("KEY_ID", "HINT", "USER", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "STATUS")
+    rows = [
+        (
+            k.key_id,
+            printable(k.hint),
+            printable(k.user_id),
+            printable(",".join(k.scopes)) or "-",
+            k.created_at.strftime("%Y-%m-%d"),
+            relative_time(k.expires_at, now),
+            relative_time(k.last_used_at, now),
+            k.status(now),
+        )
+        for k in keys
+    ]
+    return _fit_table(headers, rows, width, shrink=[((2, 3), 6), ((1,), 8)], keep_tail=(1,))
+
+
+def print_scan_report(
+    report: ScanReport,
+    rows: list[dict[str, Any]],
+    revoked: list[str],
+    live: dict[str, KeyInfo],
+    *,
+    store_used: bool,
+) -> None:
+    """Print one line per finding, a summary, and what is still live after any revocation."""
+    for row in rows:
+        known = f" ({row['key_id']})" if row["key_id"] else ""
+        print(f"{printable(row['path'])}:{row['line']}: {row['hint']} {row['status']}{known}")
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    skipped: dict[str, int] = {}
+    for s in report.skipped:
+        reason = s.reason.partition(":")[0]
+        skipped[reason] = skipped.get(reason, 0) + 1
+    summary = f"Scanned {report.files_scanned} file(s)"
+    if skipped:
+        summary += " (skipped " + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) + ")"
+    if rows:
+        summary += f": {len(rows)} finding(s): " + ", ".join(
+            f"{n} {s}" for s, n in sorted(counts.items())
+        )
+    else:
+        summary += ": no keys found"
+    if report.rejected:
+        summary += f"; {report.rejected} checksum-invalid string(s) ignored"
+    print(summary + ".")
+    if "unchecked" in counts and not store_used:
+        print("No key store was consulted, so every key found counts as possibly live.")
+    for key_id in revoked:
+        print(f"Revoked {key_id} ({live[key_id].hint}).")
+    left = [k for k in live if k not in revoked]
+    if left:
+        print(f"Still live: {', '.join(left)}. Revoke with 'keyguard revoke KEY_ID'.")
