@@ -27,6 +27,7 @@ from keyguard import (
     Reason,
     RedisStore,
     SQLiteStore,
+    StoreError,
     store_from_url,
 )
 from tests.stores.services import postgres_table, proxied_store, redis_namespace
@@ -237,6 +238,34 @@ def test_a_flood_of_unknown_keys_does_not_push_out_known_ones(
     assert cached.get(hot.digest) == hot
     assert inner.calls["get"] == calls
     assert len(cached) == 1 + 3
+
+
+@pytest.mark.parametrize(
+    "asynchronous", [pytest.param(False, id="get"), pytest.param(True, id="aget")]
+)
+def test_a_failing_read_is_not_cached(clock: FakeClock, asynchronous: bool) -> None:
+    class FlakyStore(CountingStore):
+        down = True
+
+        def get(self, digest: str) -> KeyInfo | None:
+            if self.down:
+                raise StoreError("connection refused")
+            return super().get(digest)
+
+    inner = FlakyStore()
+    info = record()
+    inner.add(info)
+    cached = CachedStore(inner, ttl=60, clock=clock)
+
+    def get() -> KeyInfo | None:
+        return asyncio.run(cached.aget(info.digest)) if asynchronous else cached.get(info.digest)
+
+    with pytest.raises(StoreError, match="connection refused"):
+        get()
+    inner.down = False
+
+    assert get() == info
+    assert len(cached) == 1
 
 
 # -- invalidation through this process -----------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -327,4 +327,44 @@ def test_a_check_costs_exactly_one_round_trip(table: tuple[str, str]) -> None:
 
         assert costs == [1] * 10
         assert asyncio.run(async_costs()) == [1] * 10
+    store.close()
+
+
+CALLS = [
+    pytest.param(lambda s, i: s.add(i), id="add"),
+    pytest.param(lambda s, i: s.get(i.digest), id="get"),
+    pytest.param(lambda s, i: s.get_by_id(i.key_id), id="get_by_id"),
+    pytest.param(lambda s, i: s.list_keys(), id="list_keys"),
+    pytest.param(lambda s, i: s.revoke(i.digest, T0), id="revoke"),
+    pytest.param(lambda s, i: s.set_expiry(i.digest, T0), id="set_expiry"),
+    pytest.param(lambda s, i: s.touch(i.digest, T0), id="touch"),
+    pytest.param(lambda s, i: s.aadd(i), id="aadd"),
+    pytest.param(lambda s, i: s.aget(i.digest), id="aget"),
+    pytest.param(lambda s, i: s.aget_by_id(i.key_id), id="aget_by_id"),
+    pytest.param(lambda s, i: s.alist_keys("u1"), id="alist_keys"),
+    pytest.param(lambda s, i: s.arevoke(i.digest, T0), id="arevoke"),
+    pytest.param(lambda s, i: s.aset_expiry(i.digest, None), id="aset_expiry"),
+    pytest.param(lambda s, i: s.atouch(i.digest, T0), id="atouch"),
+]
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_every_call_fails_as_a_store_error(
+    table: tuple[str, str], call: Callable[[PostgresStore, KeyInfo], Any]
+) -> None:
+    dsn, name = table
+    store = PostgresStore(dsn, table=name)
+    query(dsn, sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))  # pulled from under it
+
+    async def until_done(outcome: Any) -> None:
+        try:
+            await outcome
+        finally:
+            await store.aclose()  # this loop's pool, before the loop ends
+
+    with pytest.raises(StoreError, match="could not") as exc_info:
+        outcome = call(store, record())
+        if asyncio.iscoroutine(outcome):
+            asyncio.run(until_done(outcome))
+    assert name in str(exc_info.value)
     store.close()

@@ -7,7 +7,7 @@ import secrets
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -317,3 +317,30 @@ def test_a_check_costs_exactly_one_round_trip(store: RedisStore) -> None:
 
         assert costs == [1, 1, 1, 1]
         assert asyncio.run(async_costs()) == [1, 1]
+
+
+CALLS = [
+    pytest.param(lambda s, i: s.add(i), id="add"),
+    pytest.param(lambda s, i: s.get(i.digest), id="get"),
+    pytest.param(lambda s, i: s.get_by_id(i.key_id), id="get_by_id"),
+    pytest.param(lambda s, i: s.list_keys(), id="list_keys"),
+    pytest.param(lambda s, i: s.revoke(i.digest, T0), id="revoke"),
+    pytest.param(lambda s, i: s.set_expiry(i.digest, T0), id="set_expiry"),
+    pytest.param(lambda s, i: s.touch(i.digest, T0), id="touch"),
+    pytest.param(lambda s, i: asyncio.run(s.aadd(i)), id="aadd"),
+    pytest.param(lambda s, i: asyncio.run(s.aget(i.digest)), id="aget"),
+    pytest.param(lambda s, i: asyncio.run(s.aget_by_id(i.key_id)), id="aget_by_id"),
+    pytest.param(lambda s, i: asyncio.run(s.alist_keys("u1")), id="alist_keys"),
+    pytest.param(lambda s, i: asyncio.run(s.arevoke(i.digest, T0)), id="arevoke"),
+    pytest.param(lambda s, i: asyncio.run(s.aset_expiry(i.digest, None)), id="aset_expiry"),
+    pytest.param(lambda s, i: asyncio.run(s.atouch(i.digest, T0)), id="atouch"),
+]
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_every_call_fails_as_a_store_error(call: Callable[[RedisStore, KeyInfo], object]) -> None:
+    store = RedisStore("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+
+    with pytest.raises(StoreError, match="could not"):
+        call(store, record())
+    store.close()
