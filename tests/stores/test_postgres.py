@@ -283,6 +283,15 @@ def test_bad_urls_are_refused_without_the_password(url: str, message: str) -> No
     assert "s3cret" not in str(exc_info.value)
 
 
+def test_a_dsn_libpq_cannot_parse_is_refused_without_the_password() -> None:
+    # libpq quotes the whole DSN in this message.
+    with pytest.raises(ValueError, match="IPv6 host address") as exc_info:
+        PostgresStore("postgresql://kg:s3cret@[::1/test")
+
+    assert "s3cret" not in str(exc_info.value)
+    assert "kg:***@" in str(exc_info.value)
+
+
 def test_an_unreachable_server_is_a_store_error_without_the_password() -> None:
     with pytest.raises(StoreError, match="cannot prepare") as exc_info:
         PostgresStore("postgresql://kg:s3cret@127.0.0.1:1/test?connect_timeout=1", timeout=0.5)

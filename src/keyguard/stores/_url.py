@@ -8,6 +8,7 @@ drivers stay optional. Any URL may add ``cache_ttl=<seconds>`` (and optionally
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
@@ -71,7 +72,7 @@ def _postgres(url: SplitResult, params: dict[str, str]) -> KeyStore:
     }
     for name in ("min_size", "max_size"):
         if name in params:
-            options[name] = _number(url, name, params.pop(name), int)
+            options[name] = _number(name, params.pop(name), int)
     # The rest is for libpq, which knows its own parameters (sslmode, connect_timeout…).
     dsn = url._replace(query=urlencode(params)).geturl()
     return PostgresStore(dsn, **options)
@@ -89,7 +90,7 @@ def _only(
         )
 
 
-def _number(url: SplitResult, name: str, value: str, kind: type[Any]) -> Any:
+def _number(name: str, value: str, kind: type[Any]) -> Any:
     try:
         number = kind(value)
     except ValueError:
@@ -111,9 +112,9 @@ def _cache_options(url: SplitResult, params: dict[str, str]) -> dict[str, Any] |
         return None
     if "cache_ttl" not in found:
         raise ValueError(f"{', '.join(sorted(found))} need cache_ttl=<seconds> in the store URL")
-    options: dict[str, Any] = {"ttl": _number(url, "cache_ttl", found["cache_ttl"], float)}
+    options: dict[str, Any] = {"ttl": _number("cache_ttl", found["cache_ttl"], float)}
     if "cache_max_entries" in found:
-        options["max_entries"] = _number(url, "cache_max_entries", found["cache_max_entries"], int)
+        options["max_entries"] = _number("cache_max_entries", found["cache_max_entries"], int)
     if "cache_push" in found:
         if found["cache_push"] not in ("0", "1"):
             raise ValueError(
@@ -172,10 +173,13 @@ def store_from_url(url: str | None = None) -> KeyStore:
     return CachedStore(store, **cache)
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for messages and reprs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+def redact_url(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``.
+
+    Works on malformed URLs and on driver error messages that quote a URL, where
+    ``urlsplit`` would give up.
+    """
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]*):[^@\s]*@")

@@ -190,7 +190,9 @@ class PostgresStore:
             try:
                 psycopg.conninfo.conninfo_to_dict(dsn)
             except psycopg.Error as e:
-                raise ValueError(f"invalid PostgreSQL DSN {redact_url(dsn)!r}: {e}") from None
+                # libpq may quote the whole DSN, password included, in its message.
+                reason = redact_url(str(e).strip())
+                raise ValueError(f"invalid PostgreSQL DSN {redact_url(dsn)!r}: {reason}") from None
             self._conninfo: str = dsn
             self._kwargs: dict[str, Any] = dict(_CONNECTION_KWARGS)
         else:
