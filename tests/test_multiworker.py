@@ -9,6 +9,7 @@ PostgreSQL LISTEN/NOTIFY), within ``cache_ttl`` with a cache that cannot be push
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 import signal
@@ -28,6 +29,13 @@ from tests.stores.services import postgres_table, redis_namespace
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 3
 MAX_REQUESTS = 3000  # to reach every worker; the kernel spreads connections unevenly
+# uvicorn.workers is deprecated in favour of the uvicorn-worker package; older setups
+# may have only the former.
+WORKER_CLASS = (
+    "uvicorn_worker.UvicornWorker"
+    if importlib.util.find_spec("uvicorn_worker")
+    else "uvicorn.workers.UvicornWorker"
+)
 
 
 @contextmanager
@@ -41,7 +49,7 @@ def gunicorn(store_url: str, log: Path, *options: str) -> Iterator[str]:
             [
                 str(Path(sys.executable).with_name("gunicorn")),
                 "--worker-class",
-                "uvicorn_worker.UvicornWorker",
+                WORKER_CLASS,
                 "--workers",
                 str(WORKERS),
                 "--bind",
