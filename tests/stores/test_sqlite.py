@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
@@ -119,6 +120,7 @@ def test_an_empty_file_becomes_a_store(db_path: Path) -> None:
 # It prints keys it created back to the test through a pipe; nothing is logged.
 CHILD = """
 import sys
+import time
 from keyguard import APIKeyManager, SQLiteStore
 
 store = SQLiteStore(sys.argv[1])
@@ -237,6 +239,29 @@ def other_app_database(journal_mode: str) -> Callable[[Path], None]:
             conn.commit()
 
     return build
+
+
+def test_a_busy_database_skips_the_last_use_write_instead_of_waiting(db_path: Path) -> None:
+    # An async server records last use on its event loop: waiting out the store's 10 s lock
+    # timeout there would stall every request, so the write is skipped.
+    with open_store(db_path) as setup:
+        key = APIKeyManager(setup).generate_key(user_id="u1")
+    store = SQLiteStore(db_path, timeout=10.0)
+    manager = APIKeyManager(store)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        started = time.monotonic()
+        assert manager.verify(key).reason is Reason.OK
+        assert time.monotonic() - started < 5.0
+        other.execute("ROLLBACK")
+        assert raw_query(db_path, "SELECT last_used_at FROM keyguard_keys") == [(None,)]
+        # The lock timeout is back for writes that must not be lost.
+        assert store._conn().execute("PRAGMA busy_timeout").fetchone() == (10_000,)
+        assert manager.revoke_key(key)
+    finally:
+        other.close()
+        store.close()
 
 
 @pytest.mark.parametrize(

@@ -264,9 +264,27 @@ class SQLiteStore:
         return cursor.rowcount == 1
 
     def touch(self, digest: str, at: datetime) -> None:
-        self._execute(
-            "UPDATE keyguard_keys SET last_used_at = ? WHERE digest = ?", (at.timestamp(), digest)
-        )
+        """Record a use, but never wait for another process's write lock.
+
+        The write is best effort and an async server makes it on its event loop, where
+        waiting ``timeout`` seconds for a busy database would stall every request; a busy
+        database just skips this write (the manager tries again a resolution later).
+        """
+        conn = self._conn()
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                conn.execute(
+                    "UPDATE keyguard_keys SET last_used_at = ? WHERE digest = ?",
+                    (at.timestamp(), digest),
+                )
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e):  # SQLITE_BUSY / SQLITE_LOCKED; 3.10 has no error codes
+                raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
+        except sqlite3.Error as e:
+            raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
 
     def close(self) -> None:
         with self._lock:
