@@ -15,6 +15,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.authentication import requires
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -362,43 +363,78 @@ def test_exempt_patterns_accept_compiled_regexes(keys: Keyring) -> None:
     assert run(app, make_scope(path="/static/site.js")).status == 401
 
 
+PREFLIGHT = [(b"origin", b"https://a.example"), (b"access-control-request-method", b"POST")]
+
+
 @pytest.mark.parametrize(
-    ("method", "headers", "allowed", "status"),
+    ("method", "headers", "options", "status"),
     [
+        pytest.param("OPTIONS", PREFLIGHT, {}, 401, id="preflight, pass-through off by default"),
         pytest.param(
             "OPTIONS",
-            [(b"origin", b"https://a.example"), (b"access-control-request-method", b"POST")],
-            True,
-            200,
-            id="preflight",
-        ),
-        pytest.param(
-            "OPTIONS", [(b"origin", b"https://a.example")], True, 401, id="options without ACRM"
-        ),
-        pytest.param(
-            "OPTIONS", [(b"access-control-request-method", b"POST")], True, 401, id="no origin"
-        ),
-        pytest.param(
-            "GET",
-            [(b"origin", b"https://a.example"), (b"access-control-request-method", b"POST")],
-            True,
+            PREFLIGHT,
+            {"allow_cors_preflight": False},
             401,
-            id="not options",
+            id="preflight, pass-through off",
+        ),
+        pytest.param(
+            "OPTIONS", PREFLIGHT, {"allow_cors_preflight": True}, 200, id="preflight, enabled"
         ),
         pytest.param(
             "OPTIONS",
-            [(b"origin", b"https://a.example"), (b"access-control-request-method", b"POST")],
-            False,
+            PREFLIGHT[:1],
+            {"allow_cors_preflight": True},
             401,
-            id="preflight pass-through off",
+            id="enabled, options without ACRM",
+        ),
+        pytest.param(
+            "OPTIONS", PREFLIGHT[1:], {"allow_cors_preflight": True}, 401, id="enabled, no origin"
+        ),
+        pytest.param(
+            "GET", PREFLIGHT, {"allow_cors_preflight": True}, 401, id="enabled, not options"
         ),
     ],
 )
 def test_cors_preflight(
-    keys: Keyring, method: str, headers: list[tuple[bytes, bytes]], allowed: bool, status: int
+    keys: Keyring,
+    method: str,
+    headers: list[tuple[bytes, bytes]],
+    options: dict[str, Any],
+    status: int,
 ) -> None:
-    app, _ = guard(keys, allow_cors_preflight=allowed)
+    app, inner = guard(keys, **options)
     assert run(app, make_scope(headers, method=method)).status == status
+    assert len(inner.scopes) == (1 if status == 200 else 0)
+
+
+@pytest.mark.anyio
+async def test_cors_middleware_outside_answers_preflights_and_labels_refusals(
+    keys: Keyring,
+) -> None:
+    """The recommended setup: preflights never reach keyguard, refusals stay readable."""
+    inner = Recorder()
+    app = CORSMiddleware(
+        APIKeyMiddleware(inner, manager=keys.manager),
+        allow_origins=["https://a.example"],
+        allow_methods=["*"],
+        allow_headers=["authorization"],
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        origin = {"Origin": "https://a.example"}
+        preflight = await client.options(
+            "/items",
+            headers={**origin, "Access-Control-Request-Method": "GET"},
+        )
+        refused = await client.get("/items", headers=origin)
+        admitted = await client.get("/items", headers={**origin, "X-API-Key": keys.read})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://a.example"
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == "https://a.example"
+    assert admitted.json() == {"user": "alice"}
+    assert len(inner.scopes) == 1
 
 
 # -- other scope types, websockets ---------------------------------------------------------

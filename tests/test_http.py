@@ -24,7 +24,7 @@ def make_guard(**options: Any) -> Guard:
         "strip_credentials": False,
         "realm": "api",
         "error_responder": None,
-        "allow_cors_preflight": True,
+        "allow_cors_preflight": False,
         "stacklevel": 1,
     }
     settings.update(options)

@@ -220,29 +220,34 @@ def test_exempt_patterns_fullmatch(keys: Keyring, path: str, exempt: bool) -> No
     assert run(app, make_environ(path=path)).status == (200 if exempt else 401)
 
 
+PREFLIGHT = [("origin", b"https://a.example"), ("access-control-request-method", b"PUT")]
+
+
 @pytest.mark.parametrize(
-    ("method", "headers", "status"),
+    ("method", "headers", "options", "status"),
     [
+        pytest.param("OPTIONS", PREFLIGHT, {}, 401, id="preflight, pass-through off by default"),
         pytest.param(
-            "OPTIONS",
-            [("origin", b"https://a.example"), ("access-control-request-method", b"PUT")],
-            200,
-            id="preflight",
+            "OPTIONS", PREFLIGHT, {"allow_cors_preflight": True}, 200, id="preflight, enabled"
         ),
-        pytest.param("OPTIONS", [("origin", b"https://a.example")], 401, id="without ACRM"),
         pytest.param(
-            "DELETE",
-            [("origin", b"https://a.example"), ("access-control-request-method", b"PUT")],
-            401,
-            id="not options",
+            "OPTIONS", PREFLIGHT[:1], {"allow_cors_preflight": True}, 401, id="without ACRM"
+        ),
+        pytest.param(
+            "DELETE", PREFLIGHT, {"allow_cors_preflight": True}, 401, id="enabled, not options"
         ),
     ],
 )
 def test_cors_preflight(
-    keys: Keyring, method: str, headers: list[tuple[str, bytes]], status: int
+    keys: Keyring,
+    method: str,
+    headers: list[tuple[str, bytes]],
+    options: dict[str, Any],
+    status: int,
 ) -> None:
-    app, _ = guard(keys)
+    app, inner = guard(keys, **options)
     assert run(app, make_environ(headers, method=method)).status == status
+    assert len(inner.environs) == (1 if status == 200 else 0)
 
 
 # -- strip_credentials, query_param --------------------------------------------------------

@@ -95,7 +95,12 @@ class APIKeyMiddleware:
         yourself; None (or returning None) sends the default ``application/problem+json``.
     :param allow_cors_preflight: let CORS preflight requests (``OPTIONS`` with ``Origin``
         and ``Access-Control-Request-Method``) through without a key, since browsers never
-        send credentials on them.
+        send credentials on them. Off by default: anyone can send those two headers, so with
+        it on, every ``OPTIONS`` handler of the app (a mounted sub-app, a proxy, an endpoint
+        that answers any method) runs unauthenticated and must answer preflights itself
+        without leaking data. The recommended setup instead puts a CORS middleware *outside*
+        this one (listed before it): it answers preflights before keyguard sees them and
+        adds CORS headers to keyguard's refusals, so browsers can read them.
     """
 
     def __init__(
@@ -112,7 +117,7 @@ class APIKeyMiddleware:
         strip_credentials: bool = False,
         realm: str = "api",
         error_responder: ErrorResponder | None = None,
-        allow_cors_preflight: bool = True,
+        allow_cors_preflight: bool = False,
     ) -> None:
         self.app = app
         self.manager = manager

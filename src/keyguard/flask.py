@@ -121,8 +121,9 @@ class KeyGuard:
 def current_key() -> KeyInfo | None:
     """The :class:`~keyguard.KeyInfo` of the current request's key, or None if it had none.
 
-    None happens on exempt paths, CORS preflights and, with ``optional=True``, anonymous
-    requests; elsewhere the middleware has already refused requests without a valid key.
+    None happens on exempt paths, on CORS preflights (with ``allow_cors_preflight=True``)
+    and, with ``optional=True``, on anonymous requests; elsewhere the middleware has already
+    refused requests without a valid key.
     """
     key = request.environ.get("keyguard.key")
     return key if isinstance(key, KeyInfo) else None

@@ -49,6 +49,11 @@ class APIKeyMiddleware:
     Options are those of :class:`keyguard.asgi.APIKeyMiddleware`; exempt paths are matched
     against ``PATH_INFO``, which is already relative to the mount point (``SCRIPT_NAME``).
     ``error_responder`` receives the WSGI ``environ`` instead of the ASGI scope.
+    ``allow_cors_preflight`` is off by default for the same reason: with it on, anyone can
+    reach the app's ``OPTIONS`` handling without a key, so the app must answer preflights
+    itself without leaking data. Prefer a CORS middleware outside this one; with Flask-CORS,
+    which runs inside, turning it on is safe as long as no view declares ``OPTIONS`` (Flask
+    then answers ``OPTIONS`` itself, without calling a view).
     """
 
     def __init__(
@@ -65,7 +70,7 @@ class APIKeyMiddleware:
         strip_credentials: bool = False,
         realm: str = "api",
         error_responder: ErrorResponder | None = None,
-        allow_cors_preflight: bool = True,
+        allow_cors_preflight: bool = False,
     ) -> None:
         self.app = app
         self.manager = manager
