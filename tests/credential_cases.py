@@ -145,7 +145,28 @@ CASES = [
         refused(400, "invalid_request", (AUTH, b"Bearer <read>, Bearer <write>")),
         id="comma-joined bearers, different keys",
     ),
+    pytest.param(
+        refused(400, "invalid_request", (AUTH, b"Bearer <read>, <write>")),
+        id="bearer then a bare key",
+    ),
+    pytest.param(
+        refused(400, "invalid_request", (AUTH, b"Bearer <read>,<write>")),
+        id="bearer then a bare key, no space",
+    ),
+    pytest.param(
+        refused(400, "invalid_request", (AUTH, b"Bearer <read>,junk")),
+        id="bearer then a bare word",
+    ),
+    pytest.param(
+        refused(400, "invalid_request", (AUTH, b"<write>, Bearer <read>")),
+        id="a bare key then bearer",
+    ),
+    pytest.param(ok((AUTH, b"Bearer <read>, Bearer <read>")), id="comma-joined bearers, same key"),
     pytest.param(ok((AUTH, b"Basic YTpi, Bearer <read>")), id="basic and bearer joined"),
+    pytest.param(
+        refused(401, "missing_api_key", (AUTH, b"Basic YTpi, <read>")),
+        id="basic and a bare key joined",
+    ),
     pytest.param(
         refused(401, "revoked_api_key", (AUTH, b"Bearer <revoked>"), (XKEY, b"<revoked>")),
         id="same revoked key twice",

@@ -107,6 +107,15 @@ def test_problem_response_is_a_fresh_copy() -> None:
         pytest.param([(False, "k" * 8192)], [], "k" * 8192, id="largest header"),
         pytest.param([(False, "k" * 8193)], [], "too_large", id="header one byte too large"),
         pytest.param([(True, "Bearer ,")], [], "bad_authorization", id="bearer comma"),
+        pytest.param([(True, "Bearer abc,")], [], "abc", id="bearer, trailing comma"),
+        pytest.param([(True, "Bearer abc, abd")], [], "bad_authorization", id="bare second"),
+        pytest.param(
+            [(True, "Digest a=1, b=2, Bearer abc")],
+            [],
+            "bad_authorization",
+            id="bearer beside another scheme's parameters (ambiguous, refused)",
+        ),
+        pytest.param([(True, "Basic YTpi, abc")], [], None, id="no bearer, bare part ignored"),
         pytest.param([(False, " \t ")], [], "empty", id="blank"),
     ],
 )

@@ -325,7 +325,9 @@ class Guard:
 
         ``values`` pairs each header value (latin-1 text) with whether its header uses the
         Bearer scheme. Returns the key, None if there is none, or the request's problem.
-        Comma-joined values (repeated headers merged by a server or proxy) are split.
+        Comma-joined values (repeated headers merged by a server or proxy) are split; in a
+        header that carries a Bearer credential, a part without a scheme (``Bearer K1, K2``)
+        is refused, since another reader could take ``K2`` for the credential.
         """
         problems = self.problems
         found: set[str] = set()
@@ -337,6 +339,7 @@ class Guard:
                 return problems.empty
             if not (value.isascii() and value.isprintable()):
                 return problems.bad_characters
+            has_bearer = bare = False
             for part in value.split(","):
                 part = part.strip(" ")
                 if not part:
@@ -344,15 +347,21 @@ class Guard:
                 if bearer:
                     scheme, _, token = part.partition(" ")
                     if scheme.lower() != "bearer":
-                        continue  # another scheme, for someone else to handle
+                        # Another scheme is for someone else to handle, unless it is a lone
+                        # token: then the header names no scheme for it.
+                        bare = bare or not token
+                        continue
                     token = token.strip(" ")
                     if not token or " " in token:
                         return problems.bad_authorization
+                    has_bearer = True
                     found.add(token)
                 elif " " in part:
                     return problems.bad_value
                 else:
                     found.add(part)
+            if has_bearer and bare:
+                return problems.bad_authorization
         for value in query_values:
             if len(value) > MAX_CREDENTIAL_LENGTH:
                 return problems.too_large
