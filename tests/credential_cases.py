@@ -2,14 +2,17 @@
 
 Header values are bytes with placeholders (``<read>``, ``<write>``, ``<unknown>``,
 ``<revoked>``, ``<expired>``) that :meth:`Keyring.fill` replaces with real keys, so one
-table drives the ASGI and WSGI suites, raw and through an HTTP client.
+table drives the ASGI and WSGI suites, raw and through an HTTP client, and the framework
+integrations (Starlette's backend, FastAPI's dependency) through :func:`request_asgi`.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -205,3 +208,78 @@ CASES = [
 
 #: The cases an HTTP client can send unchanged.
 CLIENT_CASES = [p for p in CASES if cast(Case, p.values[0]).via_client]
+
+
+@dataclass
+class Answer:
+    """A response as the client sees it: status, lower-cased headers and body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+ASGIApp = Callable[
+    [
+        MutableMapping[str, Any],
+        Callable[[], Awaitable[MutableMapping[str, Any]]],
+        Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ],
+    Awaitable[None],
+]
+
+
+async def request_asgi(
+    app: ASGIApp, headers: list[tuple[bytes, bytes]], *, path: str = "/items"
+) -> Answer:
+    """Send one raw ``GET`` to ``app``: headers reach it exactly as given, repeats included."""
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> MutableMapping[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    names = {
+        bytes(n).decode("latin-1").lower(): bytes(v).decode("latin-1") for n, v in start["headers"]
+    }
+    return Answer(start["status"], names, body)
+
+
+def check_answer(keys: Keyring, case: Case, answer: Answer) -> None:
+    """Assert ``answer`` is the case's: the user's ``{"user": ...}``, or its problem response."""
+    assert answer.status == case.status, answer.body
+    for secret in keys.secrets:
+        assert secret not in answer.body
+        assert all(secret.decode() not in v for v in answer.headers.values())
+    if case.status == 200:
+        assert json.loads(answer.body) == {"user": case.user}
+        return
+    assert answer.headers["content-type"] == "application/problem+json"
+    problem = json.loads(answer.body)
+    assert (problem["status"], problem["code"]) == (case.status, case.code)
+    challenge = answer.headers["www-authenticate"]
+    if case.code == "missing_api_key":
+        assert challenge == 'Bearer realm="api"'
+    elif case.status == 401:
+        assert challenge == 'Bearer realm="api", error="invalid_token"'
+    else:
+        assert challenge == 'Bearer realm="api", error="invalid_request"'

@@ -15,6 +15,7 @@ from keyguard import APIKeyManager, KeyInfo, MemoryStore, StoreError
 from keyguard.asgi import APIKeyMiddleware
 from keyguard.fastapi import MANAGER_STATE, install, require_api_key
 from keyguard.starlette import APIKeyBackend, on_auth_error
+from tests.credential_cases import CASES, Case, Keyring, check_answer, request_asgi
 
 pytestmark = pytest.mark.anyio
 
@@ -168,6 +169,21 @@ async def test_refusals_are_problem_json(
     assert challenge.startswith('Bearer realm="api", error=')
     if status == 403:
         assert challenge == 'Bearer realm="api", error="insufficient_scope", scope="write"'
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_credential_cases(case: Case) -> None:
+    """The dependency reads credentials exactly as the middleware does, headers as sent."""
+    keys = Keyring.build()
+    app = FastAPI()
+    install(app, keys.manager)
+
+    @app.get("/items")
+    async def items(key: Annotated[KeyInfo, Depends(require_api_key())]) -> dict[str, str]:
+        return {"user": key.user_id}
+
+    headers = [(name.encode(), keys.fill(value)) for name, value in case.headers]
+    check_answer(keys, case, await request_asgi(app, headers))
 
 
 async def test_without_install_default_handler_still_shows_code_and_challenge(
