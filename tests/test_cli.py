@@ -195,6 +195,18 @@ def test_json_flag_works_before_the_command_too(cli: CLI) -> None:
             id="absurd duration",
         ),
         pytest.param(
+            ["--expires", "99999999999d"],
+            "argument --expires: duration '99999999999d' is longer than 100 years"
+            " (see 'keyguard create --help')",
+            id="duration beyond timedelta",
+        ),
+        pytest.param(
+            ["--expires", "\u0665d"],
+            "argument --expires: invalid duration '\u0665d': use a whole number and a unit"
+            " s, m, h, d or w (e.g. 90d, 24h, 30m, 3600s, 2w) (see 'keyguard create --help')",
+            id="non-ASCII digit",
+        ),
+        pytest.param(
             ["--prefix", "no spaces"],
             "argument --prefix: invalid key prefix 'no spaces': use 1-20 ASCII letters, digits,"
             " '_' or '-' (for example 'sk_', 'pk_' or 'sk_live_') (see 'keyguard create --help')",
@@ -505,15 +517,23 @@ def test_rotate_a_revoked_key_exits_1(cli: CLI) -> None:
     )
 
 
-def test_rotate_with_a_bad_grace_is_a_usage_error(cli: CLI) -> None:
+@pytest.mark.parametrize(
+    ("grace", "message"),
+    [
+        pytest.param("1 day", "invalid duration '1 day': use a whole number", id="bad"),
+        pytest.param(
+            "99999999999d", "duration '99999999999d' is longer than 100 years", id="overflow"
+        ),
+    ],
+)
+def test_rotate_with_a_bad_grace_is_a_usage_error(cli: CLI, grace: str, message: str) -> None:
     _, old = cli.create("--user", "alice")
 
-    result = cli("rotate", old["key_id"], "--grace", "1 day")
+    result = cli("rotate", old["key_id"], "--grace", grace)
 
     assert result.code == 2
-    assert error_line(result).startswith(
-        "keyguard: error: argument --grace: invalid duration '1 day': "
-    )
+    assert error_line(result).startswith(f"keyguard: error: argument --grace: {message}")
+    assert len(stored_keys(cli)) == 1
 
 
 # -- verify -----------------------------------------------------------------------------------
