@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -795,6 +796,37 @@ def test_manager_is_required_to_be_a_manager() -> None:
 def test_required_scopes_accepts_a_single_string(keys: Keyring) -> None:
     app, _ = guard(keys, required_scopes="write")
     assert run(app, make_scope([(b"x-api-key", keys.read.encode())])).status == 403
+
+
+@pytest.mark.parametrize(
+    ("options", "detail"),
+    [
+        pytest.param(
+            {},
+            "This API needs an API key: send it as 'Authorization: Bearer <key>'"
+            " or 'X-API-Key: <key>'.",
+            id="defaults",
+        ),
+        pytest.param(
+            {"header_names": ["x-api-key", "X-Token", "X-TOKEN"]},
+            "This API needs an API key: send it as 'x-api-key: <key>' or 'X-Token: <key>'.",
+            id="as given, first spelling of a repeat",
+        ),
+        pytest.param(
+            {"header_names": ["authorization"], "query_param": "api_key"},
+            "This API needs an API key: send it as 'authorization: Bearer <key>'"
+            " or the 'api_key' query parameter.",
+            id="lower-case authorization and a query parameter",
+        ),
+    ],
+)
+def test_missing_key_detail_names_headers_as_configured(
+    keys: Keyring, options: dict[str, Any], detail: str
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the query_param warning
+        app, _ = guard(keys, **options)
+    assert run(app, make_scope()).problem()["detail"] == detail
 
 
 def test_custom_header_names(keys: Keyring) -> None:

@@ -283,8 +283,8 @@ async def test_openapi_lists_the_schemes_and_the_operations_use_them(
         "APIKeyHeader": {
             "type": "apiKey",
             "in": "header",
-            "name": "x-api-key",
-            "description": "An API key sent in the 'x-api-key' header.",
+            "name": "X-API-Key",
+            "description": "An API key sent in the 'X-API-Key' header.",
         },
     }
     either: list[dict[str, list[str]]] = [{"APIKeyBearer": []}, {"APIKeyHeader": []}]

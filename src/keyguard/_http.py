@@ -8,6 +8,7 @@ RFC 6750 ``WWW-Authenticate`` challenges). The middlewares keep only the per-req
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -15,7 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from urllib.parse import unquote_plus
 
 from .manager import Reason
@@ -25,16 +26,22 @@ if TYPE_CHECKING:
     from .records import KeyInfo
 
 __all__ = [
+    "DEFAULT_HEADER_NAMES",
     "MAX_CREDENTIAL_LENGTH",
     "ErrorResponder",
     "ErrorResponse",
     "Guard",
     "Problem",
     "Problems",
+    "check_scopes",
+    "how_to_send",
+    "insufficient_scope",
 ]
 
 logger = logging.getLogger("keyguard")
 
+#: The headers read by default, spelled as messages show them.
+DEFAULT_HEADER_NAMES = ("Authorization", "X-API-Key")
 #: Longest credential header value read, in bytes; longer ones are refused unparsed.
 MAX_CREDENTIAL_LENGTH = 8192
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -116,25 +123,19 @@ class Problem:
 class Problems:
     """The catalogue of refusals for one middleware (its realm, headers and scopes)."""
 
-    def __init__(self, realm: str, how_to_send: str, required_scopes: Sequence[str]) -> None:
+    def __init__(self, realm: str, advice: str, required_scopes: Sequence[str]) -> None:
         challenge = f'Bearer realm="{realm}"'
         invalid_token = f'{challenge}, error="invalid_token"'
         invalid_request = f'{challenge}, error="invalid_request"'
         self.missing = Problem(
-            401, "missing_api_key", f"This API needs an API key: {how_to_send}.", challenge
+            401, "missing_api_key", f"This API needs an API key: {advice}.", challenge
         )
         self.invalid = Problem(401, "invalid_api_key", "The API key is not valid.", invalid_token)
         self.revoked = Problem(
             401, "revoked_api_key", "The API key has been revoked.", invalid_token
         )
         self.expired = Problem(401, "expired_api_key", "The API key has expired.", invalid_token)
-        wanted = " ".join(required_scopes)
-        self.insufficient_scope = Problem(
-            403,
-            "insufficient_scope",
-            f"The API key lacks a scope this API requires ({', '.join(required_scopes)}).",
-            f'{challenge}, error="insufficient_scope", scope="{wanted}"',
-        )
+        self.insufficient_scope = insufficient_scope(realm, tuple(required_scopes))
 
         def bad_request(detail: str) -> Problem:
             return Problem(400, "invalid_request", detail, invalid_request)
@@ -171,8 +172,35 @@ class Problems:
         return self._by_reason.get(reason, self.invalid)
 
 
-def _display_header(name: str) -> str:
-    return "-".join(part.capitalize() for part in name.split("-"))
+@functools.lru_cache(maxsize=256)
+def insufficient_scope(realm: str, scopes: tuple[str, ...]) -> Problem:
+    """The 403 for a key lacking one of ``scopes``, naming them all in the challenge."""
+    return Problem(
+        403,
+        "insufficient_scope",
+        f"The API key lacks a scope this API requires ({', '.join(scopes)}).",
+        f'Bearer realm="{realm}", error="insufficient_scope", scope="{" ".join(scopes)}"',
+    )
+
+
+def check_scopes(scopes: Iterable[object]) -> tuple[str, ...]:
+    """``scopes`` without repeats, each checked to be an RFC 6749 scope token."""
+    checked = tuple(dict.fromkeys(scopes))
+    for scope in checked:
+        if not isinstance(scope, str) or not _SCOPE_RE.fullmatch(scope):
+            raise ValueError(f"invalid scope {scope!r}: use visible ASCII without spaces")
+    return cast(tuple[str, ...], checked)
+
+
+def how_to_send(header_names: Iterable[str], query_param: str | None = None) -> str:
+    """The missing-key advice, naming the headers as the user spelled them."""
+    ways = [
+        f"'{name}: Bearer <key>'" if name.lower() == "authorization" else f"'{name}: <key>'"
+        for name in header_names
+    ]
+    if query_param is not None:
+        ways.append(f"the '{query_param}' query parameter")
+    return "send it as " + " or ".join(ways)
 
 
 def _check_exempt_path(path: object) -> str:
@@ -233,10 +261,7 @@ class Guard:
         self.optional = bool(optional)
         if isinstance(required_scopes, str):
             required_scopes = [required_scopes]
-        self.required_scopes = tuple(dict.fromkeys(required_scopes))
-        for scope in self.required_scopes:
-            if not isinstance(scope, str) or not _SCOPE_RE.fullmatch(scope):
-                raise ValueError(f"invalid scope {scope!r}: use visible ASCII without spaces")
+        self.required_scopes = check_scopes(required_scopes)
         if self.optional and self.required_scopes:
             raise ValueError(
                 "optional=True lets callers without a key through, so required_scopes would"
@@ -245,6 +270,8 @@ class Guard:
         if isinstance(header_names, str):
             raise TypeError("header_names takes a list of names, not a single string")
         names: dict[str, bool] = {}
+        #: Lower-cased header name -> the name as given, for messages and documentation.
+        self.display_names: dict[str, str] = {}
         for name in header_names:
             if not isinstance(name, str) or not _TOKEN_RE.fullmatch(name):
                 raise ValueError(f"invalid header name {name!r}")
@@ -252,6 +279,7 @@ class Guard:
             if lower in _UNUSABLE_HEADERS:
                 raise ValueError(f"the {name!r} header cannot carry an API key")
             names[lower] = lower == "authorization"
+            self.display_names.setdefault(lower, name)
         if query_param is not None and (
             not isinstance(query_param, str) or not _TOKEN_RE.fullmatch(query_param)
         ):
@@ -281,13 +309,9 @@ class Guard:
             raise TypeError("error_responder must be callable")
         self.error_responder = error_responder
         self.allow_cors_preflight = bool(allow_cors_preflight)
-        ways = [
-            "'Authorization: Bearer <key>'" if bearer else f"'{_display_header(n)}: <key>'"
-            for n, bearer in names.items()
-        ]
-        if query_param is not None:
-            ways.append(f"the '{query_param}' query parameter")
-        self.problems = Problems(realm, "send it as " + " or ".join(ways), self.required_scopes)
+        self.problems = Problems(
+            realm, how_to_send(self.display_names.values(), query_param), self.required_scopes
+        )
 
     def is_exempt_by_pattern(self, path: str) -> bool:
         """Whether an exempt pattern fullmatches ``path``; paths with dot segments never do."""

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from ._http import (
+    DEFAULT_HEADER_NAMES,
     MAX_CREDENTIAL_LENGTH,
     ErrorResponder,
     ErrorResponse,
@@ -84,8 +85,9 @@ class APIKeyMiddleware:
     :param optional: let requests without any key through as anonymous; a bad key is
         still refused.
     :param required_scopes: scopes every key must have (else 403 ``insufficient_scope``).
-    :param header_names: headers that carry the key; ``authorization`` means
-        ``Bearer <key>``, any other name carries the bare key.
+    :param header_names: headers that carry the key, matched in any case and named in
+        messages as given here; ``Authorization`` means ``Bearer <key>``, any other name
+        carries the bare key.
     :param query_param: also read the key from this query parameter (off by default: URLs
         leak into logs; setting it warns once).
     :param strip_credentials: remove the credential headers (and query parameter) before
@@ -112,7 +114,7 @@ class APIKeyMiddleware:
         exempt_patterns: Iterable[str | re.Pattern[str]] = (),
         optional: bool = False,
         required_scopes: Iterable[str] = (),
-        header_names: Iterable[str] = ("authorization", "x-api-key"),
+        header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
         query_param: str | None = None,
         strip_credentials: bool = False,
         realm: str = "api",

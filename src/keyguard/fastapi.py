@@ -27,7 +27,7 @@ from fastapi.requests import HTTPConnection, Request
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 
-from ._http import Guard, Problem
+from ._http import DEFAULT_HEADER_NAMES, Guard, Problem
 from .exceptions import StoreError
 from .manager import APIKeyManager
 from .records import KeyInfo
@@ -92,7 +92,8 @@ class _ManagerFromApp:
 def _security_schemes(guard: Guard) -> list[APIKeyHeader | HTTPBearer]:
     """One OpenAPI security scheme per credential header, for Swagger's Authorize button."""
     schemes: list[APIKeyHeader | HTTPBearer] = []
-    for name, bearer in guard.header_names.items():
+    for lower, bearer in guard.header_names.items():
+        name = guard.display_names[lower]
         if bearer:
             schemes.append(
                 HTTPBearer(
@@ -105,7 +106,9 @@ def _security_schemes(guard: Guard) -> list[APIKeyHeader | HTTPBearer]:
             schemes.append(
                 APIKeyHeader(
                     name=name,
-                    scheme_name="APIKeyHeader" if name == "x-api-key" else f"APIKeyHeader-{name}",
+                    scheme_name=(
+                        "APIKeyHeader" if lower == "x-api-key" else f"APIKeyHeader-{lower}"
+                    ),
                     description=f"An API key sent in the '{name}' header.",
                     auto_error=False,
                 )
@@ -117,7 +120,7 @@ def require_api_key(
     scopes: Iterable[str] = (),
     manager: APIKeyManager | None = None,
     *,
-    header_names: Iterable[str] = ("authorization", "x-api-key"),
+    header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
     realm: str = "api",
 ) -> Callable[..., Awaitable[KeyInfo]]:
     """Return a dependency that yields the caller's :class:`~keyguard.KeyInfo` or refuses.
@@ -129,7 +132,8 @@ def require_api_key(
     Refusals raise :class:`APIKeyHTTPException`: 401 without a valid key, 400 for an
     ambiguous one, 403 ``insufficient_scope`` when the key lacks one of ``scopes``.
 
-    :param header_names: headers that carry the key; ``authorization`` means
+    :param header_names: headers that carry the key, matched in any case and named in
+        messages and the OpenAPI document as given here; ``Authorization`` means
         ``Bearer <key>``. Each becomes a security scheme in the OpenAPI document.
     :param realm: the realm in ``WWW-Authenticate`` challenges.
     """

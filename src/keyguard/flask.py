@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from flask import Flask, current_app, request
 from flask.wrappers import Response
 
-from ._http import _SCOPE_RE, Problem, Problems
+from ._http import Problem, check_scopes, insufficient_scope
 from .exceptions import StoreError
 from .manager import APIKeyManager
 from .records import KeyInfo
@@ -57,7 +57,6 @@ class KeyGuard:
         self.middleware_options = middleware_options
         #: The middleware of the last app initialised (every app gets the same options).
         self.middleware: APIKeyMiddleware | None = None
-        self._scope_problems: dict[tuple[str, ...], Problem] = {}
         if app is not None:
             self.init_app(app)
 
@@ -109,13 +108,9 @@ class KeyGuard:
 
     def insufficient_scope(self, scopes: tuple[str, ...]) -> Problem:
         """The 403 sent when the key lacks one of ``scopes``, naming them in the challenge."""
-        problem = self._scope_problems.get(scopes)
-        if problem is None:
-            if self.middleware is None:
-                raise RuntimeError("KeyGuard.init_app(app) has not been called")
-            problem = Problems(self.middleware.guard.realm, "", scopes).insufficient_scope
-            self._scope_problems[scopes] = problem
-        return problem
+        if self.middleware is None:
+            raise RuntimeError("KeyGuard.init_app(app) has not been called")
+        return insufficient_scope(self.middleware.guard.realm, scopes)
 
 
 def current_key() -> KeyInfo | None:
@@ -136,14 +131,6 @@ def _extension() -> KeyGuard:
     return guard
 
 
-def _check_scopes(scopes: Iterable[object]) -> tuple[str, ...]:
-    checked = tuple(dict.fromkeys(scopes))
-    for scope in checked:
-        if not isinstance(scope, str) or not _SCOPE_RE.fullmatch(scope):
-            raise ValueError(f"invalid scope {scope!r}: use visible ASCII without spaces")
-    return cast(tuple[str, ...], checked)
-
-
 def require_scopes(*scopes: str) -> Callable[[_View], _View]:
     """Decorate a view so it runs only for a key holding every one of ``scopes``.
 
@@ -152,7 +139,7 @@ def require_scopes(*scopes: str) -> Callable[[_View], _View]:
     ``insufficient_scope``. ``@require_scopes()`` just requires a key. Put it below
     ``@app.route``.
     """
-    wanted = _check_scopes(scopes)
+    wanted = check_scopes(scopes)
 
     def decorator(view: _View) -> _View:
         @functools.wraps(view)

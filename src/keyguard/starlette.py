@@ -28,7 +28,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from . import identity
-from ._http import Guard, Problem
+from ._http import DEFAULT_HEADER_NAMES, Guard, Problem
 from .exceptions import StoreError
 from .manager import APIKeyManager
 
@@ -61,8 +61,9 @@ class APIKeyBackend(AuthenticationBackend):
     ambiguous key raises :class:`APIKeyAuthenticationError`, which :func:`on_auth_error`
     renders as a 401 or 400.
 
-    :param header_names: headers that carry the key; ``authorization`` means
-        ``Bearer <key>``, any other name carries the bare key.
+    :param header_names: headers that carry the key, matched in any case and named in
+        messages as given here; ``Authorization`` means ``Bearer <key>``, any other name
+        carries the bare key.
     :param realm: the realm in ``WWW-Authenticate`` challenges.
     """
 
@@ -70,7 +71,7 @@ class APIKeyBackend(AuthenticationBackend):
         self,
         manager: APIKeyManager,
         *,
-        header_names: Iterable[str] = ("authorization", "x-api-key"),
+        header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
         realm: str = "api",
     ) -> None:
         self.manager = manager

@@ -14,6 +14,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from ._http import (
+    DEFAULT_HEADER_NAMES,
     MAX_CREDENTIAL_LENGTH,
     ErrorResponder,
     ErrorResponse,
@@ -65,7 +66,7 @@ class APIKeyMiddleware:
         exempt_patterns: Iterable[str | re.Pattern[str]] = (),
         optional: bool = False,
         required_scopes: Iterable[str] = (),
-        header_names: Iterable[str] = ("authorization", "x-api-key"),
+        header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
         query_param: str | None = None,
         strip_credentials: bool = False,
         realm: str = "api",
