@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from keyguard import APIKeyManager, KeyFormat, SQLiteStore
+from keyguard import cli as keyguard_cli
 
 PEPPER = "p" * 32
 
@@ -714,3 +715,83 @@ def test_console_script_is_installed_next_to_the_interpreter() -> None:
 
     assert result.returncode == 0
     assert result.stdout.startswith("usage: keyguard ")
+
+
+LEAKED = "sk_live_" + "5e" * 16  # a key pasted where something else was expected
+OTHER_LEAKED = "sk_" + "a7" * 16
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        pytest.param(
+            ["verify", LEAKED, OTHER_LEAKED], "unrecognized arguments: sk_…a7a7", id="two keys"
+        ),
+        pytest.param(["revoke", LEAKED, OTHER_LEAKED], "sk_…a7a7", id="revoke two keys"),
+        pytest.param([LEAKED], "invalid choice: 'sk_live_…5e5e'", id="key as command"),
+        pytest.param(
+            ["rotate", "key_0000000000000000", "--grace", LEAKED],
+            "argument --grace: invalid duration 'sk_live_…5e5e'",
+            id="key as grace",
+        ),
+        pytest.param(
+            ["create", "--user", "u", "--expires", LEAKED],
+            "argument --expires: invalid duration 'sk_live_…5e5e'",
+            id="key as expiry",
+        ),
+        pytest.param(
+            ["create", "--user", "u", "--meta", LEAKED],
+            "argument --meta: expected k=v, got 'sk_live_…5e5e'",
+            id="key as metadata",
+        ),
+        pytest.param(
+            ["create", "--user", "u", "--prefix", LEAKED],
+            "argument --prefix: invalid key prefix 'sk_live_…5e5e'",
+            id="key as prefix",
+        ),
+        pytest.param(
+            ["scan", "--prefix", LEAKED, "."],
+            "argument --prefix: invalid key prefix 'sk_live_…5e5e'",
+            id="key as scan prefix",
+        ),
+        pytest.param(
+            ["--store", LEAKED, "list"],
+            "unknown store URL scheme in 'sk_live_…5e5e'",
+            id="key as store URL",
+        ),
+        pytest.param(
+            ["verify", "--store", f"sqlite:///{LEAKED}.db", LEAKED],
+            "no key store at 'sk_live_…5e5e.db'",
+            id="key in a store path",
+        ),
+        pytest.param(
+            ["show", f"{LEAKED}x"], "'sk_live_…e5ex' is neither a key_id", id="key glued to text"
+        ),
+    ],
+)
+def test_errors_never_print_a_full_key(cli: CLI, args: list[str], shown: str) -> None:
+    cli.create("--user", "alice")
+
+    result = cli(*args)
+
+    assert result.code in (1, 2)
+    line = error_line(result)
+    assert shown in line
+    assert "5e" * 16 not in line and "a7" * 16 not in line
+
+
+def test_an_unexpected_error_keeps_its_traceback_but_masks_keys(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(session: object) -> int:
+        raise RuntimeError(f"bug while handling {LEAKED}")
+
+    monkeypatch.setattr(keyguard_cli, "_cmd_verify", broken)
+
+    code = keyguard_cli.main(["verify", LEAKED])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("Traceback (most recent call last):")
+    assert err.endswith("RuntimeError: bug while handling sk_live_…5e5e\n")
+    assert LEAKED not in err

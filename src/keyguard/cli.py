@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
@@ -41,6 +42,10 @@ _T = TypeVar("_T")
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
+# Any word holding 32 lowercase hex may be a key typed in the wrong place (a key's shape,
+# prefix[A-Za-z0-9_-]{1,20} + 32 hex, is one such word); stderr shows it masked.
+_WORD = re.compile(r"[A-Za-z0-9_-]+")
+_KEY_BODY = re.compile(r"[0-9a-f]{32}")
 _RESERVED_META = {
     "user_id": "--user",
     "email": "--email",
@@ -340,7 +345,8 @@ def _confirm(question: str) -> bool:
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     answer = sys.stdin.readline()
     if not sys.stdin.isatty():
-        print(answer.strip(), file=sys.stderr)  # echo a piped answer so the log reads well
+        # Echo a piped answer so the log reads well (masked: it could be a pasted key).
+        print(_redact(answer.strip()), file=sys.stderr)
     return answer.strip().lower() in ("y", "yes")
 
 
@@ -557,8 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _redact(text: str) -> str:
+    """Mask every word of ``text`` that holds 32 lowercase hex, as a key would."""
+    return _WORD.sub(lambda m: mask_key(m[0]) if _KEY_BODY.search(m[0]) else m[0], text)
+
+
 def _error(message: str) -> None:
-    print(f"keyguard: error: {' '.join(message.split())}", file=sys.stderr)
+    # Argparse and library messages quote the offending argument, which may be a key.
+    print(f"keyguard: error: {_redact(' '.join(message.split()))}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -583,6 +595,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader (e.g. `| head`) went away; point stdout at devnull so exit is quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INVALID
+    except Exception:  # a bug: keep the traceback for the report, but never a key in it
+        sys.stderr.write(_redact(traceback.format_exc()))
         return EXIT_INVALID
     finally:
         if session is not None:
