@@ -6,7 +6,6 @@ format is in :mod:`keyguard.keys` and persistence behind :class:`~keyguard.store
 
 from __future__ import annotations
 
-import copy
 import enum
 import functools
 import hashlib
@@ -20,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
+from ._frozen import thaw
 from .exceptions import InvalidKeyError, KeyguardError, StoreError
 from .keys import (
     DEFAULT_PREFIX,
@@ -357,7 +357,7 @@ class APIKeyManager:
     def get_metadata(self, key: object) -> dict[str, Any] | None:
         """Return a copy of a valid key's metadata, or None for any invalid key."""
         result = self.verify(key)
-        return copy.deepcopy(result.key.metadata) if result.ok and result.key else None
+        return thaw(result.key.metadata) if result.ok and result.key else None
 
     def get_key_info(self, key_id: str) -> KeyInfo | None:
         """Return the record with this ``key_id`` (any status), for operators."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ._frozen import freeze
+
 __all__ = ["KeyInfo"]
 
 
@@ -15,7 +17,8 @@ class KeyInfo:
 
     ``digest`` (the hash the store indexes by) and ``hash_scheme`` say how the key is
     stored; the repr leaves the digest out. ``scopes`` are the key's ``permissions``.
-    Times are timezone-aware UTC datetimes.
+    Times are timezone-aware UTC datetimes. A record is shared between requests, so its
+    ``metadata`` is read-only (changing it raises ``TypeError``); ``get_metadata`` copies.
     """
 
     key_id: str
@@ -34,6 +37,7 @@ class KeyInfo:
     expires_ts: float | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "metadata", freeze(self.metadata))
         permissions = self.metadata.get("permissions") or ()
         object.__setattr__(self, "scopes", tuple(permissions))
         expires = None if self.expires_at is None else self.expires_at.timestamp()

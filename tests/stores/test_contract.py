@@ -10,6 +10,7 @@ import dataclasses
 import secrets
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -296,3 +297,38 @@ def test_racing_revocations_succeed_once_per_key(store: KeyStore) -> None:
 
     assert Counter(key for won in wins for key in won) == Counter(keys)
     assert manager.list_keys("u1") == []
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda m: m["permissions"].append("admin"), id="append a scope"),
+        pytest.param(lambda m: m.__setitem__("role", "root"), id="add a field"),
+        pytest.param(lambda m: m.update(user_id="attacker"), id="update"),
+        pytest.param(lambda m: m["profile"].__setitem__("tier", "pro"), id="nested dict"),
+        pytest.param(lambda m: m.pop("user_id"), id="pop"),
+        pytest.param(lambda m: m["permissions"].extend(["x"]), id="extend"),
+        pytest.param(lambda m: m["permissions"].__iadd__(["x"]), id="+="),
+    ],
+)
+def test_a_shared_record_cannot_be_changed_through_its_metadata(
+    store: KeyStore, mutate: Callable[[dict[str, Any]], object]
+) -> None:
+    # The memory store and the SQLite decode cache give every request the same KeyInfo:
+    # a handler that could change it would grant permissions to later requests.
+    manager = APIKeyManager(store)
+    key, info = manager.create_key(user_id="u1", permissions=["read"], profile={"tier": "free"})
+
+    for record in (info, manager.verify(key).key):
+        assert record is not None
+        with pytest.raises(TypeError, match="read-only"):
+            mutate(record.metadata)
+
+    after = manager.verify(key).key
+    assert after is not None
+    assert after.scopes == ("read",)
+    assert manager.get_metadata(key) == {
+        "user_id": "u1",
+        "permissions": ["read"],
+        "profile": {"tier": "free"},
+    }

@@ -1,0 +1,75 @@
+"""Read-only JSON containers, so a record shared between requests cannot be changed.
+
+The memory store and the SQLite decode cache hand the same :class:`~keyguard.KeyInfo` to
+every request; if its metadata were a plain dict, one handler could grant a key new
+permissions for all later requests. These are ``dict``/``list`` subclasses, so equality,
+``json.dumps`` and database adapters keep working, but every mutating method raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+__all__ = ["FrozenDict", "FrozenList", "freeze", "thaw"]
+
+_MESSAGE = "key metadata is read-only; APIKeyManager.get_metadata() returns a copy to change"
+
+
+def _read_only(*args: object, **kwargs: object) -> NoReturn:
+    raise TypeError(_MESSAGE)
+
+
+class FrozenDict(dict[str, Any]):
+    """A dict that refuses every change after construction."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+    def __reduce__(self) -> tuple[type[FrozenDict], tuple[dict[str, Any]]]:
+        return (FrozenDict, (dict(self),))
+
+    def __copy__(self) -> dict[str, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return thaw(self)
+
+
+class FrozenList(list[Any]):
+    """A list that refuses every change after construction."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
+    append = extend = insert = pop = remove = clear = sort = reverse = _read_only
+
+    def __reduce__(self) -> tuple[type[FrozenList], tuple[list[Any]]]:
+        return (FrozenList, (list(self),))
+
+    def __copy__(self) -> list[Any]:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return thaw(self)
+
+
+def freeze(value: Any) -> Any:
+    """Return ``value`` (parsed JSON) with every dict and list made read-only."""
+    if isinstance(value, dict):
+        if type(value) is FrozenDict:
+            return value
+        return FrozenDict({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        if type(value) is FrozenList:
+            return value
+        return FrozenList(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Return a plain, mutable deep copy of frozen (or plain) JSON ``value``."""
+    if isinstance(value, dict):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [thaw(v) for v in value]
+    return value
