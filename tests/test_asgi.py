@@ -712,10 +712,70 @@ def test_error_responder_returning_none_or_a_tuple(keys: Keyring) -> None:
     assert (reply.status, reply.body) == (400, b"bad key")
 
 
-def test_error_responder_must_return_a_response(keys: Keyring) -> None:
-    app, _ = guard(keys, error_responder=lambda problem, request: "oops")
-    with pytest.raises(TypeError, match="ErrorResponse"):
-        run(app, make_scope())
+def _raise_with_the_request(problem: Problem, request: Mapping[str, Any]) -> Any:
+    raise RuntimeError(f"cannot render {problem.code} for {request['headers']!r}")
+
+
+BROKEN_RESPONDERS = [
+    pytest.param(lambda p, r: "oops", "got str", id="not a response"),
+    pytest.param(lambda p, r: (401, []), "got tuple", id="two fields"),
+    pytest.param(lambda p, r: (99, [], b""), "status", id="status below 100"),
+    pytest.param(lambda p, r: (600, [], b""), "status", id="status above 599"),
+    pytest.param(lambda p, r: ("401", [], b""), "status", id="status as str"),
+    pytest.param(lambda p, r: (True, [], b""), "status", id="status as bool"),
+    pytest.param(lambda p, r: (401, [("x-a", "b", "c")], b""), "pairs", id="header triple"),
+    pytest.param(lambda p, r: (401, 5, b""), "iterable", id="headers not iterable"),
+    pytest.param(lambda p, r: (401, [(b"x-a", "b")], b""), "name", id="bytes header name"),
+    pytest.param(lambda p, r: (401, [("x a", "b")], b""), "name", id="space in header name"),
+    pytest.param(lambda p, r: (401, [("x-a", "€")], b""), "latin-1", id="non-latin-1 value"),
+    pytest.param(lambda p, r: (401, [("x-a", "b\r\nc: d")], b""), "latin-1", id="CRLF"),
+    pytest.param(lambda p, r: (401, [("x-a", 1)], b""), "latin-1", id="int header value"),
+    pytest.param(lambda p, r: (401, [], "no"), "bytes", id="str body"),
+    pytest.param(_raise_with_the_request, "RuntimeError: cannot render", id="raises"),
+]
+
+
+@pytest.mark.parametrize(("responder", "logged"), BROKEN_RESPONDERS)
+def test_broken_error_responder_sends_the_default_refusal(
+    keys: Keyring, caplog: pytest.LogCaptureFixture, responder: Any, logged: str
+) -> None:
+    app, inner = guard(keys, error_responder=responder)
+    for value, expected in (
+        (b"Bearer " + keys.revoked.encode(), "revoked_api_key"),  # the fast path
+        (b"", "invalid_request"),  # the exact reader
+    ):
+        caplog.clear()
+        reply = run(app, make_scope([(b"authorization", value)]))
+        assert reply.problem()["code"] == expected
+        [record] = caplog.records
+        assert (record.name, record.levelname) == ("keyguard", "ERROR")
+        message = record.getMessage()
+        assert logged in message
+        assert expected in message
+        assert keys.revoked not in message
+        assert record.exc_info is None  # the traceback is in the (masked) message
+    assert inner.scopes == []
+
+
+def test_error_responder_headers_may_be_a_mapping(keys: Keyring) -> None:
+    app, _ = guard(keys, error_responder=lambda p, r: (401, {"x-a": "b"}, b"no"))
+    reply = run(app, make_scope())
+    assert (reply.status, reply.headers, reply.body) == (401, {"x-a": "b"}, b"no")
+
+
+def test_error_responder_error_log_masks_every_credential(
+    keys: Keyring, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "not-a-keyguard-key-but-a-secret"
+    with pytest.warns(UserWarning):
+        app, _ = guard(keys, error_responder=_raise_with_the_request, query_param="k")
+    headers = [(b"x-api-key", f"{keys.read}, {secret}".encode())]
+    run(app, make_scope(headers, query_string=f"k={keys.write}".encode()))
+    message = caplog.records[-1].getMessage()
+    assert "cannot render invalid_request" in message
+    for leaked in (keys.read, keys.write, secret):
+        assert leaked not in message
+    assert "sk_…" + keys.read[-4:] in message
 
 
 def test_realm_appears_in_challenges(keys: Keyring) -> None:

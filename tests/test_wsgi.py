@@ -340,6 +340,33 @@ def test_error_responder_gets_the_environ(keys: Keyring) -> None:
     assert inner.environs == []
 
 
+def _raise_with_the_request(problem: Problem, request: Mapping[str, Any]) -> Any:
+    raise RuntimeError(f"cannot render {problem.code} for {request['HTTP_AUTHORIZATION']!r}")
+
+
+@pytest.mark.parametrize(
+    ("responder", "logged"),
+    [
+        pytest.param(lambda p, r: (99, [], b""), "status", id="status below 100"),
+        pytest.param(lambda p, r: (401, [("x-a", "€")], b""), "latin-1", id="non-latin-1"),
+        pytest.param(lambda p, r: (401, [], "no"), "bytes", id="str body"),
+        pytest.param(_raise_with_the_request, "RuntimeError: cannot render", id="raises"),
+    ],
+)
+def test_broken_error_responder_sends_the_default_refusal(
+    keys: Keyring, caplog: pytest.LogCaptureFixture, responder: Any, logged: str
+) -> None:
+    app, inner = guard(keys, error_responder=responder)
+    value = f"Bearer {keys.expired}"
+    reply = run(app, make_environ([("authorization", value.encode())]))
+    assert (reply.status_line, reply.problem()["code"]) == ("401 Unauthorized", "expired_api_key")
+    [record] = caplog.records
+    assert record.levelname == "ERROR"
+    assert logged in record.getMessage()
+    assert keys.expired not in record.getMessage()
+    assert inner.environs == []
+
+
 # -- a real Flask app ----------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import re
+import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from urllib.parse import unquote_plus
 
+from .keys import mask_key
 from .manager import Reason
 
 if TYPE_CHECKING:
@@ -53,6 +55,8 @@ CLOSE_TRY_AGAIN_LATER = 1013
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _QUOTABLE_RE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
+# A header value must encode to latin-1 and hold no CR, LF or NUL.
+_BAD_HEADER_VALUE_RE = re.compile(r"[^\x00-\xff]|[\r\n\x00]")
 # Header names that a WSGI server does not pass as HTTP_*, or that cannot carry a key.
 _UNUSABLE_HEADERS = frozenset({"content-type", "content-length", "cookie", "host"})
 
@@ -401,20 +405,94 @@ class Guard:
         return found.pop() if found else None
 
     def render(self, problem: Problem, request: Mapping[str, Any]) -> ErrorResponse | None:
-        """The user's rendering of ``problem``, or None to send the precomputed default."""
+        """The user's rendering of ``problem``, or None to send the precomputed default.
+
+        A responder that raises or returns something unusable is a bug in the app, but a
+        refusal must stay a refusal: the error is logged (credentials masked) and the
+        default response is sent instead, never a 500.
+        """
         if self.error_responder is None:
             return None
-        response = self.error_responder(problem, request)
-        if response is None or isinstance(response, ErrorResponse):
-            return response
         try:
-            status, headers, body = response
-        except (TypeError, ValueError):
-            raise TypeError(
-                "error_responder must return an ErrorResponse (status, headers, body) or None,"
-                f" got {type(response).__name__}"
-            ) from None
-        return ErrorResponse(status, headers, body)
+            response = self.error_responder(problem, request)
+            if response is None:
+                return None
+            return checked_response(response)
+        except InvalidResponse as e:
+            logger.error(
+                "error_responder returned an unusable response for %s (%s); sent the default",
+                problem.code,
+                e,
+            )
+        except Exception:
+            logger.error(
+                "error_responder raised on %s; sent the default response\n%s",
+                problem.code,
+                self._redact(traceback.format_exc().rstrip(), request),
+            )
+        return None
+
+    def _redact(self, text: str, request: Mapping[str, Any]) -> str:
+        """``text`` with every credential the request carries masked (keys or not)."""
+        if "headers" in request:  # an ASGI scope
+            values = [
+                bytes(v).decode("latin-1")
+                for n, v in request["headers"]
+                if bytes(n).lower() in self.raw_header_names
+            ]
+            query = request.get("query_string") or b""
+            query = bytes(query).decode("latin-1")
+        else:
+            values = [request[n] for n, _ in self.environ_names if n in request]
+            query = request.get("QUERY_STRING") or ""
+        if self.query_param is not None and query:
+            values.extend(self.split_query(query)[0])
+        parts = {p for v in values for p in re.split(r"[\s,]+", str(v))}
+        # Longest first, so a key is masked whole before any part of it.
+        for part in sorted(parts, key=len, reverse=True):
+            if len(part) >= 6 and part.lower() != "bearer":
+                text = text.replace(part, mask_key(part))
+        return text
+
+
+class InvalidResponse(ValueError):
+    """An ``error_responder`` result that cannot be sent."""
+
+
+def checked_response(response: object) -> ErrorResponse:
+    """``response`` as an :class:`ErrorResponse` that any server can send, or raise.
+
+    ``status`` must be an int in 100-599, ``headers`` (name, value) str pairs (or a
+    mapping) that encode to latin-1 without line breaks, and ``body`` bytes.
+    """
+    try:
+        status, headers, body = cast("tuple[Any, Any, Any]", response)
+    except (TypeError, ValueError):
+        raise InvalidResponse(
+            f"expected an ErrorResponse (status, headers, body), got {type(response).__name__}"
+        ) from None
+    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+        raise InvalidResponse(f"status must be an int from 100 to 599, got {status!r}")
+    if isinstance(headers, Mapping):
+        headers = headers.items()
+    pairs: list[tuple[str, str]] = []
+    try:
+        for pair in headers:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise InvalidResponse("headers must be (name, value) pairs")
+            name, value = pair
+            if not isinstance(name, str) or not _TOKEN_RE.fullmatch(name):
+                raise InvalidResponse(f"invalid header name {name!r}")
+            if not isinstance(value, str) or _BAD_HEADER_VALUE_RE.search(value):
+                raise InvalidResponse(
+                    f"the value of header {name!r} must be latin-1 text without line breaks"
+                )
+            pairs.append((name, value))
+    except TypeError:
+        raise InvalidResponse("headers must be an iterable of (name, value) pairs") from None
+    if not isinstance(body, bytes):
+        raise InvalidResponse(f"body must be bytes, got {type(body).__name__}")
+    return ErrorResponse(int(status), pairs, body)
 
 
 def carries_key(bearer: bool, value: str) -> bool:
