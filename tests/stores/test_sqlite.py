@@ -8,11 +8,13 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,6 +122,7 @@ def test_an_empty_file_becomes_a_store(db_path: Path) -> None:
 # It prints keys it created back to the test through a pipe; nothing is logged.
 CHILD = """
 import sys
+import threading
 import time
 from keyguard import APIKeyManager, SQLiteStore
 
@@ -239,6 +242,69 @@ def other_app_database(journal_mode: str) -> Callable[[Path], None]:
             conn.commit()
 
     return build
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc")
+def test_connections_of_finished_threads_are_closed(db_path: Path) -> None:
+    # Thread-per-request servers would otherwise run out of file descriptors.
+    with open_store(db_path) as store:
+        manager = APIKeyManager(store, last_used_resolution=None)
+        key = manager.generate_key(user_id="u1")
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(200):
+            thread = threading.Thread(target=manager.verify, args=(key,))
+            thread.start()
+            thread.join()
+        assert len(os.listdir("/proc/self/fd")) - before < 10
+        assert manager.validate_key(key)
+
+
+def _open_and_add(path: str, barrier: Any, index: int) -> str:
+    barrier.wait()
+    try:
+        with open_store(Path(path)) as store:
+            APIKeyManager(store).generate_key(user_id=f"worker{index}")
+    except StoreError as e:
+        return str(e)
+    return "ok"
+
+
+def test_workers_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    # gunicorn -w N on a fresh machine: every worker creates the schema at the same moment.
+    ctx = multiprocessing.get_context("fork")
+    workers = 6
+    for attempt in range(5):
+        path = tmp_path / f"fresh{attempt}.db"
+        barrier = ctx.Manager().Barrier(workers)
+        with ctx.Pool(workers) as pool:
+            results = pool.starmap(
+                _open_and_add, [(str(path), barrier, i) for i in range(workers)]
+            )
+        assert results == ["ok"] * workers
+        with open_store(path) as store:
+            assert len(store.list_keys()) == workers
+
+
+def test_reopening_a_current_store_writes_nothing(db_path: Path) -> None:
+    # A store file on a read-only mount (or a copy kept for audit) must stay readable.
+    with open_store(db_path) as store:
+        key = APIKeyManager(store).generate_key(user_id="u1")
+    before = db_path.read_bytes()
+    with open_store(db_path) as store:
+        assert APIKeyManager(store, last_used_resolution=None).validate_key(key)
+    assert db_path.read_bytes() == before
+
+
+def test_a_damaged_record_is_a_store_error_naming_the_key(db_path: Path) -> None:
+    with open_store(db_path) as store:
+        manager = APIKeyManager(store)
+        key, info = manager.create_key(user_id="u1")
+        with closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+            conn.execute("UPDATE keyguard_keys SET metadata = '{not json'")
+        with pytest.raises(StoreError, match=info.key_id):
+            manager.verify(key)
+        with pytest.raises(StoreError, match="damaged"):
+            manager.list_keys()
 
 
 def test_a_busy_database_skips_the_last_use_write_instead_of_waiting(db_path: Path) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,19 +66,38 @@ def _dt(value: float | None) -> datetime | None:
 
 def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
     digest, key_id, scheme, prefix, hint, user_id, metadata, created, expires, revoked, used = row
-    return KeyInfo(
-        key_id=key_id,
-        prefix=prefix,
-        hint=hint,
-        user_id=user_id,
-        metadata=json.loads(metadata),
-        created_at=datetime.fromtimestamp(created, timezone.utc),
-        expires_at=_dt(expires),
-        revoked_at=_dt(revoked),
-        last_used_at=_dt(used),
-        digest=digest,
-        hash_scheme=scheme,
-    )
+    try:
+        return KeyInfo(
+            key_id=key_id,
+            prefix=prefix,
+            hint=hint,
+            user_id=user_id,
+            metadata=json.loads(metadata),
+            created_at=datetime.fromtimestamp(created, timezone.utc),
+            expires_at=_dt(expires),
+            revoked_at=_dt(revoked),
+            last_used_at=_dt(used),
+            digest=digest,
+            hash_scheme=scheme,
+        )
+    except (ValueError, TypeError, OverflowError, AttributeError) as e:
+        raise StoreError(f"the stored record of {key_id!r} is damaged: {e}") from e
+
+
+class _Closer:
+    """Closes a thread's connection when the thread ends (its thread-local slot dies)."""
+
+    __slots__ = ("__weakref__", "conn")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn: sqlite3.Connection | None = conn
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+    __del__ = close
 
 
 class SQLiteStore:
@@ -97,7 +117,7 @@ class SQLiteStore:
         self.path = Path(path)
         self._timeout = timeout
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._closers: weakref.WeakSet[_Closer] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
         # An unchanged row decodes to the same KeyInfo: JSON parsing and datetime building
@@ -149,6 +169,7 @@ class SQLiteStore:
                     f"{str(self.path)!r} is a SQLite database but not a keyguard key store"
                     " (no keyguard_meta table); refusing to modify it"
                 )
+            version = None
             if "keyguard_meta" in tables:
                 row = conn.execute(
                     "SELECT value FROM keyguard_meta WHERE name = 'schema_version'"
@@ -159,8 +180,11 @@ class SQLiteStore:
                         f"{str(self.path)!r} has keyguard schema version {row and row[0]!r};"
                         f" this keyguard supports up to {SCHEMA_VERSION}"
                     )
+            current = version == SCHEMA_VERSION
+            if current and self._journal_mode(conn) == "wal":
+                return  # nothing to write: a read-only store file stays readable
             # WAL lets readers in other processes see commits at once, without blocking writers.
-            conn.execute("PRAGMA journal_mode=WAL")
+            self._enable_wal(conn)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in _SCHEMA.split(";"):
@@ -170,6 +194,9 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            self.close()
+            raise StoreError(f"cannot open SQLite key store {str(self.path)!r}: {e}") from e
         except sqlite3.DatabaseError as e:
             self.close()
             raise StoreError(
@@ -178,6 +205,28 @@ class SQLiteStore:
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _journal_mode(conn: sqlite3.Connection) -> str:
+        return str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch to WAL, waiting out other processes doing the same to a new file.
+
+        The busy timeout does not cover a journal-mode change, so several workers opening a
+        fresh file at once would otherwise fail with "database is locked".
+        """
+        deadline = time.monotonic() + self._timeout
+        delay = 0.005
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -196,15 +245,19 @@ class SQLiteStore:
             if conn is not None:
                 conn.close()
             raise StoreError(f"cannot open SQLite key store {str(self.path)!r}: {e}") from e
+        closer = _Closer(conn)
         self._local.conn = conn
+        self._local.closer = closer
         with self._lock:
-            self._connections.append(conn)
+            self._closers.add(closer)
         return conn
 
     def _forget(self) -> None:
-        """Drop the parent's connections in a forked child; it opens its own."""
+        """Drop the parent's connections in a forked child, unclosed; it opens its own."""
+        for closer in list(self._closers):
+            closer.conn = None
         self._local = threading.local()
-        self._connections = []
+        self._closers = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
@@ -289,7 +342,8 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
+            closers, self._closers = list(self._closers), weakref.WeakSet()
+        for closer in closers:
+            closer.close()
         self._local = threading.local()
+        self._decode.cache_clear()
