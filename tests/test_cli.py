@@ -506,6 +506,51 @@ def test_rotate_checksum_gives_the_new_key_a_checksum(cli: CLI) -> None:
     assert cli("verify", new_key, "--checksum").code == 0
 
 
+@pytest.mark.parametrize(
+    ("create", "rotate", "env", "checksum"),
+    [
+        pytest.param([], [], {}, False, id="by key_id, plain"),
+        pytest.param(["--checksum"], ["--checksum"], {}, True, id="by key_id, --checksum"),
+        pytest.param(["--checksum"], [], {"KEYGUARD_CHECKSUM": "1"}, True, id="by key_id, env"),
+    ],
+)
+def test_rotate_by_key_id_keeps_the_prefix(
+    cli: CLI, create: list[str], rotate: list[str], env: dict[str, str], checksum: bool
+) -> None:
+    _, old = cli.create("--user", "bob", "--prefix", "sk_live_", *create)
+
+    result = cli("rotate", old["key_id"], "--json", *rotate, **env)
+
+    assert result.code == 0, result.err
+    new_key = result.json()["key"]
+    assert result.json()["prefix"] == "sk_live_"
+    assert KeyFormat("sk_live_", checksum=checksum).matches(new_key)
+    server = APIKeyManager(SQLiteStore(cli.db), prefix="sk_live_", checksum=checksum)
+    try:
+        assert server.verify(new_key).ok
+    finally:
+        server.store.close()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "checksum"),
+    [
+        pytest.param("sk_", True, id="checksummed sk_"),
+        pytest.param("pk_live_", True, id="checksummed pk_live_"),
+        pytest.param("pk_live_", False, id="plain pk_live_"),
+    ],
+)
+def test_rotate_by_key_keeps_its_prefix_and_checksum(
+    cli: CLI, prefix: str, checksum: bool
+) -> None:
+    old_key, _ = cli.create("--user", "carol", "--prefix", prefix, *["--checksum"] * checksum)
+
+    new_key = cli("rotate", "-", "--json", stdin=old_key + "\n").json()["key"]
+
+    assert KeyFormat(prefix, checksum=True).matches(new_key) is checksum
+    assert KeyFormat(prefix).matches(new_key)
+
+
 def test_rotate_a_revoked_key_exits_1(cli: CLI) -> None:
     _, old = cli.create("--user", "alice")
     cli("revoke", old["key_id"])
@@ -579,6 +624,19 @@ def test_verify_checksum_rejects_a_plain_key_without_a_lookup(cli: CLI) -> None:
 
     assert cli("verify", key).code == 0
     assert cli("verify", key, "--checksum").out == "malformed\n"
+
+
+def test_keyguard_checksum_env_acts_as_the_checksum_flag(cli: CLI) -> None:
+    issued = cli("create", "--user", "u", "--json", KEYGUARD_CHECKSUM="1").json()["key"]
+    plain, _ = cli.create("--user", "v")
+
+    unclear = cli("list", KEYGUARD_CHECKSUM="maybe")
+
+    assert KeyFormat("sk_", checksum=True).matches(issued)
+    assert cli("verify", plain, KEYGUARD_CHECKSUM="yes").out == "malformed\n"
+    assert cli("verify", plain, KEYGUARD_CHECKSUM="0").code == 0
+    assert unclear.code == 2
+    assert error_line(unclear) == "keyguard: error: KEYGUARD_CHECKSUM must be 1 or 0, got 'maybe'"
 
 
 def test_verify_does_not_record_last_use(cli: CLI) -> None:

@@ -46,6 +46,8 @@ _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
 # prefix[A-Za-z0-9_-]{1,20} + 32 hex, is one such word); stderr shows it masked.
 _WORD = re.compile(r"[A-Za-z0-9_-]+")
 _KEY_BODY = re.compile(r"[0-9a-f]{32}")
+CHECKSUM_ENV = "KEYGUARD_CHECKSUM"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 _RESERVED_META = {
     "user_id": "--user",
     "email": "--email",
@@ -101,6 +103,16 @@ def _meta_arg(text: str) -> tuple[str, str]:
 # -- the session: store and manager for one command ----------------------------------------
 
 
+def _env_flag(name: str) -> bool:
+    """Read a yes/no environment variable; anything unclear is a usage error, not a guess."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise CLIError(f"{name} must be 1 or 0, got {value!r}", EXIT_USAGE)
+
+
 class _Session:
     """The store and manager for one command run, opened on first use and closed after."""
 
@@ -109,6 +121,8 @@ class _Session:
         self.url: str = args.store or os.environ.get(STORE_URL_ENV) or DEFAULT_STORE_URL
         self._store: KeyStore | None = None
         self.now = time.time()
+        #: The deployment's keys carry a checksum: ``--checksum`` or ``$KEYGUARD_CHECKSUM=1``.
+        self.checksum = bool(getattr(args, "checksum", False)) or _env_flag(CHECKSUM_ENV)
 
     def missing_sqlite_file(self) -> str | None:
         """The SQLite path of the store URL if that file does not exist yet, else None."""
@@ -134,9 +148,14 @@ class _Session:
                 raise CLIError(str(e), EXIT_USAGE) from None
         return self._store
 
-    def manager(self, prefix: str = DEFAULT_PREFIX, *, create: bool = False) -> APIKeyManager:
-        """A manager over the store that never records "last used": a look is not a use."""
-        checksum = bool(getattr(self.args, "checksum", False))
+    def manager(
+        self, prefix: str = DEFAULT_PREFIX, *, create: bool = False, checksum: bool | None = None
+    ) -> APIKeyManager:
+        """A manager over the store that never records "last used": a look is not a use.
+
+        Its keys have a checksum if ``checksum`` says so, else if the session's does.
+        """
+        checksum = self.checksum if checksum is None else checksum
         store = self.store(create=create)
         try:
             return APIKeyManager(
@@ -167,20 +186,26 @@ def _key_format(key: str, checksum: bool) -> KeyFormat | None:
 
 
 def _resolve(session: _Session, ref: str) -> tuple[APIKeyManager, KeyInfo]:
-    """Find the record named by a key_id or a key; a missing one is a CLIError (exit 1)."""
+    """Find the record named by a key_id or a key; a missing one is a CLIError (exit 1).
+
+    The manager returned issues keys of the record's format, so a rotation keeps it: the
+    record's prefix, and a checksum if the session asks for one or the given key has one.
+    A record does not say whether its key had a checksum, so by key_id only the session
+    (``--checksum``, ``$KEYGUARD_CHECKSUM``) can tell.
+    """
     if _KEY_ID.fullmatch(ref):
-        manager = session.manager()
-        info = manager.get_key_info(ref)
+        info = session.manager().get_key_info(ref)
         if info is None:
             raise CLIError(f"no key with key_id {ref!r}")
-        return manager, info
+        return session.manager(info.prefix), info
     key = _read_key(ref)
     fmt = _key_format(key, checksum=False)  # the record, not the checksum, decides
     if fmt is None:
         raise CLIError(
             f"{mask_key(key)!r} is neither a key_id (key_ and 16 hex) nor a well-formed key"
         )
-    manager = session.manager(fmt.prefix)
+    has_checksum = KeyFormat(fmt.prefix, checksum=True).matches(key)
+    manager = session.manager(fmt.prefix, checksum=session.checksum or has_checksum)
     found = manager.store.get(manager.digest(key))
     if found is None:
         raise CLIError(f"no such key {mask_key(key, fmt.prefix)}")
@@ -338,7 +363,7 @@ def _scan_store(session: _Session) -> KeyStore | None:
 def _scan_formats(session: _Session, records: list[KeyInfo]) -> list[KeyFormat]:
     args = session.args
     prefixes = args.prefix or [DEFAULT_PREFIX, *sorted({r.prefix for r in records})]
-    return [KeyFormat(p, checksum=args.checksum) for p in dict.fromkeys(prefixes)]
+    return [KeyFormat(p, checksum=session.checksum) for p in dict.fromkeys(prefixes)]
 
 
 def _confirm(question: str) -> bool:
@@ -474,7 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="keyguard",
         description="Issue, inspect, revoke and rotate API keys; scan files for leaked keys.",
-        epilog="The key pepper, if any, comes from $KEYGUARD_PEPPER.",
+        epilog=(
+            "The key pepper, if any, comes from $KEYGUARD_PEPPER. If your servers use"
+            f" checksum=True, set {CHECKSUM_ENV}=1: it acts as --checksum for every command."
+        ),
     )
     _common_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -531,7 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="lifetime of the new key (default: the old key's lifetime)",
     )
-    rotate.add_argument("--checksum", action="store_true", help="the new key has a checksum")
+    rotate.add_argument(
+        "--checksum",
+        action="store_true",
+        help="the new key has a checksum; a KEY given in full keeps its own, but a KEY_ID"
+        f" cannot tell, so pass this (or set {CHECKSUM_ENV}=1) if your servers use checksum=True",
+    )
 
     verify = command("verify", _cmd_verify, "check a key; exit 0 if valid, 1 if not")
     verify.add_argument("key", metavar="KEY", help="the key ('-' reads it from stdin)")
