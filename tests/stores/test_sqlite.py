@@ -273,7 +273,7 @@ def test_workers_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
     # gunicorn -w N on a fresh machine: every worker creates the schema at the same moment.
     ctx = multiprocessing.get_context("fork")
     workers = 6
-    for attempt in range(5):
+    for attempt in range(20):
         path = tmp_path / f"fresh{attempt}.db"
         barrier = ctx.Manager().Barrier(workers)
         with ctx.Pool(workers) as pool:
