@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import keyguard
 from keyguard import APIKeyManager, KeyFormat, SQLiteStore
 from keyguard import cli as keyguard_cli
 
@@ -733,6 +734,27 @@ def test_no_command_is_a_usage_error(cli: CLI) -> None:
     assert error_line(result) == (
         "keyguard: error: the following arguments are required: COMMAND (see 'keyguard --help')"
     )
+
+
+def test_version_prints_the_package_version(cli: CLI) -> None:
+    result = cli("--version")
+
+    assert result.code == 0
+    assert result.out == f"keyguard {keyguard.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["show", "revoke", "rotate", "verify"])
+@pytest.mark.parametrize("stdin", ["", "\n", "  \r\n"], ids=["nothing", "newline", "blank"])
+def test_an_empty_stdin_says_there_is_no_key(cli: CLI, command: str, stdin: str) -> None:
+    cli.create("--user", "alice")
+
+    result = cli(command, "-", stdin=stdin)
+
+    assert result.code == 2
+    assert error_line(result) == (
+        "keyguard: error: no key on stdin: '-' reads the key from the first line"
+    )
+    assert result.out == ""
 
 
 def test_help_lists_every_command(cli: CLI) -> None:

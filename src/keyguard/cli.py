@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from . import __version__
 from ._cli_output import (
     format_time,
     key_info_json,
@@ -171,7 +172,12 @@ class _Session:
 
 def _read_key(ref: str) -> str:
     """``-`` reads the key from stdin, so it stays out of shell history and ``ps``."""
-    return sys.stdin.readline().strip() if ref == "-" else ref
+    if ref != "-":
+        return ref
+    key = sys.stdin.readline().strip()
+    if not key:
+        raise CLIError("no key on stdin: '-' reads the key from the first line", EXIT_USAGE)
+    return key
 
 
 def _key_format(key: str, checksum: bool) -> KeyFormat | None:
@@ -504,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
             f" checksum=True, set {CHECKSUM_ENV}=1: it acts as --checksum for every command."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _common_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
