@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from keyguard import KeyFormat, SQLiteStore
-from keyguard.scan import KeyScanner, Skipped
+from keyguard.scan import KeyScanner, ScanReport, Skipped
 from tests.test_cli import CLI, Result, error_line
 
 BODY = "0123456789abcdef" * 2
@@ -141,6 +143,36 @@ def test_scan_records_paths_it_cannot_read(tmp_path: Path) -> None:
 
     assert [f.key for f in report.findings] == [KEY]
     assert report.unreadable == [Skipped(str(missing), "unreadable: No such file or directory")]
+
+
+def test_scan_skips_what_is_not_a_regular_file_without_blocking(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text(KEY)
+    (tmp_path / "sub").mkdir()
+    fifo = tmp_path / "sub" / "fifo"
+    os.mkfifo(fifo)
+    found: list[ScanReport] = []
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "sock"))
+        scan = threading.Thread(
+            target=lambda: found.append(KeyScanner(["sk_"]).scan([tmp_path, os.devnull])),
+            daemon=True,
+        )
+        scan.start()
+        scan.join(10)
+    if scan.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # let the blocked open() return
+        scan.join(10)
+        pytest.fail("the scan blocked opening a FIFO")
+
+    (report,) = found
+    assert [f.key for f in report.findings] == [KEY]
+    assert report.files_scanned == 1
+    assert sorted(report.skipped, key=lambda s: s.path) == [
+        Skipped(os.devnull, "not a regular file"),
+        Skipped(str(tmp_path / "sock"), "not a regular file"),
+        Skipped(str(fifo), "not a regular file"),
+    ]
+    assert report.unreadable == []
 
 
 # -- rules for other scanners ---------------------------------------------------------------------
@@ -345,6 +377,18 @@ def test_scan_looks_for_the_prefixes_in_the_store(leaks: tuple[CLI, Leaks]) -> N
     )
     assert only_sk.code == 0
     assert "((pk_|sk_)[0-9a-f]{32})" in rule.json()["regex"]
+
+
+def test_scan_passes_over_a_fifo_in_the_tree(leaks: tuple[CLI, Leaks]) -> None:
+    cli, _ = leaks
+    os.mkfifo(cli.cwd / "repo" / "docs" / "pipe")
+
+    result = cli("scan", "repo/docs")
+
+    assert result.code == 0
+    assert result.out.splitlines()[-1] == (
+        "Scanned 1 file(s) (skipped 1 not a regular file): 1 finding(s): 1 revoked."
+    )
 
 
 def test_scan_rule_prints_a_regex_and_a_gitleaks_rule(leaks: tuple[CLI, Leaks]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -28,6 +29,14 @@ DEFAULT_MAX_FILE_SIZE = 1024 * 1024
 #: Directory names never descended into.
 SKIPPED_DIRS = frozenset({".git"})
 _BINARY_SNIFF = 8192
+_NOT_REGULAR = "not a regular file"
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_BINARY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
 # A key must stand as its own token: "task_<32 hex>" or a 40-hex digest is not a key.
 # The exported pattern has no lookarounds so it runs in grep -E, RE2 (gitleaks) and PCRE;
 # the scanner itself uses lookarounds so that "key1,key2" yields both keys.
@@ -57,7 +66,10 @@ class Finding:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A file the scanner did not read, and why (``binary``, ``too large``, ``unreadable: …``)."""
+    """A path the scanner did not read, and why.
+
+    ``reason`` is ``binary``, ``too large``, ``not a regular file`` or ``unreadable: …``.
+    """
 
     path: str
     reason: str
@@ -163,11 +175,23 @@ class KeyScanner:
         return findings, rejected
 
     def scan_file(self, path: str, report: ScanReport) -> None:
-        """Scan one file into ``report``, or record why it was skipped."""
+        """Scan one file into ``report``, or record why it was skipped.
+
+        Only regular files are opened: opening a FIFO blocks until something writes to it,
+        and a device may never end or may act on being opened. Such paths are skipped as
+        ``not a regular file``.
+        """
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > self.max_file_size:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                report.skipped.append(Skipped(path, _NOT_REGULAR))
+                return
+            # Non-blocking, in case the path was swapped for a FIFO since the stat above.
+            with open(os.open(path, _OPEN_FLAGS), "rb") as f:
+                info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    report.skipped.append(Skipped(path, _NOT_REGULAR))
+                    return
+                if info.st_size > self.max_file_size:
                     report.skipped.append(Skipped(path, "too large"))
                     return
                 data = f.read(self.max_file_size + 1)
