@@ -2,6 +2,7 @@
 
 Run it with ``python examples/starlette_app.py`` (or ``uvicorn examples.starlette_app:app``).
 Keys live in ``$KEYGUARD_STORE`` (default ``sqlite:///keyguard.db``), shared with the CLI.
+The WebSocket at ``/ws`` is guarded too: its handshake needs a key like any request.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import os
 
 from starlette.applications import Starlette
-from starlette.authentication import requires
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from keyguard import APIKeyManager
 from keyguard.asgi import APIKeyMiddleware
+from keyguard.starlette import require_scopes
 
 manager = APIKeyManager.from_url()
 
@@ -29,9 +31,16 @@ async def whoami(request: Request) -> JSONResponse:
     return JSONResponse({"user_id": request.user.identity, "scopes": request.auth.scopes})
 
 
-@requires("write")
+@require_scopes("write")
 async def create_item(request: Request) -> JSONResponse:
     return JSONResponse({"created": True, "by": request.user.identity}, status_code=201)
+
+
+async def echo(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_json({"user_id": websocket.user.identity})
+    async for message in websocket.iter_text():
+        await websocket.send_text(message)
 
 
 app = Starlette(
@@ -39,6 +48,7 @@ app = Starlette(
         Route("/health", health),
         Route("/whoami", whoami),
         Route("/items", create_item, methods=["POST"]),
+        WebSocketRoute("/ws", echo),
     ],
     middleware=[Middleware(APIKeyMiddleware, manager=manager, exempt_paths=["/health"])],
 )

@@ -12,6 +12,7 @@ from types import ModuleType
 import httpx
 import pytest
 from flask import Flask
+from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from keyguard import APIKeyManager
 
@@ -102,7 +103,13 @@ async def test_creating_items_needs_the_write_scope(
     reader = issuer.generate_key(user_id="reader", permissions=["read"])
     writer = issuer.generate_key(user_id="writer", permissions=["read", "write"])
     assert (await call(example, "POST", "/items")).status_code == 401
-    assert (await call(example, "POST", "/items", reader)).status_code == 403
+    refused = await call(example, "POST", "/items", reader)
+    assert refused.status_code == 403
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["code"] == "insufficient_scope"
+    assert refused.headers["www-authenticate"] == (
+        'Bearer realm="api", error="insufficient_scope", scope="write"'
+    )
     created = await call(example, "POST", "/items", writer)
     assert (created.status_code, created.json()) == (201, {"created": True, "by": "writer"})
 
@@ -144,3 +151,22 @@ async def test_fastapi_example_documents_the_key_for_swagger(fastapi_example: Mo
     assert "security" not in document["paths"]["/health"]["get"]
     docs = await call(fastapi_example, "GET", "/docs")
     assert (docs.status_code, "swagger-ui" in docs.text) == (200, True)
+
+
+@pytest.fixture
+def starlette_example(store_url: str) -> Iterator[ModuleType]:
+    yield from load_example("starlette_app")
+
+
+def test_starlette_example_websocket_needs_a_key(
+    starlette_example: ModuleType, issuer: APIKeyManager
+) -> None:
+    key = issuer.generate_key(user_id="alice")
+    with TestClient(starlette_example.app) as client:
+        with pytest.raises(WebSocketDenialResponse) as exc_info, client.websocket_connect("/ws"):
+            pass  # pragma: no cover - the handshake is refused
+        with client.websocket_connect("/ws", headers={"X-API-Key": key}) as websocket:
+            assert websocket.receive_json() == {"user_id": "alice"}
+            websocket.send_text("hello")
+            assert websocket.receive_text() == "hello"
+    assert exc_info.value.status_code == 401

@@ -288,22 +288,33 @@ class APIKeyMiddleware:
 
     async def _refuse(self, scope: Scope, send: Send, problem: Problem) -> None:
         """Send ``problem`` (or the user's rendering of it) without calling the app."""
-        custom = self.guard.render(problem, scope)
-        if custom is None:
-            status, headers, body = problem.status, list(problem.raw_headers), problem.body
-        else:
-            status = custom.status
-            headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in custom.headers]
-            body = custom.body
-        if scope["type"] == "websocket":
-            if "websocket.http.response" not in (scope.get("extensions") or {}):
-                # Closing before accept makes the server refuse the handshake (HTTP 403).
-                await send(
-                    {"type": "websocket.close", "code": problem.close_code, "reason": problem.code}
-                )
-                return
-            start_type, body_type = "websocket.http.response.start", "websocket.http.response.body"
-        else:
-            start_type, body_type = "http.response.start", "http.response.body"
-        await send({"type": start_type, "status": status, "headers": headers})
-        await send({"type": body_type, "body": body, "more_body": False})
+        await send_refusal(scope, send, problem, self.guard.render(problem, scope))
+
+
+async def send_refusal(
+    scope: Scope, send: Send, problem: Problem, custom: ErrorResponse | None = None
+) -> None:
+    """Answer an HTTP request, or refuse a WebSocket handshake, with ``problem``.
+
+    ``custom`` is a checked rendering of it to send instead. A WebSocket handshake gets the
+    response through the ``websocket.http.response`` extension where the server has it;
+    elsewhere it is closed before accept with ``problem.close_code`` and the code as reason.
+    """
+    if custom is None:
+        status, headers, body = problem.status, list(problem.raw_headers), problem.body
+    else:
+        status = custom.status
+        headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in custom.headers]
+        body = custom.body
+    if scope["type"] == "websocket":
+        if "websocket.http.response" not in (scope.get("extensions") or {}):
+            # Closing before accept makes the server refuse the handshake (HTTP 403).
+            await send(
+                {"type": "websocket.close", "code": problem.close_code, "reason": problem.code}
+            )
+            return
+        start_type, body_type = "websocket.http.response.start", "websocket.http.response.body"
+    else:
+        start_type, body_type = "http.response.start", "http.response.body"
+    await send({"type": start_type, "status": status, "headers": headers})
+    await send({"type": body_type, "body": body, "more_body": False})

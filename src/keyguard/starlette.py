@@ -1,40 +1,76 @@
-"""Starlette integration: an ``AuthenticationBackend`` for ``AuthenticationMiddleware``.
+"""Starlette integration: per-route scopes, and an ``AuthenticationBackend``.
 
-For apps that already use Starlette's ``AuthenticationMiddleware`` (perhaps with other
-backends in mind); otherwise :class:`keyguard.asgi.APIKeyMiddleware` is simpler and faster::
+:func:`require_scopes` guards one endpoint behind :class:`keyguard.asgi.APIKeyMiddleware`
+(or the backend below) and refuses with the middleware's own problem responses::
 
-    backend = APIKeyBackend(manager)
+    @require_scopes("write")
+    async def create_item(request: Request) -> Response: ...
+
+:class:`APIKeyBackend` is for apps that already use Starlette's authentication middleware
+(perhaps with other backends in mind); otherwise the pure middleware is simpler and faster::
+
     app = Starlette(middleware=[
-        Middleware(AuthenticationMiddleware, backend=backend, on_error=on_auth_error),
+        Middleware(APIKeyAuthenticationMiddleware, backend=APIKeyBackend(manager)),
     ])
 
-A request without a key is anonymous (guard routes with ``@requires``); a bad key is
-refused with the same ``application/problem+json`` answers as the middleware.
+A request without a key is anonymous (guard routes with :func:`require_scopes`); a bad
+key is refused with the same ``application/problem+json`` answers as the middleware.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, cast
 
 from starlette.authentication import (
     AuthCredentials,
     AuthenticationBackend,
     AuthenticationError,
     BaseUser,
+    UnauthenticatedUser,
 )
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from . import identity
-from ._http import DEFAULT_HEADER_NAMES, Guard, Problem
+from ._http import (
+    CLOSE_POLICY_VIOLATION,
+    DEFAULT_HEADER_NAMES,
+    ErrorResponse,
+    Guard,
+    Problem,
+    Problems,
+    check_scopes,
+    how_to_send,
+    insufficient_scope,
+)
+from .asgi import APIKeyMiddleware, send_refusal
 from .exceptions import StoreError
 from .manager import APIKeyManager
+from .records import KeyInfo
 
-__all__ = ["APIKeyAuthenticationError", "APIKeyBackend", "APIKeyUser", "on_auth_error"]
+__all__ = [
+    "APIKeyAuthenticationError",
+    "APIKeyAuthenticationMiddleware",
+    "APIKeyBackend",
+    "APIKeyUser",
+    "on_auth_error",
+    "require_scopes",
+]
 
 logger = logging.getLogger("keyguard")
+
+_Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
+#: Refusals used when no keyguard middleware is found in the app's middleware stack.
+_DEFAULT_PROBLEMS = Problems("api", how_to_send(DEFAULT_HEADER_NAMES), ())
+#: How many middleware layers :func:`require_scopes` looks through for keyguard's.
+_MAX_STACK_DEPTH = 64
 
 
 class APIKeyUser(identity.APIKeyUser, BaseUser):
@@ -53,13 +89,14 @@ class APIKeyAuthenticationError(AuthenticationError):
 
 
 class APIKeyBackend(AuthenticationBackend):
-    """Authenticate requests by API key for Starlette's ``AuthenticationMiddleware``.
+    """Authenticate requests by API key for :class:`APIKeyAuthenticationMiddleware`.
 
     Returns ``AuthCredentials`` with the key's scopes and an :class:`APIKeyUser`, and puts
     the :class:`~keyguard.KeyInfo` in ``scope["keyguard.key"]`` (where
     :mod:`keyguard.fastapi` looks for it). No key gives None (anonymous); a bad or
     ambiguous key raises :class:`APIKeyAuthenticationError`, which :func:`on_auth_error`
-    renders as a 401 or 400.
+    renders as a 401 or 400. Under Starlette's own ``AuthenticationMiddleware`` it works
+    too, but refused WebSocket handshakes are then closed with code 1000 (normal closure).
 
     :param header_names: headers that carry the key, matched in any case and named in
         messages as given here; ``Authorization`` means ``Bearer <key>``, any other name
@@ -125,3 +162,143 @@ def on_auth_error(conn: HTTPConnection, exc: AuthenticationError) -> Response:
         return AuthenticationMiddleware.default_on_error(conn, exc)
     problem = exc.problem
     return Response(problem.body, problem.status, headers=dict(problem.headers))
+
+
+class APIKeyAuthenticationMiddleware(AuthenticationMiddleware):
+    """Starlette's ``AuthenticationMiddleware``, refusing WebSocket handshakes as keyguard does.
+
+    Starlette closes a refused handshake with code 1000, a normal closure; this sends the
+    problem response instead where the server supports ``websocket.http.response``, else
+    closes with 1008 (policy violation, 1013 if the store failed) and the problem code as
+    the reason. HTTP requests are handled as by Starlette; ``on_error`` defaults to
+    :func:`on_auth_error`.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        backend: AuthenticationBackend,
+        on_error: Callable[[HTTPConnection, AuthenticationError], Response] | None = None,
+    ) -> None:
+        super().__init__(app, backend, on_auth_error if on_error is None else on_error)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            result = await self.backend.authenticate(HTTPConnection(scope))
+        except APIKeyAuthenticationError as exc:
+            await send_refusal(scope, send, exc.problem)
+            return
+        except AuthenticationError:
+            await send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION})
+            return
+        if result is None:
+            result = AuthCredentials(), UnauthenticatedUser()
+        scope["auth"], scope["user"] = result
+        await self.app(scope, receive, send)
+
+
+def _find_guard(scope: Mapping[str, Any]) -> Guard | None:
+    """The guard of the keyguard middleware (or backend) in the app's middleware stack."""
+    node: object = getattr(scope.get("app"), "middleware_stack", None)
+    for _ in range(_MAX_STACK_DEPTH):
+        if node is None:
+            return None
+        if isinstance(node, APIKeyMiddleware):
+            return node.guard
+        backend = getattr(node, "backend", None)
+        if isinstance(backend, APIKeyBackend):
+            return backend.guard
+        node = getattr(node, "app", None)
+    return None
+
+
+def _refusal(
+    conn: HTTPConnection, wanted: tuple[str, ...]
+) -> tuple[Problem, ErrorResponse | None] | None:
+    """None if the request's key holds every scope in ``wanted``, else what to refuse with."""
+    info = conn.scope.get("keyguard.key")
+    if isinstance(info, KeyInfo) and all(scope in info.scopes for scope in wanted):
+        return None
+    guard = _find_guard(conn.scope)
+    if not isinstance(info, KeyInfo):
+        problem = (_DEFAULT_PROBLEMS if guard is None else guard.problems).missing
+    else:
+        problem = insufficient_scope("api" if guard is None else guard.realm, wanted)
+    return problem, None if guard is None else guard.render(problem, conn.scope)
+
+
+def _response(problem: Problem, custom: ErrorResponse | None) -> Response:
+    if custom is None:
+        return Response(problem.body, problem.status, headers=dict(problem.headers))
+    response = Response(custom.body, custom.status)  # sets content-length only
+    response.raw_headers.extend(
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in custom.headers
+        if name.lower() != "content-length"
+    )
+    return response
+
+
+def _is_async(endpoint: Callable[..., Any]) -> bool:
+    while isinstance(endpoint, functools.partial):
+        endpoint = endpoint.func
+    # An instance whose class defines ``async def __call__`` is async too.
+    return inspect.iscoroutinefunction(endpoint) or inspect.iscoroutinefunction(
+        type(endpoint).__call__
+    )
+
+
+def _connection(endpoint: Callable[..., Any], args: Any, kwargs: Any) -> HTTPConnection:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, HTTPConnection):
+            return value
+    raise TypeError(f"@require_scopes: {endpoint.__qualname__} got no Request or WebSocket")
+
+
+def require_scopes(*scopes: str) -> Callable[[_Endpoint], _Endpoint]:
+    """Decorate a Starlette endpoint so it runs only for a key holding every one of ``scopes``.
+
+    Refusals are the keyguard middleware's own: 401 ``missing_api_key`` when no key is
+    attached to the request (anonymous in optional mode or under :class:`APIKeyBackend`; on
+    an exempt path, where the middleware checks no key, always), 403 ``insufficient_scope``
+    naming ``scopes`` when the key lacks one, rendered by the middleware's
+    ``error_responder`` if it has one.
+    ``@require_scopes()`` just requires a key. It works on sync and async endpoints,
+    ``HTTPEndpoint`` methods and WebSocket endpoints (refused before accept).
+
+    The middleware (:class:`keyguard.asgi.APIKeyMiddleware`, or
+    ``AuthenticationMiddleware`` with :class:`APIKeyBackend`) is looked up in the app's
+    middleware stack for its realm and header names; where it is not there (it wraps the
+    app from outside, or the route is in a mounted sub-app) the defaults are used: realm
+    ``api``, ``Authorization`` and ``X-API-Key``.
+    """
+    wanted = check_scopes(scopes)
+
+    def decorator(endpoint: _Endpoint) -> _Endpoint:
+        if _is_async(endpoint):
+
+            @functools.wraps(endpoint)
+            async def guarded(*args: Any, **kwargs: Any) -> Any:
+                conn = _connection(endpoint, args, kwargs)
+                refusal = _refusal(conn, wanted)
+                if refusal is None:
+                    return await endpoint(*args, **kwargs)
+                if isinstance(conn, WebSocket):
+                    await send_refusal(conn.scope, conn.send, *refusal)
+                    return None
+                return _response(*refusal)
+
+            return cast(_Endpoint, guarded)
+
+        @functools.wraps(endpoint)
+        def guarded_sync(*args: Any, **kwargs: Any) -> Any:
+            conn = _connection(endpoint, args, kwargs)
+            refusal = _refusal(conn, wanted)
+            return endpoint(*args, **kwargs) if refusal is None else _response(*refusal)
+
+        return cast(_Endpoint, guarded_sync)
+
+    return decorator
