@@ -2,11 +2,13 @@
 
 The Starlette example runs under uvicorn and the Flask one under gunicorn (two workers);
 keys are created and revoked by separate Python processes sharing the SQLite file, as the
-CLI would, and each server must see the change on its next request.
+CLI would, and each server must see the change on its next request. WebSocket handshakes
+go to the Starlette example through uvicorn's default WebSocket implementation.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,6 +23,8 @@ from typing import IO
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0
@@ -133,6 +137,25 @@ def server_command(name: str, port: int) -> list[str]:
     ]
 
 
+def run_example(
+    name: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, str]]:
+    directory = tmp_path_factory.mktemp("e2e")
+    store_url = f"sqlite:///{directory / 'keyguard.db'}"
+    port = free_port()
+    running = start(
+        name, server_command(name, port), server_env(store_url), directory / "server.log", port
+    )
+    yield running, store_url
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def starlette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
+    """The Starlette example under uvicorn (its default ``--ws auto``) and its store URL."""
+    yield from run_example("starlette under uvicorn", tmp_path_factory)
+
+
 @pytest.fixture(
     scope="module", params=["starlette under uvicorn", "flask under gunicorn"], ids=str
 )
@@ -140,18 +163,10 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Server, str]]:
     """A running example server and the URL of its SQLite store."""
-    directory = tmp_path_factory.mktemp("e2e")
-    store_url = f"sqlite:///{directory / 'keyguard.db'}"
-    port = free_port()
-    running = start(
-        request.param,
-        server_command(request.param, port),
-        server_env(store_url),
-        directory / "server.log",
-        port,
-    )
-    yield running, store_url
-    running.stop()
+    if request.param == "starlette under uvicorn":
+        yield request.getfixturevalue("starlette_server")
+        return
+    yield from run_example(request.param, tmp_path_factory)
 
 
 def test_health_is_public_and_other_routes_need_a_key(server: tuple[Server, str]) -> None:
@@ -186,6 +201,46 @@ def test_keys_created_and_revoked_by_another_process(server: tuple[Server, str])
             assert (refused.status_code, refused.json()["code"]) == (401, "revoked_api_key")
             assert reader not in refused.text
         assert client.get("/whoami", headers={"X-API-Key": writer}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        pytest.param({}, "missing_api_key", id="no key"),
+        pytest.param({"X-API-Key": "sk_" + "0" * 32}, "invalid_api_key", id="unknown key"),
+        pytest.param({"Authorization": "Bearer a, b"}, "invalid_request", id="two tokens"),
+    ],
+)
+def test_websocket_handshake_without_a_valid_key_is_refused(
+    starlette_server: tuple[Server, str], headers: dict[str, str], code: str
+) -> None:
+    running, _ = starlette_server
+    url = running.base_url.replace("http://", "ws://") + "/ws"
+    with pytest.raises(InvalidStatus) as exc_info, connect(url, additional_headers=headers):
+        pass  # pragma: no cover - the handshake is refused
+    response = exc_info.value.response
+    assert response.status_code == (400 if code == "invalid_request" else 401)
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["www-authenticate"].startswith('Bearer realm="api"')
+    assert json.loads(bytes(response.body or b""))["code"] == code
+
+
+def test_websocket_handshake_with_a_key_is_accepted(starlette_server: tuple[Server, str]) -> None:
+    running, store_url = starlette_server
+    key = run_key_script(store_url, "create", "wendy", "read")
+    url = running.base_url.replace("http://", "ws://") + "/ws"
+    with connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as websocket:
+        assert json.loads(websocket.recv(timeout=10)) == {"user_id": "wendy"}
+        websocket.send("ping")
+        assert websocket.recv(timeout=10) == "ping"
+    assert run_key_script(store_url, "revoke", stdin=key) == "True"
+    with (
+        pytest.raises(InvalidStatus) as exc_info,
+        connect(url, additional_headers={"X-API-Key": key}),
+    ):
+        pass  # pragma: no cover - the handshake is refused
+    assert exc_info.value.response.status_code == 401
+    assert key not in running.output()
 
 
 def test_running_the_starlette_example_prints_a_working_curl_line(tmp_path: Path) -> None:
