@@ -225,3 +225,12 @@ def test_store_failure_in_the_decorator_is_503() -> None:
     )
     assert response.status_code == 503
     assert response.json is not None and response.json["code"] == "store_unavailable"
+
+
+def test_query_param_warning_names_the_users_line(manager: APIKeyManager) -> None:
+    with pytest.warns(UserWarning, match="query parameter") as direct:
+        KeyGuard(Flask(__name__), manager, query_param="api_key")
+    guard = KeyGuard(manager=manager, query_param="api_key")
+    with pytest.warns(UserWarning, match="query parameter") as factory:
+        guard.init_app(Flask(__name__))
+    assert [w.filename for w in (*direct, *factory)] == [__file__, __file__]

@@ -25,7 +25,6 @@ def make_guard(**options: Any) -> Guard:
         "realm": "api",
         "error_responder": None,
         "allow_cors_preflight": False,
-        "stacklevel": 1,
     }
     settings.update(options)
     return Guard(APIKeyManager(), **settings)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
+import sys
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -231,6 +233,24 @@ def has_dot_segment(path: str) -> bool:
     return any(segment in (".", "..") for segment in path.split("/"))
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_outside_keyguard() -> int:
+    """The ``stacklevel`` that makes a warning name the first caller outside keyguard.
+
+    Counted from the function calling this one, so the warning points at the user's line
+    however deep keyguard's own wrappers are (``KeyGuard`` builds the WSGI middleware).
+    A middleware that a framework builds lazily (Starlette) is attributed to the framework.
+    """
+    level = 1
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 class Guard:
     """The options both middlewares take, validated, with everything derived from them.
 
@@ -251,7 +271,6 @@ class Guard:
         realm: str,
         error_responder: ErrorResponder | None,
         allow_cors_preflight: bool,
-        stacklevel: int,
     ) -> None:
         if not callable(getattr(manager, "verify", None)):
             raise TypeError(f"manager must be an APIKeyManager, got {manager!r}")
@@ -303,7 +322,7 @@ class Guard:
                 " up in access logs, proxy logs and browser history, so keys sent this way"
                 " leak; prefer the Authorization header",
                 UserWarning,
-                stacklevel=stacklevel + 1,
+                stacklevel=_caller_outside_keyguard(),
             )
         self.strip_credentials = bool(strip_credentials)
         if not isinstance(realm, str) or not realm or not _QUOTABLE_RE.fullmatch(realm):

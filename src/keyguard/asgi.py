@@ -89,7 +89,9 @@ class APIKeyMiddleware:
         messages as given here; ``Authorization`` means ``Bearer <key>``, any other name
         carries the bare key.
     :param query_param: also read the key from this query parameter (off by default: URLs
-        leak into logs; setting it warns once).
+        leak into logs). Setting it warns once, when the middleware is built: the warning
+        names the line that builds it, except under ``Middleware(...)``, where Starlette
+        builds it on the app's first call and the warning names Starlette's code.
     :param strip_credentials: remove the credential headers (and query parameter) before
         the app sees the request.
     :param realm: the realm in ``WWW-Authenticate`` challenges.
@@ -135,7 +137,6 @@ class APIKeyMiddleware:
             realm=realm,
             error_responder=error_responder,
             allow_cors_preflight=allow_cors_preflight,
-            stacklevel=2,
         )
         # Hot-path copies of the guard's precomputed state, read once per request.
         self._names = self.guard.raw_header_names

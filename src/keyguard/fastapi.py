@@ -149,7 +149,6 @@ def require_api_key(
         realm=realm,
         error_responder=None,
         allow_cors_preflight=False,
-        stacklevel=2,
     )
     names = guard.raw_header_names
     problems = guard.problems

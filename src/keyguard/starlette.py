@@ -124,7 +124,6 @@ class APIKeyBackend(AuthenticationBackend):
             realm=realm,
             error_responder=None,
             allow_cors_preflight=False,
-            stacklevel=2,
         )
         self._names = self.guard.raw_header_names
 

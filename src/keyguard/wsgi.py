@@ -87,7 +87,6 @@ class APIKeyMiddleware:
             realm=realm,
             error_responder=error_responder,
             allow_cors_preflight=allow_cors_preflight,
-            stacklevel=2,
         )
         self._environ_names = self.guard.environ_names
         self._exempt = frozenset(_wsgi_text(p) for p in self.guard.exempt_paths)
