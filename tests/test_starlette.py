@@ -530,6 +530,20 @@ async def test_require_scopes_without_keyguard_in_the_stack_uses_the_defaults() 
     )
 
 
+async def test_require_scopes_stops_looking_in_a_cyclic_middleware_chain() -> None:
+    class Layer:
+        def __init__(self) -> None:
+            self.app = self
+
+    class App:
+        middleware_stack = Layer()
+
+    scope = {"type": "http", "method": "POST", "path": "/items", "headers": [], "app": App()}
+    refused = await create_item(Request(scope))
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == 'Bearer realm="api"'
+
+
 async def test_require_scopes_needs_a_request_argument() -> None:
     @require_scopes()
     async def no_request() -> Response:
