@@ -7,12 +7,14 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from keyguard import KeyFormat, SQLiteStore
+from keyguard import KeyFormat, KeyInfo, SQLiteStore
+from keyguard.cli import main
 from keyguard.scan import KeyScanner, ScanReport, Skipped
 from tests.test_cli import CLI, Result, error_line
 
@@ -294,8 +296,26 @@ def test_scan_checksum_drops_invalid_candidates(leaks: tuple[CLI, Leaks]) -> Non
     human = cli("scan", "repo", "--checksum")
     assert human.out.splitlines()[3] == (
         "Scanned 3 file(s) (skipped 1 binary): 3 finding(s): 1 live, 1 revoked, 1 unknown;"
-        " 1 checksum-invalid string(s) ignored."
+        " 1 checksum-invalid string(s) unknown to the store ignored."
     )
+
+
+def test_scan_checksum_never_hides_a_live_key_without_one(leaks: tuple[CLI, Leaks]) -> None:
+    cli, tree = leaks
+    plain, record = cli.create("--user", "dave")  # issued before the switch to checksums
+    (cli.cwd / "repo" / "src" / "old.env").write_text(f"KEY={plain}\n")
+
+    online = cli("scan", "repo/src", "--checksum")
+    offline = cli("scan", "repo/src", "--checksum", "--offline", "--json")
+
+    assert online.code == 1
+    assert online.out.splitlines()[:2] == [
+        f"repo/src/old.env:1: sk_…{plain[-4:]} live ({record['key_id']})",
+        f"repo/src/settings.py:3: {tree.hint(tree.live)} live ({tree.live_record['key_id']})",
+    ]
+    # Offline nothing can vouch for it: --checksum then means "every key has a checksum".
+    assert [f["path"] for f in offline.json()["findings"]] == ["repo/src/settings.py"]
+    assert offline.json()["rejected"] == 1
 
 
 def test_scan_exits_0_when_no_key_found_is_live(leaks: tuple[CLI, Leaks]) -> None:
@@ -324,6 +344,30 @@ def test_scan_revoke_yes_revokes_the_live_keys(leaks: tuple[CLI, Leaks]) -> None
     again = cli("scan", "repo", "--json")
     assert again.code == 0
     assert {f["status"] for f in again.json()["findings"]} == {"revoked", "unknown"}
+
+
+def test_scan_revoke_asks_after_showing_the_findings(leaks: tuple[CLI, Leaks]) -> None:
+    cli, tree = leaks
+
+    done = subprocess.run(
+        [sys.executable, "-m", "keyguard", "scan", "repo/src", "--revoke"],
+        input="n\n",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # one stream, so the order is what a terminal shows
+        text=True,
+        encoding="utf-8",
+        env=cli.env,
+        cwd=cli.cwd,
+        timeout=60,
+    )
+
+    live_id = tree.live_record["key_id"]
+    assert done.stdout.splitlines() == [
+        f"repo/src/settings.py:3: {tree.hint(tree.live)} live ({live_id})",
+        "Scanned 1 file(s): 1 finding(s): 1 live.",
+        f"Revoke 1 live key(s): {live_id} ({tree.hint(tree.live)})? [y/N] n",
+        f"Still live: {live_id}. Revoke with 'keyguard revoke KEY_ID'.",
+    ]
 
 
 def test_scan_revoke_asks_first_and_no_keeps_the_key(leaks: tuple[CLI, Leaks]) -> None:
@@ -468,6 +512,61 @@ def test_scan_refuses_a_store_hashed_with_another_pepper_scheme(
         "keyguard: error: the store's keys are hashed with sha256 but this process uses"
         " hmac-sha256: set KEYGUARD_PEPPER as the servers do"
     )
+
+
+def scan_in_process(monkeypatch: pytest.MonkeyPatch, cli: CLI, *args: str) -> tuple[int, int]:
+    """Run ``keyguard scan`` in this process; return its exit code and the store listings."""
+    listings = []
+    list_keys = SQLiteStore.list_keys
+
+    def counting(self: SQLiteStore, user_id: str | None = None) -> list[KeyInfo]:
+        listings.append(user_id)
+        return list_keys(self, user_id)
+
+    monkeypatch.setattr(SQLiteStore, "list_keys", counting)
+    monkeypatch.chdir(cli.cwd)
+    for name in ("KEYGUARD_PEPPER", "KEYGUARD_CHECKSUM"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KEYGUARD_STORE", cli.env["KEYGUARD_STORE"])
+    return main(["scan", *args]), len(listings)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "listings"),
+    [
+        pytest.param(["--prefix", "sk_", "repo/src"], 1, 0, id="prefix, live key found"),
+        pytest.param(["--prefix", "pk_", "repo"], 0, 0, id="prefix, nothing found"),
+        pytest.param(["--prefix", "sk_", "repo/tests"], 0, 1, id="prefix, unknown keys"),
+        pytest.param(["repo/src"], 1, 1, id="no prefix: the store's prefixes"),
+    ],
+)
+def test_scan_lists_the_store_only_when_it_must(
+    leaks: tuple[CLI, Leaks],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    code: int,
+    listings: int,
+) -> None:
+    cli, _ = leaks
+
+    assert scan_in_process(monkeypatch, cli, *args) == (code, listings)
+    assert capsys.readouterr().err == ""
+
+
+def test_scan_checks_the_pepper_only_when_a_key_is_not_found(
+    leaks: tuple[CLI, Leaks],
+) -> None:
+    cli, tree = leaks
+    (cli.cwd / "clean.txt").write_text("nothing here\n")
+
+    clean = cli("scan", "clean.txt", KEYGUARD_PEPPER="p" * 32)
+    leaked = cli("scan", "repo/src", "--prefix", "sk_", KEYGUARD_PEPPER="p" * 32)
+
+    assert clean.code == 0
+    assert leaked.code == 2
+    assert "but this process uses hmac-sha256" in error_line(leaked)
+    tree.assert_masked(leaked)
 
 
 def test_scan_with_a_corrupt_store_is_a_usage_error(leaks: tuple[CLI, Leaks]) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "key_table",
     "print_json",
     "print_new_key",
+    "print_revocations",
     "print_scan_report",
     "printable",
     "terminal_width",
@@ -134,15 +135,8 @@ def key_table(keys: Sequence[KeyInfo], now: float, width: int) -> list[str]:
     return _fit_table(headers, rows, width, shrink=[((2, 3), 6), ((1,), 8)], keep_tail=(1,))
 
 
-def print_scan_report(
-    report: ScanReport,
-    rows: list[dict[str, Any]],
-    revoked: list[str],
-    live: dict[str, KeyInfo],
-    *,
-    store_used: bool,
-) -> None:
-    """Print one line per finding, a summary, and what is still live after any revocation."""
+def print_scan_report(report: ScanReport, rows: list[dict[str, Any]], *, store_used: bool) -> None:
+    """Print one line per finding and a summary."""
     for row in rows:
         known = f" ({row['key_id']})" if row["key_id"] else ""
         print(f"{printable(row['path'])}:{row['line']}: {row['hint']} {row['status']}{known}")
@@ -163,10 +157,15 @@ def print_scan_report(
     else:
         summary += ": no keys found"
     if report.rejected:
-        summary += f"; {report.rejected} checksum-invalid string(s) ignored"
+        unknown = " unknown to the store" if store_used else ""
+        summary += f"; {report.rejected} checksum-invalid string(s){unknown} ignored"
     print(summary + ".")
     if "unchecked" in counts and not store_used:
         print("No key store was consulted, so every key found counts as possibly live.")
+
+
+def print_revocations(revoked: list[str], live: dict[str, KeyInfo]) -> None:
+    """Print what a scan revoked, and which of the live keys it found are still live."""
     for key_id in revoked:
         print(f"Revoked {key_id} ({live[key_id].hint}).")
     left = [k for k in live if k not in revoked]

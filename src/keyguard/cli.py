@@ -25,6 +25,7 @@ from ._cli_output import (
     key_table,
     print_json,
     print_new_key,
+    print_revocations,
     print_scan_report,
     printable,
     terminal_width,
@@ -34,7 +35,7 @@ from .exceptions import InvalidKeyError, KeyguardError
 from .keys import DEFAULT_PREFIX, KEY_BODY_LENGTH, KeyFormat, mask_key, validate_prefix
 from .manager import APIKeyManager
 from .records import KeyInfo
-from .scan import DEFAULT_MAX_FILE_SIZE, KeyScanner
+from .scan import DEFAULT_MAX_FILE_SIZE, Finding, KeyScanner
 from .stores import DEFAULT_STORE_URL, STORE_URL_ENV, KeyStore, store_from_url
 
 __all__ = ["main", "parse_duration"]
@@ -366,13 +367,19 @@ def _scan_store(session: _Session) -> KeyStore | None:
     return session.store()
 
 
-def _scan_formats(session: _Session, records: list[KeyInfo]) -> list[KeyFormat]:
-    args = session.args
-    prefixes = args.prefix or [DEFAULT_PREFIX, *sorted({r.prefix for r in records})]
-    return [KeyFormat(p, checksum=session.checksum) for p in dict.fromkeys(prefixes)]
+def _check_hash_scheme(manager: APIKeyManager, records: list[KeyInfo]) -> None:
+    """Refuse to call keys "unknown" when the store hashes keys differently (another pepper)."""
+    schemes = {r.hash_scheme for r in records}
+    if records and manager.hash_scheme not in schemes:
+        raise CLIError(
+            f"the store's keys are hashed with {'/'.join(sorted(schemes))} but this process"
+            f" uses {manager.hash_scheme}: set KEYGUARD_PEPPER as the servers do",
+            EXIT_USAGE,
+        )
 
 
 def _confirm(question: str) -> bool:
+    sys.stdout.flush()  # the findings the question is about come first
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     answer = sys.stdin.readline()
     if not sys.stdin.isatty():
@@ -393,17 +400,20 @@ def _cmd_scan(session: _Session) -> int:
     store = _scan_store(session)
     if args.revoke and store is None:
         raise CLIError("--revoke needs a key store (drop --offline or pass --store)", EXIT_USAGE)
-    manager = None if store is None else session.manager()
-    records = [] if store is None else store.list_keys()
-    if manager is not None and records:
-        schemes = {r.hash_scheme for r in records}
-        if manager.hash_scheme not in schemes:
-            raise CLIError(
-                f"the store's keys are hashed with {'/'.join(sorted(schemes))} but this process"
-                f" uses {manager.hash_scheme}: set KEYGUARD_PEPPER as the servers do",
-                EXIT_USAGE,
-            )
-    scanner = KeyScanner(_scan_formats(session, records), max_file_size=args.max_bytes)
+    manager = None if store is None else session.manager(checksum=False)
+    # Listing a large store takes seconds, so it happens only when it must: to learn the
+    # prefixes in use (no --prefix), or to check the pepper when a key is not found.
+    records: list[KeyInfo] | None = None
+    if args.prefix:
+        prefixes = args.prefix
+    else:
+        records = [] if store is None else store.list_keys()
+        prefixes = [DEFAULT_PREFIX, *sorted({r.prefix for r in records})]
+    # With a store, a checksum-invalid string is looked up all the same, so that a live key
+    # issued without a checksum is never hidden; offline, the checksum alone decides.
+    offline_checksum = session.checksum and manager is None
+    formats = [KeyFormat(p, checksum=offline_checksum) for p in dict.fromkeys(prefixes)]
+    scanner = KeyScanner(formats, max_file_size=args.max_bytes)
     if args.rule:
         return _print_rule(session, scanner)
 
@@ -414,6 +424,14 @@ def _cmd_scan(session: _Session) -> int:
         for finding in report.findings:
             if finding.key not in judged:
                 judged[finding.key] = manager.store.get(manager.digest(finding.key))
+        # A key found by its digest proves the pepper; only misses leave it in doubt.
+        found = [info for info in judged.values() if info is not None]
+        if len(found) < len(judged) and not found:
+            _check_hash_scheme(manager, manager.store.list_keys() if records is None else records)
+        if session.checksum:
+            kept = [f for f in report.findings if judged[f.key] is not None or _has_crc(f)]
+            report.rejected += len(report.findings) - len(kept)
+            report.findings = kept
 
     def status(key: str) -> str:
         if manager is None:
@@ -429,12 +447,6 @@ def _cmd_scan(session: _Session) -> int:
         for key, info in judged.items()
         if info is not None and status(key) == "live"
     }
-    revoked: list[str] = []
-    if args.revoke and live and manager is not None:
-        names = ", ".join(f"{i.key_id} ({i.hint})" for i in live.values())
-        if args.yes or _confirm(f"Revoke {len(live)} live key(s): {names}?"):
-            revoked = [kid for kid in live if manager.revoke_by_id(kid)]
-
     for skipped in report.unreadable:
         _error(f"cannot read {skipped.path!r}: {skipped.reason.partition(': ')[2]}")
     rows = []
@@ -451,6 +463,13 @@ def _cmd_scan(session: _Session) -> int:
                 "key_id": None if info is None else info.key_id,
             }
         )
+    if not args.json:
+        print_scan_report(report, rows, store_used=manager is not None)
+    revoked: list[str] = []
+    if args.revoke and live and manager is not None:
+        names = ", ".join(f"{i.key_id} ({i.hint})" for i in live.values())
+        if args.yes or _confirm(f"Revoke {len(live)} live key(s): {names}?"):
+            revoked = [kid for kid in live if manager.revoke_by_id(kid)]
     if args.json:
         print_json(
             {
@@ -463,11 +482,15 @@ def _cmd_scan(session: _Session) -> int:
             }
         )
     else:
-        print_scan_report(report, rows, revoked, live, store_used=manager is not None)
+        print_revocations(revoked, live)
     if report.unreadable:
         return EXIT_USAGE
     failing = {"live", "unchecked"}
     return EXIT_INVALID if any(r["status"] in failing for r in rows) else EXIT_OK
+
+
+def _has_crc(finding: Finding) -> bool:
+    return KeyFormat(finding.format.prefix, checksum=True).matches(finding.key)
 
 
 def _print_rule(session: _Session, scanner: KeyScanner) -> int:
