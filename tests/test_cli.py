@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -290,6 +291,32 @@ def test_list_shows_an_aligned_table_within_80_columns(cli: CLI) -> None:
     assert lines[1].split()[5:7] == ["in", "90d"]
     assert lines[2].split()[1].endswith(long["hint"][-5:])  # the hint keeps its last 4 hex
     assert all(line.rstrip().endswith("active") for line in lines[1:])
+
+
+def display_width(text: str) -> int:
+    """Terminal columns: East Asian wide and full-width characters take 2, combining ones 0."""
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
+
+
+def test_list_fits_80_columns_with_wide_and_combining_characters(cli: CLI) -> None:
+    users = ["山田太郎" * 5, "🙂" * 12 + "x", "e\u0301" * 20]
+    for user in users:
+        cli.create("--user", user, "--scope", "読み取り:すべて", "--scope", "write")
+
+    lines = cli("list").out.splitlines()
+
+    assert len(lines) == 4
+    assert max(display_width(line) for line in lines) == 80
+    for header in ("USER", "SCOPES", "CREATED", "STATUS"):
+        column = display_width(lines[0][: lines[0].index(header)])
+        for line in lines[1:]:
+            start = next(i for i in range(len(line)) if display_width(line[:i]) == column)
+            assert line[start - 1] == " " and line[start] != " ", (header, line)
+    assert [line.split()[2][-1] for line in lines[1:]] == ["…", "…", "…"]
+    assert all(line.endswith("active") for line in lines[1:])
 
 
 def test_list_hides_inactive_keys_unless_all_and_filters_by_user(cli: CLI) -> None:

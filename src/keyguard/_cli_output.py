@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -17,6 +18,7 @@ from .records import KeyInfo
 from .scan import ScanReport
 
 __all__ = [
+    "display_width",
     "format_time",
     "key_info_json",
     "key_table",
@@ -79,6 +81,28 @@ def terminal_width() -> int:
     return max(80, shutil.get_terminal_size((80, 24)).columns)
 
 
+def _char_width(char: str) -> int:
+    """Terminal columns of one character: 2 for East Asian wide/full-width, 0 for combining."""
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def display_width(text: str) -> int:
+    """The number of terminal columns ``text`` takes (CJK and emoji count 2, accents 0)."""
+    return sum(_char_width(c) for c in text)
+
+
+def _cut(text: str, width: int) -> str:
+    """The longest start of ``text`` that fits in ``width`` columns."""
+    used = 0
+    for i, char in enumerate(text):
+        used += _char_width(char)
+        if used > width:
+            return text[:i]
+    return text
+
+
 def _fit_table(
     headers: Sequence[str],
     rows: Sequence[Sequence[str]],
@@ -92,20 +116,26 @@ def _fit_table(
     in turn cuts its widest column by one, down to ``floor``, until the table fits. Cut
     text ends in ``…``, or keeps its last 4 characters for ``keep_tail`` columns (hints).
     """
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [
+        max(display_width(h), *(display_width(r[i]) for r in rows)) for i, h in enumerate(headers)
+    ]
     gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1
     for columns, floor in shrink:
         while sum(widths) + gap * (len(widths) - 1) > width:
-            wide = [i for i in columns if widths[i] > max(floor, len(headers[i]))]
+            wide = [i for i in columns if widths[i] > max(floor, display_width(headers[i]))]
             if not wide:
                 break
             widths[max(wide, key=lambda i: widths[i])] -= 1
 
     def cell(i: int, text: str) -> str:
         size = widths[i]
-        if len(text) > size:
-            text = text[: size - 5] + "…" + text[-4:] if i in keep_tail else text[: size - 1] + "…"
-        return text.ljust(size)
+        if display_width(text) > size:
+            tail = text[-4:] if i in keep_tail else ""
+            if display_width(tail) >= size:
+                tail = ""
+            text = _cut(text, size - 1 - display_width(tail)) + "…" + tail
+        # Pad by columns, not characters, so wide characters do not push the next column.
+        return text + " " * (size - display_width(text))
 
     return [
         (" " * gap).join(cell(i, text) for i, text in enumerate(row)).rstrip()
