@@ -607,9 +607,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_prefix_arg,
         metavar="P",
-        help=f"look for this key prefix; repeat (default {DEFAULT_PREFIX} plus the store's)",
+        help=f"look for this key prefix; repeat (default: {DEFAULT_PREFIX} and every prefix in"
+        f" the store, which means listing it; offline, only {DEFAULT_PREFIX})",
     )
-    scan.add_argument("--checksum", action="store_true", help="ignore checksum-invalid strings")
+    scan.add_argument(
+        "--checksum",
+        action="store_true",
+        help="ignore strings whose checksum is wrong, unless the store knows them (offline:"
+        " always, so use it offline only once every key in use has a checksum)",
+    )
     scan.add_argument("--revoke", action="store_true", help="revoke the live keys found")
     scan.add_argument("--yes", "-y", action="store_true", help="revoke without asking")
     scan.add_argument("--offline", action="store_true", help="do not consult the store")
