@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from keyguard import KeyFormat, KeyInfo, SQLiteStore
+from keyguard import APIKeyManager, KeyFormat, KeyInfo, SQLiteStore
 from keyguard.cli import main
 from keyguard.scan import KeyScanner, ScanReport, Skipped
 from tests.test_cli import CLI, Result, error_line
@@ -510,7 +510,7 @@ def test_scan_refuses_a_store_hashed_with_another_pepper_scheme(
     assert result.code == 2
     assert error_line(result) == (
         "keyguard: error: the store's keys are hashed with sha256 but this process uses"
-        " hmac-sha256: set KEYGUARD_PEPPER as the servers do"
+        f" {APIKeyManager(pepper='p' * 32).hash_scheme}: set KEYGUARD_PEPPER as the servers do"
     )
 
 
