@@ -616,7 +616,7 @@ def test_explicit_pepper_stores_hmac_digests(clock: Clock) -> None:
 
     key, info = manager.create_key(user_id="u1")
 
-    assert info.hash_scheme == "hmac-sha256"
+    assert info.hash_scheme.startswith("hmac-sha256:")
     assert info.digest == hmac.new(pepper.encode(), key.encode(), hashlib.sha256).hexdigest()
     assert store.get(info.digest) == info
     assert store.get(hashlib.sha256(key.encode()).hexdigest()) is None
@@ -633,7 +633,7 @@ def test_pepper_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYGUARD_PEPPER", "p" * 32)
     key, info = APIKeyManager(store).create_key(user_id="u1")
 
-    assert info.hash_scheme == "hmac-sha256"
+    assert info.hash_scheme.startswith("hmac-sha256:")
     assert info.digest == hmac.new(b"p" * 32, key.encode(), hashlib.sha256).hexdigest()
     assert APIKeyManager(store).validate_key(key) is True
     monkeypatch.setenv("KEYGUARD_PEPPER", "q" * 32)
@@ -807,3 +807,77 @@ def test_rotating_a_key_of_a_retired_prefix_issues_the_current_prefix() -> None:
 
     assert new.startswith("sk_live_")
     assert manager.validate_key(new) is True
+
+
+# -- limits that every store must be able to read back --------------------------------
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        pytest.param({"expires_in": timedelta(days=3_000_000)}, id="expires_in past year 9999"),
+        pytest.param({"expires_in": timedelta.max}, id="expires_in timedelta.max"),
+        pytest.param(
+            {"expires_at": datetime.max.replace(tzinfo=timezone.utc)}, id="expires_at datetime.max"
+        ),
+    ],
+)
+def test_an_expiry_no_store_could_read_back_is_refused(
+    manager: APIKeyManager, store: CountingStore, when: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError, match=r"ends after|must be before"):
+        manager.generate_key(user_id="u1", **when)
+    assert store.inner.list_keys() == []
+
+
+def test_a_rotation_with_an_impossible_grace_issues_nothing(
+    manager: APIKeyManager, store: CountingStore
+) -> None:
+    key = manager.generate_key(user_id="u1")
+
+    with pytest.raises(ValueError, match="grace"):
+        manager.rotate_key(key, grace=timedelta.max)
+
+    assert len(store.inner.list_keys()) == 1
+    assert manager.validate_key(key)
+
+
+def test_rotate_by_id_never_echoes_a_key_given_by_mistake(manager: APIKeyManager) -> None:
+    key = manager.generate_key(user_id="u1")
+
+    with pytest.raises(InvalidKeyError) as exc_info:
+        manager.rotate_by_id(key)
+
+    assert key not in str(exc_info.value)
+    assert mask_key(key) in str(exc_info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        pytest.param(None, ValueError, id="nested too deeply"),
+        pytest.param("\ud800", TypeError, id="lone surrogate"),
+    ],
+)
+def test_metadata_that_no_store_can_hold_is_refused_naming_the_field(
+    manager: APIKeyManager, store: CountingStore, value: object, error: type[Exception]
+) -> None:
+    if value is None:
+        nested: list[object] = []
+        for _ in range(100_000):
+            nested = [nested]
+        value = nested
+    with pytest.raises(error, match="'note'"):
+        manager.generate_key(user_id="u1", note=value)
+    assert store.inner.list_keys() == []
+
+
+def test_the_hash_scheme_names_the_pepper_without_revealing_it() -> None:
+    first = APIKeyManager(pepper="a" * 32).hash_scheme
+    second = APIKeyManager(pepper="b" * 32).hash_scheme
+
+    assert first.startswith("hmac-sha256:") and second.startswith("hmac-sha256:")
+    assert first != second
+    assert first == APIKeyManager(pepper="a" * 32).hash_scheme
+    assert "a" * 16 not in first
+    assert APIKeyManager().hash_scheme == "sha256"

@@ -149,3 +149,19 @@ def test_a_password_is_never_echoed(url: str) -> None:
 
     assert "hunter2" not in str(exc_info.value)
     assert "hunter2" not in repr(exc_info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        pytest.param("sqlite:rel.db", "three slashes", id="no slashes"),
+        pytest.param("sqlite:///a#b.db", "fragment", id="a '#' in the path"),
+    ],
+)
+def test_a_sqlite_url_that_would_open_another_file_is_refused(
+    url: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        store_from_url(url)
+    assert list(tmp_path.iterdir()) == []

@@ -23,6 +23,7 @@ __all__ = [
     "KeyFormat",
     "digest_key",
     "generate_key",
+    "hash_scheme",
     "is_well_formed",
     "mask_key",
     "validate_prefix",
@@ -32,9 +33,9 @@ DEFAULT_PREFIX = "sk_"
 KEY_BODY_LENGTH = 32
 _CHECKSUM_LENGTH = 8
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,20}")
+_HEX_RE = re.compile(f"[0-9a-f]{{{KEY_BODY_LENGTH}}}")
 # A guessed prefix is at most three short word-like segments ("sk_live_"), so masking a
 # secret that merely contains a '-' or '_' does not show everything in front of it.
-_GUESSED_PREFIX_RE = re.compile(r"(?:[A-Za-z][A-Za-z0-9]{0,7}[_-]){1,3}")
 HASH_SCHEME_SHA256 = "sha256"
 HASH_SCHEME_HMAC_SHA256 = "hmac-sha256"
 
@@ -140,16 +141,29 @@ def digest_key(key: str, pepper: bytes | None = None) -> str:
     return hmac.digest(pepper, data, "sha256").hex()
 
 
+def hash_scheme(pepper: bytes | None = None) -> str:
+    """Name how keys are digested: ``sha256``, or ``hmac-sha256:<pepper id>`` with a pepper.
+
+    The pepper id is a short HMAC of a fixed label: it reveals nothing about the pepper but
+    lets tools tell a store hashed under another pepper from one that lacks a key.
+    """
+    if pepper is None:
+        return HASH_SCHEME_SHA256
+    pepper_id = hmac.new(pepper, b"keyguard pepper id", "sha256").hexdigest()[:8]
+    return f"{HASH_SCHEME_HMAC_SHA256}:{pepper_id}"
+
+
 def mask_key(key: object, prefix: str | None = None) -> str:
     """Return a display form that never reveals a secret, e.g. ``sk_…9f2a``.
 
-    Only the prefix and the last 4 characters of a well-formed key are shown; anything
-    else is shown as ``…`` (it may be a secret in the wrong place).
+    The last 4 characters are shown, after the prefix when ``key`` starts with ``prefix``
+    or, without one, when it has a key's shape (a valid prefix and then 32 lowercase hex).
+    Anything else shows no prefix (it may be a secret in the wrong place): ``…e_xx``.
     """
     if type(key) is not str or not key.isascii() or len(key) < 12 or not key.isprintable():
         return "…"
     if prefix is None or not key.startswith(prefix):
-        match = _GUESSED_PREFIX_RE.match(key)
-        fits = match is not None and match.end() <= 20 and len(key) - match.end() >= 8
-        prefix = match.group(0) if match is not None and fits else ""
+        head, body = key[:-KEY_BODY_LENGTH], key[-KEY_BODY_LENGTH:]
+        shaped = _PREFIX_RE.fullmatch(head) is not None and _HEX_RE.fullmatch(body) is not None
+        prefix = head if shaped else ""
     return f"{prefix}…{key[-4:]}"

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -23,10 +24,9 @@ from ._frozen import thaw
 from .exceptions import InvalidKeyError, KeyguardError, StoreError
 from .keys import (
     DEFAULT_PREFIX,
-    HASH_SCHEME_HMAC_SHA256,
-    HASH_SCHEME_SHA256,
     KeyFormat,
     digest_key,
+    hash_scheme,
     mask_key,
     validate_prefix,
 )
@@ -41,6 +41,7 @@ logger = logging.getLogger("keyguard")
 PEPPER_ENV = "KEYGUARD_PEPPER"
 _MAX_METADATA_BYTES = 64 * 1024
 _MAX_ATTEMPTS = 8
+_KEY_ID = re.compile(r"key_[0-9a-f]{16}")
 _TOUCH_CACHE_LIMIT = 100_000
 
 
@@ -99,9 +100,13 @@ def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(name, str):
             raise TypeError(f"metadata field names must be str, got {name!r}")
         try:
-            clean[name] = json.loads(json.dumps(value, allow_nan=False))
-        except (TypeError, ValueError) as e:
+            text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+            text.encode("utf-8")  # a lone surrogate cannot be stored anywhere
+            clean[name] = json.loads(text)
+        except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
             raise TypeError(f"metadata field {name!r} is not JSON-serialisable: {e}") from None
+        except RecursionError:
+            raise ValueError(f"metadata field {name!r} is nested too deeply") from None
     user_id = clean.get("user_id")
     if not isinstance(user_id, str) or not user_id.strip():
         raise ValueError("metadata field 'user_id' is required and must be a non-empty string")
@@ -116,6 +121,21 @@ def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if len(json.dumps(clean)) > _MAX_METADATA_BYTES:
         raise ValueError(f"metadata is larger than {_MAX_METADATA_BYTES} bytes as JSON")
     return clean
+
+
+# Every store must be able to read an expiry back (datetime ends at year 9999).
+_LATEST = datetime(9000, 1, 1, tzinfo=timezone.utc)
+
+
+def _deadline(name: str, now: float, delta: timedelta) -> datetime:
+    """``now + delta`` as a UTC datetime, or a ValueError naming ``name`` if out of range."""
+    try:
+        deadline = _utc(now + delta.total_seconds())
+    except (OverflowError, ValueError, OSError):
+        deadline = None
+    if deadline is None or deadline > _LATEST:
+        raise ValueError(f"{name} {delta} ends after {_LATEST:%Y-%m-%d}")
+    return deadline
 
 
 def _positive(name: str, value: timedelta) -> timedelta:
@@ -166,7 +186,8 @@ class APIKeyManager:
             pepper = pepper.encode("utf-8")
         if pepper is not None and len(pepper) < 16:
             raise ValueError("pepper must be at least 16 bytes; use secrets.token_hex(32)")
-        self.hash_scheme = HASH_SCHEME_SHA256 if pepper is None else HASH_SCHEME_HMAC_SHA256
+        #: Recorded with every key; with a pepper it also names which pepper.
+        self.hash_scheme = hash_scheme(pepper)
         self._touch_every: float = (
             math.inf
             if last_used_resolution is None
@@ -228,12 +249,14 @@ class APIKeyManager:
         now = self._clock()
         expiry: datetime | None = None
         if expires_in is not None:
-            expiry = _utc(now + _positive("expires_in", expires_in).total_seconds())
+            expiry = _deadline("expires_in", now, _positive("expires_in", expires_in))
         elif expires_at is not None:
             if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
                 raise TypeError("expires_at must be a timezone-aware datetime")
             if expires_at.timestamp() <= now:
                 raise ValueError("expires_at is in the past")
+            if expires_at > _LATEST:
+                raise ValueError(f"expires_at must be before {_LATEST:%Y-%m-%d}")
             expiry = expires_at.astimezone(timezone.utc)
         fmt = self.format if prefix is None else self._format_for(prefix)
         created = _utc(now)
@@ -429,22 +452,25 @@ class APIKeyManager:
         info = self.get_key_info(key_id)
         status = "not_found" if info is None else info.status(self._clock())
         if info is None or status != "active":
-            raise InvalidKeyError(f"cannot rotate {key_id!r}: {status}", status)
+            shown = key_id if _KEY_ID.fullmatch(str(key_id)) else mask_key(key_id)
+            raise InvalidKeyError(f"cannot rotate {shown!r}: {status}", status)
         return self._rotate(info, grace, expires_in)
 
     def _rotate(self, old: KeyInfo, grace: timedelta, expires_in: timedelta | None) -> str:
         if not isinstance(grace, timedelta) or grace < timedelta(0):
-            raise ValueError(f"grace must be a non-negative timedelta, got {grace!r}")
+            shown = grace if isinstance(grace, timedelta) else type(grace).__name__
+            raise ValueError(f"grace must be a non-negative timedelta, got {shown}")
         if expires_in is None and old.expires_at is not None:
             expires_in = old.expires_at - old.created_at
+        # Check the old key's new deadline before issuing anything, so a bad grace leaves
+        # no orphan replacement behind.
+        deadline = None if grace == timedelta(0) else _deadline("grace", self._clock(), grace)
         accepted = any(f.prefix == old.prefix for f in self.formats)
         prefix = old.prefix if accepted else None
         new_key, new = self.create_key(old.metadata, expires_in=expires_in, prefix=prefix)
-        if grace == timedelta(0):
+        if deadline is None:
             self.store.revoke(old.digest, _utc(self._clock()))
-        else:
-            deadline = _utc(self._clock() + grace.total_seconds())
-            if old.expires_at is None or deadline < old.expires_at:
-                self.store.set_expiry(old.digest, deadline)
+        elif old.expires_at is None or deadline < old.expires_at:
+            self.store.set_expiry(old.digest, deadline)
         logger.info("rotated key %s into %s", old.key_id, new.key_id)
         return new_key

@@ -42,6 +42,10 @@ def _sqlite(url: SplitResult, params: dict[str, str]) -> KeyStore:
             f"SQLite URL names a host{host}: use sqlite:///relative.db"
             " or sqlite:////absolute/path.db"
         )
+    if url.path and not url.path.startswith("/"):
+        raise ValueError(
+            "SQLite URL needs three slashes: sqlite:///relative.db or sqlite:////absolute/path.db"
+        )
     path = unquote(url.path[1:])
     if not path:
         raise ValueError("SQLite URL needs a file path: sqlite:///keyguard.db")
@@ -158,6 +162,10 @@ def store_from_url(url: str | None = None) -> KeyStore:
     if factory is None:
         known = ", ".join(f"{s}://" for s in sorted(_FACTORIES))
         raise ValueError(f"unknown store URL scheme in {redact_url(url)!r}; use one of {known}")
+    if parts.fragment:
+        raise ValueError(
+            f"store URL {redact_url(url)!r} has a #fragment; write '#' in a path as %23"
+        )
     try:
         params = dict(
             parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
