@@ -510,7 +510,8 @@ def test_scan_refuses_a_store_hashed_with_another_pepper_scheme(
     assert result.code == 2
     assert error_line(result) == (
         "keyguard: error: the store's keys are hashed with sha256 but this process uses"
-        f" {APIKeyManager(pepper='p' * 32).hash_scheme}: set KEYGUARD_PEPPER as the servers do"
+        f" {APIKeyManager(pepper='p' * 32).hash_scheme} (after ':' is a pepper id):"
+        " set KEYGUARD_PEPPER as the servers do"
     )
 
 
@@ -552,6 +553,30 @@ def test_scan_lists_the_store_only_when_it_must(
 
     assert scan_in_process(monkeypatch, cli, *args) == (code, listings)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("prefix", [[], ["--prefix", "sk_"]], ids=["store prefixes", "prefix"])
+def test_scan_refuses_a_store_hashed_with_another_pepper(
+    tmp_path: Path, prefix: list[str]
+) -> None:
+    cli = CLI(tmp_path)
+    servers, mistyped = "s" * 32, "w" * 32
+    key = cli("create", "--user", "p", "--json", KEYGUARD_PEPPER=servers).json()["key"]
+    (tmp_path / "f.txt").write_text(f"{key}\n")
+
+    right = cli("scan", "f.txt", *prefix, KEYGUARD_PEPPER=servers)
+    wrong = cli("scan", "f.txt", *prefix, KEYGUARD_PEPPER=mistyped)
+
+    assert right.code == 1
+    assert right.out.startswith(f"f.txt:1: sk_…{key[-4:]} live (key_")
+    assert wrong.code == 2
+    assert wrong.out == ""
+    assert error_line(wrong) == (
+        "keyguard: error: the store's keys are hashed with"
+        f" {APIKeyManager(pepper=servers).hash_scheme} but this process uses"
+        f" {APIKeyManager(pepper=mistyped).hash_scheme} (after ':' is a pepper id):"
+        " set KEYGUARD_PEPPER as the servers do"
+    )
 
 
 def test_scan_checks_the_pepper_only_when_a_key_is_not_found(

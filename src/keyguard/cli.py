@@ -368,12 +368,18 @@ def _scan_store(session: _Session) -> KeyStore | None:
 
 
 def _check_hash_scheme(manager: APIKeyManager, records: list[KeyInfo]) -> None:
-    """Refuse to call keys "unknown" when the store hashes keys differently (another pepper)."""
+    """Refuse to call keys "unknown" when the store hashes keys differently.
+
+    Schemes compare as whole strings: ``hmac-sha256:<pepper id>`` names the pepper too, so
+    a mistyped ``KEYGUARD_PEPPER`` is caught, not only a missing one.
+    """
     schemes = {r.hash_scheme for r in records}
     if records and manager.hash_scheme not in schemes:
+        peppered = any(":" in scheme for scheme in (manager.hash_scheme, *schemes))
+        ids = " (after ':' is a pepper id)" if peppered else ""
         raise CLIError(
             f"the store's keys are hashed with {'/'.join(sorted(schemes))} but this process"
-            f" uses {manager.hash_scheme}: set KEYGUARD_PEPPER as the servers do",
+            f" uses {manager.hash_scheme}{ids}: set KEYGUARD_PEPPER as the servers do",
             EXIT_USAGE,
         )
 
