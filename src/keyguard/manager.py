@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -25,7 +26,6 @@ from .exceptions import InvalidKeyError, KeyguardError, StoreError
 from .keys import (
     DEFAULT_PREFIX,
     KeyFormat,
-    digest_key,
     hash_scheme,
     mask_key,
     validate_prefix,
@@ -83,8 +83,31 @@ _accepted: Callable[[tuple[bool, Reason, KeyInfo]], Verification] = functools.pa
 _NOT_FOUND = Verification(False, Reason.NOT_FOUND)
 
 
-def _sha256_hex(key: str, _sha256: Callable[[bytes], Any] = hashlib.sha256) -> str:
-    return _sha256(key.encode()).hexdigest()  # type: ignore[no-any-return]
+def _refusal(info: KeyInfo) -> Verification:
+    """The refusal for a stored record that is not active."""
+    reason = Reason.REVOKED if info.revoked_at is not None else Reason.EXPIRED
+    return Verification(False, reason, info)
+
+
+def _due_for_touch(touched: dict[str, float], digest: str, now: float, every: float) -> bool:
+    """Whether to write ``last_used_at`` now: at most once per key per ``every`` seconds."""
+    if every == math.inf:
+        return False
+    last = touched.get(digest)
+    if last is not None and now - last < every:
+        return False
+    if len(touched) >= _TOUCH_CACHE_LIMIT:
+        touched.clear()
+    touched[digest] = now
+    return True
+
+
+def _touch(store: KeyStore, info: KeyInfo, now: float) -> None:
+    """Record the use of a key in ``store``; a failure to is logged, never raised."""
+    try:
+        store.touch(info.digest, _utc(now))
+    except StoreError as e:
+        logger.warning("could not record last use of %s: %s", info.key_id, e)
 
 
 def _utc(ts: float) -> datetime:
@@ -195,15 +218,37 @@ class APIKeyManager:
         )
         self._touched: dict[str, float] = {}
         self._clock = clock
-        self._get = self.store.get
-        self._digest: Callable[[str], str] = (
-            _sha256_hex if pepper is None else functools.partial(digest_key, pepper=pepper)
+        self._get: Callable[[str], KeyInfo | None] = self.store.get
+        if type(self.store) is MemoryStore:
+            # MemoryStore.get is its dict's get (the dict is never replaced): calling that
+            # directly spares a Python frame on every check.
+            self._get = self.store._records.get
+        # digest_key(key, pepper) is self._hash(key.encode()).hexdigest(); no Python frame.
+        self._hash: Callable[[bytes], Any] = (
+            hashlib.sha256
+            if pepper is None
+            else functools.partial(hmac.new, pepper, digestmod=hashlib.sha256)
         )
         self._async_store = self.store if isinstance(self.store, AsyncKeyStore) else None
-        if len(self.formats) == 1:
+        formats = self.formats
+        if len(formats) == 1:
             self.is_well_formed: Callable[[object], bool] = self.format.matcher()
         else:
-            self.is_well_formed = lambda key: any(f.matches(key) for f in self.formats)
+            self.is_well_formed = lambda key: any(f.matches(key) for f in formats)
+        # The form check of a str as one call that returns None for a malformed key: a regex
+        # fullmatch (C, no Python frame) unless a checksum needs computing too.
+        self._form: Callable[[str], object]
+        if checksum:
+            well_formed = self.is_well_formed
+            self._form = lambda key: True if well_formed(key) else None
+        else:
+            self._form = re.compile("|".join(f"(?:{f.pattern})" for f in formats)).fullmatch
+        self._check: Callable[[object], KeyInfo | Verification] = self._compile_check(
+            as_bool=False
+        )
+        if type(self).validate_key is APIKeyManager.validate_key:
+            # The hottest call of all is the check itself, not a method calling it.
+            vars(self)["validate_key"] = self._compile_check(as_bool=True)
 
     def __repr__(self) -> str:
         return f"APIKeyManager(store={self.store!r}, prefix={self.format.prefix!r})"
@@ -217,7 +262,7 @@ class APIKeyManager:
 
     def digest(self, key: str) -> str:
         """Return the digest the store keeps for ``key`` under this manager's scheme."""
-        return self._digest(key)
+        return self._hash(key.encode("utf-8")).hexdigest()  # type: ignore[no-any-return]
 
     # -- issuing -----------------------------------------------------------------------
 
@@ -309,29 +354,36 @@ class APIKeyManager:
 
     # -- checking ----------------------------------------------------------------------
 
-    @staticmethod
-    def _refusal(info: KeyInfo) -> Verification:
-        """The refusal for a stored record that is not active."""
-        reason = Reason.REVOKED if info.revoked_at is not None else Reason.EXPIRED
-        return Verification(False, reason, info)
+    def _compile_check(self, *, as_bool: bool) -> Callable[[object], Any]:
+        """Build the per-request check: a valid key's record, else the refusal (a Verification).
 
-    def _due_for_touch(self, digest: str, now: float) -> bool:
-        """Whether to write ``last_used_at`` now: at most once per key per resolution."""
-        if self._touch_every == math.inf:
-            return False
-        last = self._touched.get(digest)
-        if last is not None and now - last < self._touch_every:
-            return False
-        if len(self._touched) >= _TOUCH_CACHE_LIMIT:
-            self._touched.clear()
-        self._touched[digest] = now
-        return True
+        With ``as_bool`` it answers True or False instead (that is :meth:`validate_key`).
+        Every request runs it (through verify, validate_key or a middleware), so it is one
+        function with everything it reads bound in advance: one regex, one digest, one
+        lookup, one float compare. It keeps no reference to ``self``, so a dropped manager
+        is freed at once rather than by the garbage collector.
+        """
+        form, hash_, get, clock = self._form, self._hash, self._get, self._clock
+        store, touched, every = self.store, self._touched, self._touch_every
+        malformed, not_found = (False, False) if as_bool else (_MALFORMED, _NOT_FOUND)
 
-    def _touch(self, info: KeyInfo, now: float) -> None:
-        try:
-            self.store.touch(info.digest, _utc(now))
-        except StoreError as e:
-            logger.warning("could not record last use of %s: %s", info.key_id, e)
+        def check(key: object) -> Any:
+            if type(key) is not str or form(key) is None:
+                return malformed
+            info = get(hash_(key.encode()).hexdigest())
+            if info is None:
+                return not_found
+            now = clock()
+            if now < info.valid_until:
+                # info.digest: in the memory store, the very str object that _touched holds.
+                if now - touched.get(info.digest, _NEVER) >= every and _due_for_touch(
+                    touched, info.digest, now, every
+                ):
+                    _touch(store, info, now)
+                return True if as_bool else info
+            return False if as_bool else _refusal(info)
+
+        return check
 
     def verify(self, key: object) -> Verification:
         """Check ``key`` and say why it is or is not valid; never raises for bad input.
@@ -339,43 +391,43 @@ class APIKeyManager:
         A string that is not of this manager's form is ``malformed`` without touching the
         store. Store failures raise :class:`~keyguard.StoreError`.
         """
-        # This runs on every request: the active path is inlined (one digest, one lookup).
-        if not self.is_well_formed(key):
-            return _MALFORMED
-        info = self._get(self._digest(key))  # type: ignore[arg-type]
-        if info is None:
-            return _NOT_FOUND
-        now = self._clock()
-        if info.revoked_at is None and (info.expires_ts is None or info.expires_ts > now):
-            last = self._touched.get(info.digest, _NEVER)
-            if now - last >= self._touch_every and self._due_for_touch(info.digest, now):
-                self._touch(info, now)
-            return _accepted((True, _OK, info))
-        return self._refusal(info)
+        result = self._check(key)
+        if isinstance(result, Verification):
+            return result
+        return _accepted((True, _OK, result))
 
     async def averify(self, key: object) -> Verification:
         """:meth:`verify` for event loops: uses the store's async twin when it has one."""
+        if self._async_store is None:
+            return self.verify(key)
+        result = await self._acheck(key)
+        if isinstance(result, Verification):
+            return result
+        return _accepted((True, _OK, result))
+
+    async def _acheck(self, key: object) -> KeyInfo | Verification:
+        """:meth:`_check` for event loops, awaiting the store's async twin when it has one."""
         store = self._async_store
         if store is None:
-            return self.verify(key)
-        if not self.is_well_formed(key):
+            return self._check(key)
+        if type(key) is not str or self._form(key) is None:
             return _MALFORMED
-        info = await store.aget(self._digest(key))  # type: ignore[arg-type]
+        info = await store.aget(self._hash(key.encode()).hexdigest())
         if info is None:
             return _NOT_FOUND
         now = self._clock()
-        if info.revoked_at is not None or info.is_expired(now):
-            return self._refusal(info)
-        if self._due_for_touch(info.digest, now):
+        if now >= info.valid_until:
+            return _refusal(info)
+        if _due_for_touch(self._touched, info.digest, now, self._touch_every):
             try:
                 await store.atouch(info.digest, _utc(now))
             except StoreError as e:
                 logger.warning("could not record last use of %s: %s", info.key_id, e)
-        return Verification(True, Reason.OK, info)
+        return info
 
     def validate_key(self, key: object) -> bool:
         """Return True if ``key`` was issued and is neither revoked nor expired; never raises."""
-        return self.verify(key)[0]
+        return not isinstance(self._check(key), Verification)
 
     def get_metadata(self, key: object) -> dict[str, Any] | None:
         """Return a copy of a valid key's metadata, or None for any invalid key."""

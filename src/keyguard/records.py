@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -35,6 +36,9 @@ class KeyInfo:
     scopes: tuple[str, ...] = field(init=False, compare=False)
     #: ``expires_at`` as a POSIX timestamp, so the per-request expiry check is one float compare.
     expires_ts: float | None = field(init=False, repr=False, compare=False)
+    #: The POSIX time until which the key is accepted: ``-inf`` once revoked, ``inf`` if it
+    #: never expires. Precomputed so the per-request check of both is one float compare.
+    valid_until: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metadata", freeze(self.metadata))
@@ -42,6 +46,11 @@ class KeyInfo:
         object.__setattr__(self, "scopes", tuple(permissions))
         expires = None if self.expires_at is None else self.expires_at.timestamp()
         object.__setattr__(self, "expires_ts", expires)
+        if self.revoked_at is not None:
+            valid_until = -math.inf
+        else:
+            valid_until = math.inf if expires is None else expires
+        object.__setattr__(self, "valid_until", valid_until)
 
     @property
     def is_revoked(self) -> bool:
