@@ -23,15 +23,18 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from urllib.parse import unquote_plus
 
 from .keys import mask_key
-from .manager import Reason
+from .manager import APIKeyManager, Reason
 
 if TYPE_CHECKING:
-    from .manager import APIKeyManager, Verification
+    from collections.abc import Awaitable
+
+    from .manager import Verification
     from .records import KeyInfo
 
 __all__ = [
     "DEFAULT_HEADER_NAMES",
     "MAX_CREDENTIAL_LENGTH",
+    "Checks",
     "ErrorResponder",
     "ErrorResponse",
     "Guard",
@@ -40,6 +43,7 @@ __all__ = [
     "check_scopes",
     "how_to_send",
     "insufficient_scope",
+    "manager_checks",
 ]
 
 logger = logging.getLogger("keyguard")
@@ -251,6 +255,47 @@ def _caller_outside_keyguard() -> int:
     return level
 
 
+class Checks(NamedTuple):
+    """How a middleware checks keys: the manager's own checks when it is a plain manager."""
+
+    #: ``check(key)``: a valid key's record, else the refusal (a Verification).
+    check: Callable[[str], KeyInfo | Verification]
+    #: The same check of a header value's raw bytes (an ASGI header), sparing a decode.
+    check_raw: Callable[[bytes], KeyInfo | Verification]
+    #: ``await acheck(key)``: :attr:`check` through the store's async twin, if it has one.
+    acheck: Callable[[str], Awaitable[KeyInfo | Verification]]
+
+
+def manager_checks(manager: APIKeyManager) -> Checks:
+    """The manager's private checks, which build no Verification for a valid key.
+
+    A manager whose class overrides ``verify`` or ``averify`` is asked through those, so
+    the override still decides.
+    """
+    cls = type(manager)
+    if (
+        isinstance(manager, APIKeyManager)
+        and cls.verify is APIKeyManager.verify
+        and cls.averify is APIKeyManager.averify
+    ):
+        return Checks(manager._check, manager._check_raw, manager._acheck)
+
+    def check(key: str) -> KeyInfo | Verification:
+        return _record_or_refusal(manager.verify(key))
+
+    def check_raw(raw: bytes) -> KeyInfo | Verification:
+        return check(raw.decode("latin-1"))
+
+    async def acheck(key: str) -> KeyInfo | Verification:
+        return _record_or_refusal(await manager.averify(key))
+
+    return Checks(check, check_raw, acheck)
+
+
+def _record_or_refusal(result: Verification) -> KeyInfo | Verification:
+    return result.key if result.ok and result.key is not None else result
+
+
 class Guard:
     """The options both middlewares take, validated, with everything derived from them.
 
@@ -275,6 +320,7 @@ class Guard:
         if not callable(getattr(manager, "verify", None)):
             raise TypeError(f"manager must be an APIKeyManager, got {manager!r}")
         self.manager = manager
+        self.checks = manager_checks(manager)
         if isinstance(exempt_paths, str) or isinstance(exempt_patterns, (str, re.Pattern)):
             raise TypeError("exempt_paths and exempt_patterns take a list, not a single string")
         self.exempt_paths = frozenset(_check_exempt_path(p) for p in exempt_paths)

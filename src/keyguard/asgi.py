@@ -144,14 +144,18 @@ class APIKeyMiddleware:
         self._has_patterns = bool(self.guard.exempt_patterns)
         self._checks_path = bool(self._exempt) or self._has_patterns
         self._preflight = self.guard.allow_cors_preflight
+        self._may_let_through = self._checks_path or self._preflight
         self._simple = query_param is None
         self._strip = self.guard.strip_credentials
         self._required = bool(self.guard.required_scopes)
         self._problems = self.guard.problems
-        # A store without an async twin is answered inline by averify; calling verify
-        # directly gives the same result without a coroutine per request.
-        store = getattr(manager, "store", None)
-        self._verify = None if isinstance(store, AsyncKeyStore) else manager.verify
+        # A store without an async twin is answered inline by the async check; calling the
+        # sync one directly gives the same result without a coroutine per request.
+        checks = self.guard.checks
+        sync = not isinstance(getattr(manager, "store", None), AsyncKeyStore)
+        self._check = checks.check if sync else None
+        self._check_raw = checks.check_raw if sync else None
+        self._acheck = checks.acheck
 
     def __repr__(self) -> str:
         return f"APIKeyMiddleware(app={self.app!r}, manager={self.manager!r})"
@@ -160,16 +164,13 @@ class APIKeyMiddleware:
         if scope["type"] not in _GUARDED_SCOPES:
             await self.app(scope, receive, send)
             return
-        if (self._checks_path and self._is_exempt(scope)) or (
-            scope.get("method") == "OPTIONS"
-            and self._preflight
-            and _is_cors_preflight(scope["headers"])
-        ):
+        if self._may_let_through and self._lets_through(scope):
             await self._let_through(scope, receive, send)
             return
 
-        # Fast path: one credential header in its usual form, checked without parsing; any
-        # other shape (or a refusal as malformed) goes through the exact reader below.
+        # Fast path: one credential header in its usual form, its bytes checked as they are
+        # (no parsing, no decoding); any other shape (or a refusal as malformed) goes
+        # through the exact reader below.
         names = self._names
         found = None
         count = 0
@@ -177,32 +178,34 @@ class APIKeyMiddleware:
             if header[0] in names:
                 found = header
                 count += 1
-        key: str | None = None
+        raw: bytes | None = None
         if count == 1 and self._simple:
             name, value = found  # type: ignore[misc]
             if len(value) <= MAX_CREDENTIAL_LENGTH:
                 if not names[name]:
-                    key = value.decode("latin-1")
+                    raw = value
                 elif value[:7] in _BEARER_PREFIXES:
-                    key = value[7:].decode("latin-1")
+                    raw = value[7:]
 
-        if key is not None:
+        if raw is not None:
             try:
-                verify = self._verify
-                result = verify(key) if verify is not None else await self.manager.averify(key)
+                check = self._check_raw
+                if check is not None:
+                    result = check(raw)
+                else:
+                    result = await self._acheck(raw.decode("latin-1"))
             except StoreError as e:
                 await self._refuse(scope, send, self._store_failed(e))
                 return
-            if result.ok and not self._required:
-                info = result.key
-                scope["user"] = scope["auth"] = APIKeyUser(info)  # type: ignore[arg-type]
-                scope["keyguard.key"] = info
-                if self._strip:
-                    self._strip_credentials(scope)
-                await self.app(scope, receive, send)
-                return
-            if result.ok:
-                outcome: KeyInfo | Problem | None = result.key
+            if isinstance(result, KeyInfo):
+                if not self._required:
+                    scope["user"] = scope["auth"] = APIKeyUser(result)
+                    scope["keyguard.key"] = result
+                    if self._strip:
+                        self._strip_credentials(scope)
+                    await self.app(scope, receive, send)
+                    return
+                outcome: KeyInfo | Problem | None = result
             elif result.reason is _MALFORMED:
                 outcome = await self._authenticate(scope)
             else:
@@ -210,6 +213,14 @@ class APIKeyMiddleware:
         else:
             outcome = await self._authenticate(scope)
         await self._conclude(scope, receive, send, outcome)
+
+    def _lets_through(self, scope: Scope) -> bool:
+        """Whether the request needs no key: an exempt path or an allowed CORS preflight."""
+        return (self._checks_path and self._is_exempt(scope)) or (
+            self._preflight
+            and scope.get("method") == "OPTIONS"
+            and _is_cors_preflight(scope["headers"])
+        )
 
     async def _conclude(
         self, scope: Scope, receive: Receive, send: Send, outcome: KeyInfo | Problem | None
@@ -255,11 +266,11 @@ class APIKeyMiddleware:
         if key is None or isinstance(key, Problem):
             return key
         try:
-            verify = self._verify
-            result = verify(key) if verify is not None else await self.manager.averify(key)
+            check = self._check
+            result = check(key) if check is not None else await self._acheck(key)
         except StoreError as e:
             return self._store_failed(e)
-        return result.key if result.ok else guard.refusal(result)
+        return result if isinstance(result, KeyInfo) else guard.refusal(result)
 
     def _store_failed(self, error: StoreError) -> Problem:
         logger.error("cannot check API key, the key store failed: %s", error)

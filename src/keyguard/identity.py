@@ -25,7 +25,7 @@ class APIKeyUser:
         #: The record of the key that authenticated the request.
         self.key = key
         #: The key's scopes (its ``permissions``); a list of this request's own.
-        self.scopes = list(key.scopes)
+        self.scopes = [*key.scopes]
 
     @property
     def is_authenticated(self) -> Literal[True]:

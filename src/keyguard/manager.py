@@ -235,17 +235,20 @@ class APIKeyManager:
             self.is_well_formed: Callable[[object], bool] = self.format.matcher()
         else:
             self.is_well_formed = lambda key: any(f.matches(key) for f in formats)
-        # The form check of a str as one call that returns None for a malformed key: a regex
-        # fullmatch (C, no Python frame) unless a checksum needs computing too.
+        # The form check as one call that returns None for a malformed key, of a str and of
+        # its ASCII bytes: a regex fullmatch (C, no Python frame) unless there is a checksum.
         self._form: Callable[[str], object]
+        self._raw_form: Callable[[bytes], object]
         if checksum:
             well_formed = self.is_well_formed
             self._form = lambda key: True if well_formed(key) else None
+            self._raw_form = lambda raw: True if well_formed(raw.decode("latin-1")) else None
         else:
-            self._form = re.compile("|".join(f"(?:{f.pattern})" for f in formats)).fullmatch
-        self._check: Callable[[object], KeyInfo | Verification] = self._compile_check(
-            as_bool=False
-        )
+            pattern = "|".join(f"(?:{f.pattern})" for f in formats)
+            self._form = re.compile(pattern).fullmatch
+            self._raw_form = re.compile(pattern.encode("ascii")).fullmatch
+        self._check: Callable[[object], KeyInfo | Verification] = self._compile_check()
+        self._check_raw: Callable[[object], KeyInfo | Verification] = self._compile_check(raw=True)
         if type(self).validate_key is APIKeyManager.validate_key:
             # The hottest call of all is the check itself, not a method calling it.
             vars(self)["validate_key"] = self._compile_check(as_bool=True)
@@ -354,23 +357,31 @@ class APIKeyManager:
 
     # -- checking ----------------------------------------------------------------------
 
-    def _compile_check(self, *, as_bool: bool) -> Callable[[object], Any]:
+    def _compile_check(
+        self, *, as_bool: bool = False, raw: bool = False
+    ) -> Callable[[object], Any]:
         """Build the per-request check: a valid key's record, else the refusal (a Verification).
 
         With ``as_bool`` it answers True or False instead (that is :meth:`validate_key`).
+        With ``raw`` it takes the key as the bytes of an HTTP header value (what ASGI hands
+        over) instead of a str: a well-formed key is ASCII, so those bytes are what is hashed,
+        and anything else is malformed either way.
+
         Every request runs it (through verify, validate_key or a middleware), so it is one
         function with everything it reads bound in advance: one regex, one digest, one
         lookup, one float compare. It keeps no reference to ``self``, so a dropped manager
         is freed at once rather than by the garbage collector.
         """
-        form, hash_, get, clock = self._form, self._hash, self._get, self._clock
+        kind: Any = bytes if raw else str
+        form: Callable[[Any], object] = self._raw_form if raw else self._form
+        hash_, get, clock = self._hash, self._get, self._clock
         store, touched, every = self.store, self._touched, self._touch_every
         malformed, not_found = (False, False) if as_bool else (_MALFORMED, _NOT_FOUND)
 
-        def check(key: object) -> Any:
-            if type(key) is not str or form(key) is None:
+        def check(key: Any) -> Any:
+            if type(key) is not kind or form(key) is None:
                 return malformed
-            info = get(hash_(key.encode()).hexdigest())
+            info = get(hash_(key if raw else key.encode()).hexdigest())
             if info is None:
                 return not_found
             now = clock()

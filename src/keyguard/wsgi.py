@@ -24,12 +24,12 @@ from ._http import (
 )
 from .exceptions import StoreError
 from .manager import Reason
+from .records import KeyInfo
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from .manager import APIKeyManager
-    from .records import KeyInfo
 
 __all__ = ["APIKeyMiddleware", "ErrorResponder", "ErrorResponse", "Problem"]
 
@@ -96,6 +96,7 @@ class APIKeyMiddleware:
         self._strip = self.guard.strip_credentials
         self._required = bool(self.guard.required_scopes)
         self._problems = self.guard.problems
+        self._check = self.guard.checks.check
 
     def __repr__(self) -> str:
         return f"APIKeyMiddleware(app={self.app!r}, manager={self.manager!r})"
@@ -136,12 +137,12 @@ class APIKeyMiddleware:
             outcome = self._authenticate(environ)
         else:
             try:
-                result = self.manager.verify(key)
+                result = self._check(key)
             except StoreError as e:
                 outcome = self._store_failed(e)
             else:
-                if result.ok:
-                    outcome = result.key
+                if isinstance(result, KeyInfo):
+                    outcome = result
                 elif result.reason is _MALFORMED:
                     outcome = self._authenticate(environ)
                 else:
@@ -182,10 +183,10 @@ class APIKeyMiddleware:
         if key is None or isinstance(key, Problem):
             return key
         try:
-            result = self.manager.verify(key)
+            result = self._check(key)
         except StoreError as e:
             return self._store_failed(e)
-        return result.key if result.ok else guard.refusal(result)
+        return result if isinstance(result, KeyInfo) else guard.refusal(result)
 
     def _store_failed(self, error: StoreError) -> Problem:
         logger.error("cannot check API key, the key store failed: %s", error)
