@@ -67,6 +67,9 @@ class CachedStore:
         self._ainner = inner if isinstance(inner, AsyncKeyStore) else None
         self._found: OrderedDict[str, tuple[float, KeyInfo]] = OrderedDict()
         self._missing: OrderedDict[str, float] = OrderedDict()
+        # Bound once for the lock-free hit path (these dicts are cleared, never replaced).
+        self._found_get = self._found.get
+        self._found_to_end = self._found.move_to_end
         # Reads in flight, and those an invalidation overtook: their answer is not kept.
         self._inflight: dict[str, int] = {}
         self._stale: set[str] = set()
@@ -98,10 +101,10 @@ class CachedStore:
             # Under the GIL each OrderedDict call is atomic, so a hit needs no lock: an
             # entry evicted between these two calls only makes move_to_end raise KeyError.
             # (try/except, not contextlib.suppress: this path costs ~0.1 µs in all.)
-            entry = self._found.get(digest)
+            entry = self._found_get(digest)
             if entry is not None and entry[0] > self._clock():
                 try:  # noqa: SIM105
-                    self._found.move_to_end(digest)
+                    self._found_to_end(digest)
                 except KeyError:
                     pass
                 return entry[1]
@@ -119,10 +122,10 @@ class CachedStore:
 
     async def aget(self, digest: str) -> KeyInfo | None:
         if _LOCK_FREE_HITS:
-            entry = self._found.get(digest)
+            entry = self._found_get(digest)
             if entry is not None and entry[0] > self._clock():
                 try:  # noqa: SIM105
-                    self._found.move_to_end(digest)
+                    self._found_to_end(digest)
                 except KeyError:
                     pass
                 return entry[1]
