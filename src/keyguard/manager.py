@@ -249,9 +249,13 @@ class APIKeyManager:
             self._raw_form = re.compile(pattern.encode("ascii")).fullmatch
         self._check: Callable[[object], KeyInfo | Verification] = self._compile_check()
         self._check_raw: Callable[[object], KeyInfo | Verification] = self._compile_check(raw=True)
-        if type(self).validate_key is APIKeyManager.validate_key:
-            # The hottest call of all is the check itself, not a method calling it.
-            vars(self)["validate_key"] = self._compile_check(as_bool=True)
+        cls = type(self)
+        if cls.validate_key is APIKeyManager.validate_key and cls.verify is APIKeyManager.verify:
+            # The hottest call of all is the check itself, not a method calling verify.
+            validate_key = self._compile_check(as_bool=True)
+            validate_key.__qualname__ = APIKeyManager.validate_key.__qualname__
+            validate_key.__doc__ = APIKeyManager.validate_key.__doc__
+            vars(self)["validate_key"] = validate_key
 
     def __repr__(self) -> str:
         return f"APIKeyManager(store={self.store!r}, prefix={self.format.prefix!r})"
@@ -438,7 +442,7 @@ class APIKeyManager:
 
     def validate_key(self, key: object) -> bool:
         """Return True if ``key`` was issued and is neither revoked nor expired; never raises."""
-        return not isinstance(self._check(key), Verification)
+        return self.verify(key)[0]
 
     def get_metadata(self, key: object) -> dict[str, Any] | None:
         """Return a copy of a valid key's metadata, or None for any invalid key."""
