@@ -169,5 +169,5 @@ def test_identity_reprs_never_show_the_key() -> None:
     assert user == APIKeyUser(info)
     assert len({user, APIKeyUser(info)}) == 1
     anonymous = AnonymousUser()
-    assert (anonymous.identity, anonymous.key, anonymous.scopes) == (None, None, [])
+    assert (anonymous.identity, anonymous.key, anonymous.scopes) == (None, None, ())
     assert repr(anonymous) == "AnonymousUser()"

@@ -674,6 +674,45 @@ def test_last_used_at_is_written_at_most_once_per_resolution(
     assert store.calls["touch"] == 2
 
 
+def test_a_use_recorded_by_another_process_is_not_written_again(
+    store: CountingStore, clock: Clock
+) -> None:
+    # Each server worker has its own manager; the record tells them all when the key was
+    # last recorded as used, so the store gets one write per resolution, not one per worker.
+    workers = [APIKeyManager(store, clock=clock) for _ in range(4)]
+    key = workers[0].generate_key(user_id="u1")
+
+    for worker in workers:
+        assert worker.validate_key(key)
+    assert store.calls["touch"] == 1
+
+    clock.advance(timedelta(minutes=1))
+    for worker in reversed(workers):
+        assert worker.validate_key(key)
+    assert store.calls["touch"] == 2
+
+
+class TouchWritesNothingStore(CountingStore):
+    """A store whose last-use writes fail before writing anything (a busy database)."""
+
+    def touch(self, digest: str, at: datetime) -> None:
+        self.calls["touch"] += 1
+        raise StoreError("database is locked")
+
+
+def test_a_failed_last_use_write_is_retried_once_per_resolution(clock: Clock) -> None:
+    store = TouchWritesNothingStore()
+    manager = APIKeyManager(store, clock=clock)
+    key = manager.generate_key(user_id="u1")
+
+    for _ in range(5):
+        assert manager.validate_key(key)
+    assert store.calls["touch"] == 1
+    clock.advance(timedelta(minutes=1))
+    assert manager.validate_key(key)
+    assert store.calls["touch"] == 2
+
+
 def test_last_use_is_not_recorded_for_refused_keys(
     manager: APIKeyManager, store: CountingStore
 ) -> None:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from ._http import (
     DEFAULT_HEADER_NAMES,
-    MAX_CREDENTIAL_LENGTH,
     ErrorResponder,
     ErrorResponse,
     Guard,
@@ -148,6 +147,8 @@ class APIKeyMiddleware:
         self._simple = query_param is None
         self._strip = self.guard.strip_credentials
         self._required = bool(self.guard.required_scopes)
+        # A valid key with nothing more to check or strip: the common case, one flag.
+        self._admit_at_once = not self._required and not self._strip
         self._problems = self.guard.problems
         # A store without an async twin is answered inline by the async check; calling the
         # sync one directly gives the same result without a coroutine per request.
@@ -180,12 +181,13 @@ class APIKeyMiddleware:
                 count += 1
         raw: bytes | None = None
         if count == 1 and self._simple:
+            # No length check here: an oversized value fails the form check at once and
+            # the exact reader below refuses it as too large.
             name, value = found  # type: ignore[misc]
-            if len(value) <= MAX_CREDENTIAL_LENGTH:
-                if not names[name]:
-                    raw = value
-                elif value[:7] in _BEARER_PREFIXES:
-                    raw = value[7:]
+            if not names[name]:
+                raw = value
+            elif value[:7] in _BEARER_PREFIXES:
+                raw = value[7:]
 
         if raw is not None:
             try:
@@ -198,11 +200,9 @@ class APIKeyMiddleware:
                 await self._refuse(scope, send, self._store_failed(e))
                 return
             if isinstance(result, KeyInfo):
-                if not self._required:
+                if self._admit_at_once:
                     scope["user"] = scope["auth"] = APIKeyUser(result)
                     scope["keyguard.key"] = result
-                    if self._strip:
-                        self._strip_credentials(scope)
                     await self.app(scope, receive, send)
                     return
                 outcome: KeyInfo | Problem | None = result

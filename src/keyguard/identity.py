@@ -19,13 +19,16 @@ __all__ = ["APIKeyUser", "AnonymousUser"]
 class APIKeyUser:
     """The caller behind a valid API key; ``identity`` is the key's ``user_id``."""
 
-    __slots__ = ("key", "scopes")
+    __slots__ = ("key",)
 
     def __init__(self, key: KeyInfo) -> None:
         #: The record of the key that authenticated the request.
         self.key = key
-        #: The key's scopes (its ``permissions``); a list of this request's own.
-        self.scopes = [*key.scopes]
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """The key's scopes (its ``permissions``), read-only like the record itself."""
+        return self.key.scopes
 
     @property
     def is_authenticated(self) -> Literal[True]:
@@ -54,11 +57,10 @@ class APIKeyUser:
 class AnonymousUser:
     """A caller without a key, let through by optional mode, an exempt path or a preflight."""
 
-    __slots__ = ("scopes",)
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        #: Always empty at first; a list of this request's own.
-        self.scopes: list[str] = []
+    #: A caller without a key has no scopes.
+    scopes: tuple[str, ...] = ()
 
     @property
     def is_authenticated(self) -> Literal[False]:

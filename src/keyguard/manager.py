@@ -75,7 +75,6 @@ class Verification(NamedTuple):
 
 _MALFORMED = Verification(False, Reason.MALFORMED)
 _OK = Reason.OK
-_NEVER = -1e18  # "long ago", finite so that ``now - _NEVER < inf`` when tracking is off
 # NamedTuple's generated __new__ costs more than the rest of a check; this is the same object.
 _accepted: Callable[[tuple[bool, Reason, KeyInfo]], Verification] = functools.partial(
     tuple.__new__, Verification
@@ -90,7 +89,11 @@ def _refusal(info: KeyInfo) -> Verification:
 
 
 def _due_for_touch(touched: dict[str, float], digest: str, now: float, every: float) -> bool:
-    """Whether to write ``last_used_at`` now: at most once per key per ``every`` seconds."""
+    """Whether to write ``last_used_at`` now, for a record whose last use is stale.
+
+    ``touched`` remembers this process's recent attempts, so that a write that failed or
+    was skipped (a busy SQLite file) is retried once per ``every``, not on every request.
+    """
     if every == math.inf:
         return False
     last = touched.get(digest)
@@ -390,8 +393,9 @@ class APIKeyManager:
                 return not_found
             now = clock()
             if now < info.valid_until:
-                # info.digest: in the memory store, the very str object that _touched holds.
-                if now - touched.get(info.digest, _NEVER) >= every and _due_for_touch(
+                # The record says when the key was last recorded as used (by any process);
+                # only a stale one costs more than this compare.
+                if now - info.last_used_ts >= every and _due_for_touch(
                     touched, info.digest, now, every
                 ):
                     _touch(store, info, now)
@@ -433,7 +437,10 @@ class APIKeyManager:
         now = self._clock()
         if now >= info.valid_until:
             return _refusal(info)
-        if _due_for_touch(self._touched, info.digest, now, self._touch_every):
+        every = self._touch_every
+        if now - info.last_used_ts >= every and _due_for_touch(
+            self._touched, info.digest, now, every
+        ):
             try:
                 await store.atouch(info.digest, _utc(now))
             except StoreError as e:

@@ -39,6 +39,9 @@ class KeyInfo:
     #: The POSIX time until which the key is accepted: ``-inf`` once revoked, ``inf`` if it
     #: never expires. Precomputed so the per-request check of both is one float compare.
     valid_until: float = field(init=False, repr=False, compare=False)
+    #: ``last_used_at`` as a POSIX timestamp (``-inf`` if never used), so deciding whether
+    #: a use is worth recording is one float compare.
+    last_used_ts: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metadata", freeze(self.metadata))
@@ -51,6 +54,8 @@ class KeyInfo:
         else:
             valid_until = math.inf if expires is None else expires
         object.__setattr__(self, "valid_until", valid_until)
+        used = -math.inf if self.last_used_at is None else self.last_used_at.timestamp()
+        object.__setattr__(self, "last_used_ts", used)
 
     @property
     def is_revoked(self) -> bool:
