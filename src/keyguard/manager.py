@@ -223,9 +223,7 @@ class APIKeyManager:
         self._clock = clock
         self._get: Callable[[str], KeyInfo | None] = self.store.get
         if type(self.store) is MemoryStore:
-            # MemoryStore.get is its dict's get (the dict is never replaced): calling that
-            # directly spares a Python frame on every check.
-            self._get = self.store._records.get
+            self._get = self.store.lookup  # spares a Python frame on every check
         # digest_key(key, pepper) is self._hash(key.encode()).hexdigest(); no Python frame.
         self._hash: Callable[[bytes], Any] = (
             hashlib.sha256

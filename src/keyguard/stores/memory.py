@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from datetime import datetime
 
 from ..records import KeyInfo
@@ -41,6 +42,11 @@ class MemoryStore:
 
     def get(self, digest: str) -> KeyInfo | None:
         return self._records.get(digest)
+
+    #: ``get`` without a Python frame, for the per-request check (the dict is never replaced).
+    @property
+    def lookup(self) -> Callable[[str], KeyInfo | None]:
+        return self._records.get
 
     def get_by_id(self, key_id: str) -> KeyInfo | None:
         digest = self._by_id.get(key_id)
