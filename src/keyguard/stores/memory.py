@@ -43,9 +43,9 @@ class MemoryStore:
     def get(self, digest: str) -> KeyInfo | None:
         return self._records.get(digest)
 
-    #: ``get`` without a Python frame, for the per-request check (the dict is never replaced).
     @property
     def lookup(self) -> Callable[[str], KeyInfo | None]:
+        """``get`` without a Python frame, for the per-request check (the dict stays)."""
         return self._records.get
 
     def get_by_id(self, key_id: str) -> KeyInfo | None:
