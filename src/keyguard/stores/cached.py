@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import sys
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 
 from ..records import KeyInfo
+from ._fork import reset_after_fork
 from .base import AsyncKeyStore, InvalidationSource, KeyStore, Subscription
 
 __all__ = ["CachedStore"]
@@ -79,14 +78,7 @@ class CachedStore:
         self._closed = False
         if self._push:
             self._subscribe()
-        ref = weakref.ref(self)
-
-        def reset_in_child() -> None:
-            store = ref()
-            if store is not None:
-                store._reset_after_fork()
-
-        os.register_at_fork(after_in_child=reset_in_child)
+        reset_after_fork(self, type(self)._reset_after_fork)
 
     def __repr__(self) -> str:
         return (

@@ -19,10 +19,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import re
 import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._aio import PerLoop
+from ._fork import reset_after_fork
 from ._listener import POLL_SECONDS, Listener
 from ._url import redact_url
 
@@ -220,14 +219,7 @@ class PostgresStore:
         except BaseException:
             self.close()
             raise
-        ref = weakref.ref(self)
-
-        def forget_in_child() -> None:
-            store = ref()
-            if store is not None:
-                store._forget()
-
-        os.register_at_fork(after_in_child=forget_in_child)
+        reset_after_fork(self, type(self)._forget)
 
     def __repr__(self) -> str:
         try:

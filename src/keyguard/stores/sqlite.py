@@ -20,6 +20,7 @@ from typing import Any
 
 from ..exceptions import StoreError
 from ..records import KeyInfo
+from ._fork import reset_after_fork
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -125,14 +126,7 @@ class SQLiteStore:
         self._decode = functools.lru_cache(maxsize=_DECODE_CACHE)(_row_to_info)
         self._prepare_file()
         self._check_and_migrate()
-        ref = weakref.ref(self)
-
-        def forget_in_child() -> None:
-            store = ref()
-            if store is not None:
-                store._forget()
-
-        os.register_at_fork(after_in_child=forget_in_child)
+        reset_after_fork(self, type(self)._forget)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
