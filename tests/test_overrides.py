@@ -119,3 +119,28 @@ def test_checksum_keys_take_the_asgi_fast_path() -> None:
 
     assert asgi_get(manager, {"X-API-Key": key}).status_code == 200
     assert asgi_get(manager, {"X-API-Key": mistyped}).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "store",
+    [pytest.param(MemoryStore, id="sync store"), pytest.param(cached_memory, id="async twin")],
+)
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain keys", "checksum keys"])
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "BeArEr"])
+def test_every_spelling_of_bearer_is_judged_alike(
+    store: Callable[[], KeyStore], checksum: bool, scheme: str
+) -> None:
+    # "Bearer"/"bearer" take the fast path, other spellings the exact reader: same answers.
+    manager = APIKeyManager(store(), checksum=checksum)
+    key = manager.generate_key(user_id="u1")
+    revoked = manager.generate_key(user_id="u1")
+    manager.revoke_key(revoked)
+    mistyped = key[:-1] + ("0" if key[-1] != "0" else "1")
+
+    assert asgi_get(manager, {"Authorization": f"{scheme} {key}"}).status_code == 200
+    refused = asgi_get(manager, {"Authorization": f"{scheme} {revoked}"})
+    assert (refused.status_code, refused.json()["code"]) == (401, "revoked_api_key")
+    wrong = asgi_get(manager, {"Authorization": f"{scheme} {mistyped}"})
+    assert (wrong.status_code, wrong.json()["code"]) == (401, "invalid_api_key")
+    other = asgi_get(manager, {"Authorization": f"Basic {key}"})
+    assert (other.status_code, other.json()["code"]) == (401, "missing_api_key")

@@ -23,12 +23,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from urllib.parse import unquote_plus
 
 from .keys import mask_key
-from .manager import APIKeyManager, Reason
+from .manager import APIKeyManager, Reason, Verification
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
-    from .manager import Verification
     from .records import KeyInfo
 
 __all__ = [
@@ -262,6 +261,8 @@ class Checks(NamedTuple):
     check: Callable[[str], KeyInfo | Verification]
     #: The same check of a header value's raw bytes (an ASGI header), sparing a decode.
     check_raw: Callable[[bytes], KeyInfo | Verification]
+    #: The same check of a whole ``Bearer <key>`` header value's raw bytes.
+    check_bearer: Callable[[bytes], KeyInfo | Verification]
     #: ``await acheck(key)``: :attr:`check` through the store's async twin, if it has one.
     acheck: Callable[[str], Awaitable[KeyInfo | Verification]]
 
@@ -278,7 +279,7 @@ def manager_checks(manager: APIKeyManager) -> Checks:
         and cls.verify is APIKeyManager.verify
         and cls.averify is APIKeyManager.averify
     ):
-        return Checks(manager._check, manager._check_raw, manager._acheck)
+        return Checks(manager._check, manager._check_raw, manager._check_bearer, manager._acheck)
 
     def check(key: str) -> KeyInfo | Verification:
         return _record_or_refusal(manager.verify(key))
@@ -286,10 +287,17 @@ def manager_checks(manager: APIKeyManager) -> Checks:
     def check_raw(raw: bytes) -> KeyInfo | Verification:
         return check(raw.decode("latin-1"))
 
+    def check_bearer(value: bytes) -> KeyInfo | Verification:
+        return check_raw(value[7:]) if value[:7] in _RAW_BEARER else _MALFORMED_RESULT
+
     async def acheck(key: str) -> KeyInfo | Verification:
         return _record_or_refusal(await manager.averify(key))
 
-    return Checks(check, check_raw, acheck)
+    return Checks(check, check_raw, check_bearer, acheck)
+
+
+_RAW_BEARER = (b"Bearer ", b"bearer ")
+_MALFORMED_RESULT = Verification(False, Reason.MALFORMED)
 
 
 def _record_or_refusal(result: Verification) -> KeyInfo | Verification:

@@ -23,7 +23,7 @@ from ._http import (
 )
 from .exceptions import StoreError
 from .identity import AnonymousUser, APIKeyUser
-from .manager import Reason
+from .manager import Reason, Verification
 from .records import KeyInfo
 from .stores.base import AsyncKeyStore
 
@@ -42,6 +42,7 @@ logger = logging.getLogger("keyguard")
 
 _BEARER_PREFIXES = (b"Bearer ", b"bearer ")
 _MALFORMED = Reason.MALFORMED
+_MALFORMED_RESULT = Verification(False, Reason.MALFORMED)
 _GUARDED_SCOPES = frozenset({"http", "websocket"})
 
 
@@ -156,6 +157,7 @@ class APIKeyMiddleware:
         sync = not isinstance(getattr(manager, "store", None), AsyncKeyStore)
         self._check = checks.check if sync else None
         self._check_raw = checks.check_raw if sync else None
+        self._check_bearer = checks.check_bearer
         self._acheck = checks.acheck
 
     def __repr__(self) -> str:
@@ -183,19 +185,17 @@ class APIKeyMiddleware:
         if count == 1 and self._simple:
             # No length check here: an oversized value fails the form check at once and
             # the exact reader below refuses it as too large.
-            name, value = found  # type: ignore[misc]
-            if not names[name]:
-                raw = value
-            elif value[:7] in _BEARER_PREFIXES:
-                raw = value[7:]
+            name, raw = found  # type: ignore[misc]
+            bearer = names[name]
 
         if raw is not None:
             try:
-                check = self._check_raw
-                if check is not None:
-                    result = check(raw)
+                if self._check_raw is not None:
+                    result = self._check_bearer(raw) if bearer else self._check_raw(raw)
+                elif bearer and raw[:7] not in _BEARER_PREFIXES:
+                    result = _MALFORMED_RESULT
                 else:
-                    result = await self._acheck(raw.decode("latin-1"))
+                    result = await self._acheck((raw[7:] if bearer else raw).decode("latin-1"))
             except StoreError as e:
                 await self._refuse(scope, send, self._store_failed(e))
                 return

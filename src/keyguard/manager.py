@@ -75,6 +75,7 @@ class Verification(NamedTuple):
 
 _MALFORMED = Verification(False, Reason.MALFORMED)
 _OK = Reason.OK
+_BEARER = (b"Bearer ", b"bearer ")
 # NamedTuple's generated __new__ costs more than the rest of a check; this is the same object.
 _accepted: Callable[[tuple[bool, Reason, KeyInfo]], Verification] = functools.partial(
     tuple.__new__, Verification
@@ -240,16 +241,29 @@ class APIKeyManager:
         # its ASCII bytes: a regex fullmatch (C, no Python frame) unless there is a checksum.
         self._form: Callable[[str], object]
         self._raw_form: Callable[[bytes], object]
+        # ``Bearer <key>`` as one header value: the form check also finds the key (item 1
+        # of what it returns), sparing the slices that would cut the scheme off first.
+        self._bearer_form: Callable[[bytes], Any]
         if checksum:
             well_formed = self.is_well_formed
             self._form = lambda key: True if well_formed(key) else None
             self._raw_form = lambda raw: True if well_formed(raw.decode("latin-1")) else None
+            self._bearer_form = lambda value: (
+                (value, value[7:])
+                if value[:7] in _BEARER and well_formed(value[7:].decode("latin-1"))
+                else None
+            )
         else:
             pattern = "|".join(f"(?:{f.pattern})" for f in formats)
             self._form = re.compile(pattern).fullmatch
             self._raw_form = re.compile(pattern.encode("ascii")).fullmatch
+            bearer = b"(?:Bearer|bearer) (" + pattern.encode("ascii") + b")"
+            self._bearer_form = re.compile(bearer).fullmatch
         self._check: Callable[[object], KeyInfo | Verification] = self._compile_check()
         self._check_raw: Callable[[object], KeyInfo | Verification] = self._compile_check(raw=True)
+        self._check_bearer: Callable[[object], KeyInfo | Verification] = self._compile_check(
+            raw=True, bearer=True
+        )
         cls = type(self)
         if cls.validate_key is APIKeyManager.validate_key and cls.verify is APIKeyManager.verify:
             # The hottest call of all is the check itself, not a method calling verify.
@@ -363,14 +377,15 @@ class APIKeyManager:
     # -- checking ----------------------------------------------------------------------
 
     def _compile_check(
-        self, *, as_bool: bool = False, raw: bool = False
+        self, *, as_bool: bool = False, raw: bool = False, bearer: bool = False
     ) -> Callable[[object], Any]:
         """Build the per-request check: a valid key's record, else the refusal (a Verification).
 
         With ``as_bool`` it answers True or False instead (that is :meth:`validate_key`).
         With ``raw`` it takes the key as the bytes of an HTTP header value (what ASGI hands
         over) instead of a str: a well-formed key is ASCII, so those bytes are what is hashed,
-        and anything else is malformed either way.
+        and anything else is malformed either way. With ``bearer`` it takes a whole
+        ``Bearer <key>`` header value (scheme spelled ``Bearer`` or ``bearer``).
 
         Every request runs it (through verify, validate_key or a middleware), so it is one
         function with everything it reads bound in advance: one regex, one digest, one
@@ -378,15 +393,20 @@ class APIKeyManager:
         is freed at once rather than by the garbage collector.
         """
         kind: Any = bytes if raw else str
-        form: Callable[[Any], object] = self._raw_form if raw else self._form
+        form: Callable[[Any], Any] = (
+            self._bearer_form if bearer else self._raw_form if raw else self._form
+        )
         hash_, get, clock = self._hash, self._get, self._clock
         store, touched, every = self.store, self._touched, self._touch_every
         malformed, not_found = (False, False) if as_bool else (_MALFORMED, _NOT_FOUND)
 
         def check(key: Any) -> Any:
-            if type(key) is not kind or form(key) is None:
+            if type(key) is not kind:
                 return malformed
-            info = get(hash_(key if raw else key.encode()).hexdigest())
+            found = form(key)
+            if found is None:
+                return malformed
+            info = get(hash_(found[1] if bearer else key if raw else key.encode()).hexdigest())
             if info is None:
                 return not_found
             now = clock()
