@@ -288,7 +288,7 @@ def manager_checks(manager: APIKeyManager) -> Checks:
         return check(raw.decode("latin-1"))
 
     def check_bearer(value: bytes) -> KeyInfo | Verification:
-        return check_raw(value[7:]) if value[:7] in _RAW_BEARER else _MALFORMED_RESULT
+        return check_raw(value[7:]) if value[:7] in RAW_BEARER_PREFIXES else MALFORMED_RESULT
 
     async def acheck(key: str) -> KeyInfo | Verification:
         return _record_or_refusal(await manager.averify(key))
@@ -296,8 +296,11 @@ def manager_checks(manager: APIKeyManager) -> Checks:
     return Checks(check, check_raw, check_bearer, acheck)
 
 
-_RAW_BEARER = (b"Bearer ", b"bearer ")
-_MALFORMED_RESULT = Verification(False, Reason.MALFORMED)
+#: The two spellings of the Bearer scheme the fast paths read as raw bytes; any other
+#: spelling goes through the exact reader.
+RAW_BEARER_PREFIXES = (b"Bearer ", b"bearer ")
+#: The refusal of a malformed key, shared rather than built per request.
+MALFORMED_RESULT = Verification(False, Reason.MALFORMED)
 
 
 def _record_or_refusal(result: Verification) -> KeyInfo | Verification:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._http import (
     DEFAULT_HEADER_NAMES,
+    MALFORMED_RESULT,
+    RAW_BEARER_PREFIXES,
     ErrorResponder,
     ErrorResponse,
     Guard,
@@ -23,7 +25,7 @@ from ._http import (
 )
 from .exceptions import StoreError
 from .identity import AnonymousUser, APIKeyUser
-from .manager import Reason, Verification
+from .manager import Reason
 from .records import KeyInfo
 from .stores.base import AsyncKeyStore
 
@@ -40,9 +42,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 logger = logging.getLogger("keyguard")
 
-_BEARER_PREFIXES = (b"Bearer ", b"bearer ")
 _MALFORMED = Reason.MALFORMED
-_MALFORMED_RESULT = Verification(False, Reason.MALFORMED)
 _GUARDED_SCOPES = frozenset({"http", "websocket"})
 
 
@@ -192,8 +192,8 @@ class APIKeyMiddleware:
             try:
                 if self._check_raw is not None:
                     result = self._check_bearer(raw) if bearer else self._check_raw(raw)
-                elif bearer and raw[:7] not in _BEARER_PREFIXES:
-                    result = _MALFORMED_RESULT
+                elif bearer and raw[:7] not in RAW_BEARER_PREFIXES:
+                    result = MALFORMED_RESULT
                 else:
                     result = await self._acheck((raw[7:] if bearer else raw).decode("latin-1"))
             except StoreError as e:

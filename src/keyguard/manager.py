@@ -75,6 +75,8 @@ class Verification(NamedTuple):
 
 _MALFORMED = Verification(False, Reason.MALFORMED)
 _OK = Reason.OK
+# The Bearer spellings the compiled header check reads (the same as _http's fast path);
+# kept here because the manager must not import the HTTP layer.
 _BEARER = (b"Bearer ", b"bearer ")
 # NamedTuple's generated __new__ costs more than the rest of a check; this is the same object.
 _accepted: Callable[[tuple[bool, Reason, KeyInfo]], Verification] = functools.partial(
