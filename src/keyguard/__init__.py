@@ -17,17 +17,17 @@ from .manager import Reason as Reason
 from .manager import Verification as Verification
 from .records import KeyInfo as KeyInfo
 from .stores import AsyncKeyStore as AsyncKeyStore
+from .stores import CachedStore as CachedStore
 from .stores import KeyStore as KeyStore
 from .stores import MemoryStore as MemoryStore
 from .stores import SQLiteStore as SQLiteStore
 from .stores import store_from_url as store_from_url
 
 if _typing.TYPE_CHECKING:
-    from .stores.cached import CachedStore as CachedStore
     from .stores.postgres import PostgresStore as PostgresStore
     from .stores.redis import RedisStore as RedisStore
 
-_LAZY = {"CachedStore": "cached", "PostgresStore": "postgres", "RedisStore": "redis"}
+_LAZY = {"PostgresStore": "postgres", "RedisStore": "redis"}
 
 
 def __getattr__(name: str) -> _typing.Any:

@@ -8,30 +8,20 @@ any ASGI callable.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from ._http import (
-    DEFAULT_HEADER_NAMES,
-    MALFORMED_RESULT,
-    RAW_BEARER_PREFIXES,
-    ErrorResponder,
-    ErrorResponse,
-    Guard,
-    Problem,
-    carries_key,
-)
-from .exceptions import StoreError
+from ._middleware import Guard
 from .identity import AnonymousUser, APIKeyUser
-from .manager import Reason
+from .pipeline import DEFAULT_HEADER_NAMES, Pipeline, carries_key
+from .problems import ErrorResponder, ErrorResponse, Problem
 from .records import KeyInfo
-from .stores.base import AsyncKeyStore
 
 if TYPE_CHECKING:
     from .manager import APIKeyManager
 
+# ErrorResponder, ErrorResponse and Problem live in keyguard.problems; re-exported here.
 __all__ = ["APIKeyMiddleware", "ErrorResponder", "ErrorResponse", "Problem"]
 
 Scope = MutableMapping[str, Any]
@@ -40,9 +30,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-logger = logging.getLogger("keyguard")
-
-_MALFORMED = Reason.MALFORMED
 _GUARDED_SCOPES = frozenset({"http", "websocket"})
 
 
@@ -62,9 +49,11 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-def _is_cors_preflight(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+def _is_cors_preflight(scope: Scope) -> bool:
+    if scope.get("method") != "OPTIONS":
+        return False
     origin = requested_method = False
-    for name, _ in headers:
+    for name, _ in scope["headers"]:
         if name == b"origin":
             origin = True
         elif name == b"access-control-request-method":
@@ -123,42 +112,25 @@ class APIKeyMiddleware:
         error_responder: ErrorResponder | None = None,
         allow_cors_preflight: bool = False,
     ) -> None:
+        if not callable(getattr(manager, "averify", None)):
+            raise TypeError(f"manager must be an APIKeyManager, got {manager!r}")
         self.app = app
         self.manager = manager
         self.guard = Guard(
-            manager,
+            header_names=header_names,
+            query_param=query_param,
+            realm=realm,
+            required_scopes=required_scopes,
             exempt_paths=exempt_paths,
             exempt_patterns=exempt_patterns,
             optional=optional,
-            required_scopes=required_scopes,
-            header_names=header_names,
-            query_param=query_param,
             strip_credentials=strip_credentials,
-            realm=realm,
             error_responder=error_responder,
             allow_cors_preflight=allow_cors_preflight,
         )
-        # Hot-path copies of the guard's precomputed state, read once per request.
-        self._names = self.guard.raw_header_names
-        self._exempt = self.guard.exempt_paths
-        self._has_patterns = bool(self.guard.exempt_patterns)
-        self._checks_path = bool(self._exempt) or self._has_patterns
-        self._preflight = self.guard.allow_cors_preflight
-        self._may_let_through = self._checks_path or self._preflight
-        self._simple = query_param is None
-        self._strip = self.guard.strip_credentials
-        self._required = bool(self.guard.required_scopes)
-        # A valid key with nothing more to check or strip: the common case, one flag.
-        self._admit_at_once = not self._required and not self._strip
-        self._problems = self.guard.problems
-        # A store without an async twin is answered inline by the async check; calling the
-        # sync one directly gives the same result without a coroutine per request.
-        checks = self.guard.checks
-        sync = not isinstance(getattr(manager, "store", None), AsyncKeyStore)
-        self._check = checks.check if sync else None
-        self._check_raw = checks.check_raw if sync else None
-        self._check_bearer = checks.check_bearer
-        self._acheck = checks.acheck
+        self.pipeline = self.guard.pipeline
+        self._names = self.pipeline.raw_header_names
+        self._checks_path = bool(self.guard.exempt_paths or self.guard.exempt_patterns)
 
     def __repr__(self) -> str:
         return f"APIKeyMiddleware(app={self.app!r}, manager={self.manager!r})"
@@ -167,114 +139,36 @@ class APIKeyMiddleware:
         if scope["type"] not in _GUARDED_SCOPES:
             await self.app(scope, receive, send)
             return
-        if self._may_let_through and self._lets_through(scope):
+        guard = self.guard
+        if (self._checks_path and self._is_exempt(scope)) or (
+            guard.allow_cors_preflight and _is_cors_preflight(scope)
+        ):
             await self._let_through(scope, receive, send)
             return
-
-        # Fast path: one credential header in its usual form, its bytes checked as they are
-        # (no parsing, no decoding); any other shape (or a refusal as malformed) goes
-        # through the exact reader below.
-        names = self._names
-        found = None
-        count = 0
-        for header in scope["headers"]:
-            if header[0] in names:
-                found = header
-                count += 1
-        raw: bytes | None = None
-        if count == 1 and self._simple:
-            # No length check here: an oversized value fails the form check at once and
-            # the exact reader below refuses it as too large.
-            name, raw = found  # type: ignore[misc]
-            bearer = names[name]
-
-        if raw is not None:
-            try:
-                if self._check_raw is not None:
-                    result = self._check_bearer(raw) if bearer else self._check_raw(raw)
-                elif bearer and raw[:7] not in RAW_BEARER_PREFIXES:
-                    result = MALFORMED_RESULT
-                else:
-                    result = await self._acheck((raw[7:] if bearer else raw).decode("latin-1"))
-            except StoreError as e:
-                await self._refuse(scope, send, self._store_failed(e))
-                return
-            if isinstance(result, KeyInfo):
-                if self._admit_at_once:
-                    scope["user"] = scope["auth"] = APIKeyUser(result)
-                    scope["keyguard.key"] = result
-                    await self.app(scope, receive, send)
-                    return
-                outcome: KeyInfo | Problem | None = result
-            elif result.reason is _MALFORMED:
-                outcome = await self._authenticate(scope)
-            else:
-                outcome = self.guard.refusal(result)
-        else:
-            outcome = await self._authenticate(scope)
-        await self._conclude(scope, receive, send, outcome)
-
-    def _lets_through(self, scope: Scope) -> bool:
-        """Whether the request needs no key: an exempt path or an allowed CORS preflight."""
-        return (self._checks_path and self._is_exempt(scope)) or (
-            self._preflight
-            and scope.get("method") == "OPTIONS"
-            and _is_cors_preflight(scope["headers"])
+        values, query_values = read_credentials(self.pipeline, scope)
+        client = scope.get("client")
+        outcome = await self.pipeline.aauthenticate(
+            self.manager, values, query_values, client[0] if client else None
         )
-
-    async def _conclude(
-        self, scope: Scope, receive: Receive, send: Send, outcome: KeyInfo | Problem | None
-    ) -> None:
-        """Admit, let through or refuse the request, once its credential is judged."""
-        if outcome is None:
-            if self.guard.optional:
-                await self._let_through(scope, receive, send)
-            else:
-                await self._refuse(scope, send, self._problems.missing)
-        elif isinstance(outcome, Problem):
-            await self._refuse(scope, send, outcome)
-        elif self._required and self.guard.missing_scope(outcome):
-            await self._refuse(scope, send, self._problems.insufficient_scope)
-        else:
+        if isinstance(outcome, KeyInfo):
             scope["user"] = scope["auth"] = APIKeyUser(outcome)
             scope["keyguard.key"] = outcome
-            if self._strip:
+            scope["keyguard.guard"] = guard
+            if guard.strip_credentials:
                 self._strip_credentials(scope)
             await self.app(scope, receive, send)
+        elif outcome is None and guard.optional:
+            await self._let_through(scope, receive, send)
+        else:
+            problem = guard.problems.missing if outcome is None else outcome
+            await refuse(guard, scope, send, problem)
 
     def _is_exempt(self, scope: Scope) -> bool:
         path = route_path(scope)
-        return path in self._exempt or (
-            self._has_patterns and self.guard.is_exempt_by_pattern(path)
-        )
-
-    async def _authenticate(self, scope: Scope) -> KeyInfo | Problem | None:
-        """The exact path: read every credential, then verify the one key found."""
         guard = self.guard
-        names = self._names
-        values = [
-            (names[name], value.decode("latin-1"))
-            for name, value in scope["headers"]
-            if name in names
-        ]
-        query_values: list[str] = []
-        if guard.query_param is not None:
-            query = scope.get("query_string", b"").decode("latin-1")
-            if query:
-                query_values, _ = guard.split_query(query)
-        key = guard.extract(values, query_values)
-        if key is None or isinstance(key, Problem):
-            return key
-        try:
-            check = self._check
-            result = check(key) if check is not None else await self._acheck(key)
-        except StoreError as e:
-            return self._store_failed(e)
-        return result if isinstance(result, KeyInfo) else guard.refusal(result)
-
-    def _store_failed(self, error: StoreError) -> Problem:
-        logger.error("cannot check API key, the key store failed: %s", error)
-        return self._problems.store_unavailable
+        return path in guard.exempt_paths or (
+            bool(guard.exempt_patterns) and guard.is_exempt_by_pattern(path)
+        )
 
     async def _let_through(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Call the app for a request without a key: an anonymous user, no scopes."""
@@ -283,7 +177,8 @@ class APIKeyMiddleware:
         scope.setdefault("user", anonymous)
         scope.setdefault("auth", anonymous)
         scope["keyguard.key"] = None
-        if self._strip:
+        scope["keyguard.guard"] = self.guard
+        if self.guard.strip_credentials:
             self._strip_credentials(scope)
         await self.app(scope, receive, send)
 
@@ -294,13 +189,35 @@ class APIKeyMiddleware:
             for name, value in scope["headers"]
             if name not in names or not carries_key(names[name], value.decode("latin-1"))
         ]
-        if self.guard.query_param is not None and scope.get("query_string"):
-            _, rest = self.guard.split_query(scope["query_string"].decode("latin-1"))
+        pipeline = self.pipeline
+        if pipeline.query_param is not None and scope.get("query_string"):
+            _, rest = pipeline.split_query(scope["query_string"].decode("latin-1"))
             scope["query_string"] = rest.encode("latin-1")
 
-    async def _refuse(self, scope: Scope, send: Send, problem: Problem) -> None:
-        """Send ``problem`` (or the user's rendering of it) without calling the app."""
-        await send_refusal(scope, send, problem, self.guard.render(problem, scope))
+
+def read_credentials(pipeline: Pipeline, scope: Scope) -> tuple[list[tuple[bool, str]], list[str]]:
+    """The credential header values (with their Bearer flag) and query values of a scope."""
+    names = pipeline.raw_header_names
+    values = [(names[n], v.decode("latin-1")) for n, v in scope["headers"] if n in names]
+    query_values: list[str] = []
+    if pipeline.query_param is not None:
+        query = scope.get("query_string", b"").decode("latin-1")
+        if query:
+            query_values, _ = pipeline.split_query(query)
+    return values, query_values
+
+
+def render(guard: Guard, scope: Scope, problem: Problem) -> ErrorResponse | None:
+    """The guard's ``error_responder`` rendering of ``problem``, or None for the default."""
+    if guard.error_responder is None:
+        return None
+    values, query_values = read_credentials(guard.pipeline, scope)
+    return guard.render(problem, scope, [v for _, v in values] + query_values)
+
+
+async def refuse(guard: Guard, scope: Scope, send: Send, problem: Problem) -> None:
+    """Send ``problem``, or the guard's ``error_responder`` rendering of it."""
+    await send_refusal(scope, send, problem, render(guard, scope, problem))
 
 
 async def send_refusal(

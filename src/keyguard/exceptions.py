@@ -5,6 +5,11 @@ Bad configuration and bad arguments raise plain :class:`ValueError` / :class:`Ty
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .manager import Reason
+
 __all__ = ["InvalidKeyError", "KeyguardError", "StoreError"]
 
 
@@ -19,7 +24,7 @@ class StoreError(KeyguardError):
 class InvalidKeyError(KeyguardError):
     """An operation needs an active key and got one that is not (see :attr:`reason`)."""
 
-    def __init__(self, message: str, reason: str) -> None:
+    def __init__(self, message: str, reason: Reason) -> None:
         super().__init__(message)
-        #: The :class:`keyguard.Reason` value that made the key unusable.
+        #: Why the key was unusable (a :class:`keyguard.Reason`, which is also a str).
         self.reason = reason

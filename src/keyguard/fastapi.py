@@ -27,9 +27,10 @@ from fastapi.requests import HTTPConnection, Request
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 
-from ._http import DEFAULT_HEADER_NAMES, Guard, Problem
-from .exceptions import StoreError
+from .asgi import read_credentials
 from .manager import APIKeyManager
+from .pipeline import DEFAULT_HEADER_NAMES, Pipeline
+from .problems import Problem
 from .records import KeyInfo
 
 __all__ = [
@@ -82,18 +83,11 @@ def install(app: FastAPI, manager: APIKeyManager | None = None) -> None:
         setattr(app.state, MANAGER_STATE, manager)
 
 
-class _ManagerFromApp:
-    """Stands in for a manager that each request finds in ``app.state``."""
-
-    def verify(self, key: object) -> None:
-        raise RuntimeError("the manager is looked up per request")  # pragma: no cover
-
-
-def _security_schemes(guard: Guard) -> list[APIKeyHeader | HTTPBearer]:
+def _security_schemes(pipeline: Pipeline) -> list[APIKeyHeader | HTTPBearer]:
     """One OpenAPI security scheme per credential header, for Swagger's Authorize button."""
     schemes: list[APIKeyHeader | HTTPBearer] = []
-    for lower, bearer in guard.header_names.items():
-        name = guard.display_names[lower]
+    for lower, bearer in pipeline.header_names.items():
+        name = pipeline.display_names[lower]
         if bearer:
             schemes.append(
                 HTTPBearer(
@@ -137,21 +131,7 @@ def require_api_key(
         ``Bearer <key>``. Each becomes a security scheme in the OpenAPI document.
     :param realm: the realm in ``WWW-Authenticate`` challenges.
     """
-    guard = Guard(
-        manager if manager is not None else _ManagerFromApp(),  # type: ignore[arg-type]
-        exempt_paths=(),
-        exempt_patterns=(),
-        optional=False,
-        required_scopes=scopes,
-        header_names=header_names,
-        query_param=None,
-        strip_credentials=False,
-        realm=realm,
-        error_responder=None,
-        allow_cors_preflight=False,
-    )
-    names = guard.raw_header_names
-    problems = guard.problems
+    pipeline = Pipeline(header_names=header_names, realm=realm, required_scopes=scopes)
 
     def find_manager(conn: HTTPConnection) -> APIKeyManager:
         if manager is not None:
@@ -164,35 +144,25 @@ def require_api_key(
             )
         return found  # type: ignore[no-any-return]
 
-    async def authenticate(conn: HTTPConnection) -> KeyInfo:
-        values = [
-            (names[name], value.decode("latin-1"))
-            for name, value in conn.scope["headers"]
-            if name in names
-        ]
-        key = guard.extract(values) if values else None
-        if key is None:
-            raise APIKeyHTTPException(problems.missing)
-        if isinstance(key, Problem):
-            raise APIKeyHTTPException(key)
-        try:
-            result = await find_manager(conn).averify(key)
-        except StoreError as e:
-            logger.error("cannot check API key, the key store failed: %s", e)
-            raise APIKeyHTTPException(problems.store_unavailable) from e
-        if not result.ok or result.key is None:
-            raise APIKeyHTTPException(guard.refusal(result))
-        # Later dependencies in the same request reuse the check.
-        conn.scope["keyguard.key"] = result.key
-        return result.key
-
     async def api_key(conn: HTTPConnection, **_schemes: object) -> KeyInfo:
-        info = conn.scope.get("keyguard.key")
-        if not isinstance(info, KeyInfo):
-            info = await authenticate(conn)
-        if guard.missing_scope(info):
-            raise APIKeyHTTPException(problems.insufficient_scope)
-        return info
+        scope = conn.scope
+        client = scope.get("client")
+        address = client[0] if client else None
+        info = scope.get("keyguard.key")
+        outcome: KeyInfo | Problem | None
+        if isinstance(info, KeyInfo):
+            outcome = pipeline.admit(info, address)
+        else:
+            values, _ = read_credentials(pipeline, scope)
+            outcome = await pipeline.aauthenticate(find_manager(conn), values, (), address)
+            if isinstance(outcome, KeyInfo):
+                # Later dependencies in the same request reuse the check.
+                scope["keyguard.key"] = outcome
+        if outcome is None:
+            raise APIKeyHTTPException(pipeline.problems.missing)
+        if isinstance(outcome, Problem):
+            raise APIKeyHTTPException(outcome)
+        return outcome
 
     # FastAPI reads dependencies from the signature: the schemes document the credential
     # in OpenAPI; their values are ignored, since ``authenticate`` reads the headers exactly.
@@ -204,7 +174,7 @@ def require_api_key(
             inspect.Parameter(
                 f"_scheme{i}", inspect.Parameter.KEYWORD_ONLY, default=Depends(s), annotation=Any
             )
-            for i, s in enumerate(_security_schemes(guard))
+            for i, s in enumerate(_security_schemes(pipeline))
         ),
     ]
     api_key.__signature__ = inspect.Signature(  # type: ignore[attr-defined]

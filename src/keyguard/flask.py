@@ -22,11 +22,11 @@ from typing import Any, TypeVar, cast
 from flask import Flask, current_app, request
 from flask.wrappers import Response
 
-from ._http import Problem, check_scopes, insufficient_scope
-from .exceptions import StoreError
 from .manager import APIKeyManager
+from .pipeline import check_scopes
+from .problems import Problem, insufficient_scope
 from .records import KeyInfo
-from .wsgi import APIKeyMiddleware
+from .wsgi import APIKeyMiddleware, read_credentials
 
 __all__ = ["EXTENSION_NAME", "KeyGuard", "current_key", "require_scopes"]
 
@@ -86,31 +86,23 @@ class KeyGuard:
         """
         if self.middleware is None or self.manager is None:
             raise RuntimeError("KeyGuard.init_app(app) has not been called")
-        guard = self.middleware.guard
-        values = [
-            (bearer, environ[name]) for name, bearer in guard.environ_names if name in environ
-        ]
-        key = guard.extract(values)
-        if key is None:
-            return guard.problems.missing
-        if isinstance(key, Problem):
-            return key
-        try:
-            result = self.manager.verify(key)
-        except StoreError as e:
-            logger.error("cannot check API key, the key store failed: %s", e)
-            return guard.problems.store_unavailable
-        if not result.ok or result.key is None:
-            return guard.refusal(result)
-        environ["keyguard.key"] = result.key
-        environ["REMOTE_USER"] = result.key.user_id
-        return result.key
+        pipeline = self.middleware.pipeline
+        values, query_values = read_credentials(pipeline, environ)
+        outcome = pipeline.authenticate(
+            self.manager, values, query_values, environ.get("REMOTE_ADDR")
+        )
+        if outcome is None:
+            return pipeline.problems.missing
+        if isinstance(outcome, KeyInfo):
+            environ["keyguard.key"] = outcome
+            environ["REMOTE_USER"] = outcome.user_id
+        return outcome
 
     def insufficient_scope(self, scopes: tuple[str, ...]) -> Problem:
         """The 403 sent when the key lacks one of ``scopes``, naming them in the challenge."""
         if self.middleware is None:
             raise RuntimeError("KeyGuard.init_app(app) has not been called")
-        return insufficient_scope(self.middleware.guard.realm, scopes)
+        return insufficient_scope(self.middleware.pipeline.realm, scopes)
 
 
 def current_key() -> KeyInfo | None:

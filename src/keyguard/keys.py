@@ -13,7 +13,6 @@ import hmac
 import re
 import secrets
 import zlib
-from collections.abc import Callable
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -34,8 +33,6 @@ KEY_BODY_LENGTH = 32
 _CHECKSUM_LENGTH = 8
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,20}")
 _HEX_RE = re.compile(f"[0-9a-f]{{{KEY_BODY_LENGTH}}}")
-# A guessed prefix is at most three short word-like segments ("sk_live_"), so masking a
-# secret that merely contains a '-' or '_' does not show everything in front of it.
 HASH_SCHEME_SHA256 = "sha256"
 HASH_SCHEME_HMAC_SHA256 = "hmac-sha256"
 
@@ -59,8 +56,8 @@ def _crc(text: str) -> str:
 class KeyFormat:
     """One key format (a prefix, with or without a checksum), compiled once.
 
-    ``matches`` is the pure form check used on every request, so it is a single
-    precompiled ``fullmatch`` (plus the CRC32 when the format has a checksum).
+    ``matches`` is the pure form check run on every request: one precompiled
+    ``fullmatch`` (plus the CRC32 when the format has a checksum).
     """
 
     __slots__ = ("_regex", "checksum", "prefix")
@@ -105,17 +102,6 @@ class KeyFormat:
         if self.checksum:
             return _crc(key[:-_CHECKSUM_LENGTH]) == key[-_CHECKSUM_LENGTH:]
         return True
-
-    def matcher(self) -> Callable[[object], bool]:
-        """Return :meth:`matches` as a plain function, for the per-request hot path."""
-        if self.checksum:
-            return self.matches
-        fullmatch = self._regex.fullmatch
-
-        def matches(key: object) -> bool:
-            return type(key) is str and fullmatch(key) is not None
-
-        return matches
 
 
 def generate_key(prefix: str = DEFAULT_PREFIX, *, checksum: bool = False) -> str:

@@ -7,9 +7,6 @@ format is in :mod:`keyguard.keys` and persistence behind :class:`~keyguard.store
 from __future__ import annotations
 
 import enum
-import functools
-import hashlib
-import hmac
 import json
 import logging
 import math
@@ -26,6 +23,7 @@ from .exceptions import InvalidKeyError, KeyguardError, StoreError
 from .keys import (
     DEFAULT_PREFIX,
     KeyFormat,
+    digest_key,
     hash_scheme,
     mask_key,
     validate_prefix,
@@ -74,46 +72,23 @@ class Verification(NamedTuple):
 
 
 _MALFORMED = Verification(False, Reason.MALFORMED)
-_OK = Reason.OK
-# The Bearer spellings the compiled header check reads (the same as _http's fast path);
-# kept here because the manager must not import the HTTP layer.
-_BEARER = (b"Bearer ", b"bearer ")
-# NamedTuple's generated __new__ costs more than the rest of a check; this is the same object.
-_accepted: Callable[[tuple[bool, Reason, KeyInfo]], Verification] = functools.partial(
-    tuple.__new__, Verification
-)
 _NOT_FOUND = Verification(False, Reason.NOT_FOUND)
 
 
-def _refusal(info: KeyInfo) -> Verification:
-    """The refusal for a stored record that is not active."""
+def _judge(info: KeyInfo | None, now: float) -> Verification:
+    """The verdict on the record a key's digest found (or None) at POSIX time ``now``."""
+    if info is None:
+        return _NOT_FOUND
+    if now < info.valid_until:
+        return Verification(True, Reason.OK, info)
     reason = Reason.REVOKED if info.revoked_at is not None else Reason.EXPIRED
     return Verification(False, reason, info)
 
 
-def _due_for_touch(touched: dict[str, float], digest: str, now: float, every: float) -> bool:
-    """Whether to write ``last_used_at`` now, for a record whose last use is stale.
-
-    ``touched`` remembers this process's recent attempts, so that a write that failed or
-    was skipped (a busy SQLite file) is retried once per ``every``, not on every request.
-    """
-    if every == math.inf:
-        return False
-    last = touched.get(digest)
-    if last is not None and now - last < every:
-        return False
-    if len(touched) >= _TOUCH_CACHE_LIMIT:
-        touched.clear()
-    touched[digest] = now
-    return True
-
-
-def _touch(store: KeyStore, info: KeyInfo, now: float) -> None:
-    """Record the use of a key in ``store``; a failure to is logged, never raised."""
-    try:
-        store.touch(info.digest, _utc(now))
-    except StoreError as e:
-        logger.warning("could not record last use of %s: %s", info.key_id, e)
+def _touch_failed(info: KeyInfo | None, error: StoreError) -> None:
+    """Log a failed ``last_used_at`` write: it is best effort and never fails a check."""
+    key_id = None if info is None else info.key_id
+    logger.warning("could not record last use of %s: %s", key_id, error)
 
 
 def _utc(ts: float) -> datetime:
@@ -217,6 +192,7 @@ class APIKeyManager:
             raise ValueError("pepper must be at least 16 bytes; use secrets.token_hex(32)")
         #: Recorded with every key; with a pepper it also names which pepper.
         self.hash_scheme = hash_scheme(pepper)
+        self._pepper = pepper
         self._touch_every: float = (
             math.inf
             if last_used_resolution is None
@@ -224,55 +200,6 @@ class APIKeyManager:
         )
         self._touched: dict[str, float] = {}
         self._clock = clock
-        self._get: Callable[[str], KeyInfo | None] = self.store.get
-        if type(self.store) is MemoryStore:
-            self._get = self.store.lookup  # spares a Python frame on every check
-        # digest_key(key, pepper) is self._hash(key.encode()).hexdigest(); no Python frame.
-        self._hash: Callable[[bytes], Any] = (
-            hashlib.sha256
-            if pepper is None
-            else functools.partial(hmac.new, pepper, digestmod=hashlib.sha256)
-        )
-        self._async_store = self.store if isinstance(self.store, AsyncKeyStore) else None
-        formats = self.formats
-        if len(formats) == 1:
-            self.is_well_formed: Callable[[object], bool] = self.format.matcher()
-        else:
-            self.is_well_formed = lambda key: any(f.matches(key) for f in formats)
-        # The form check as one call that returns None for a malformed key, of a str and of
-        # its ASCII bytes: a regex fullmatch (C, no Python frame) unless there is a checksum.
-        self._form: Callable[[str], object]
-        self._raw_form: Callable[[bytes], object]
-        # ``Bearer <key>`` as one header value: the form check also finds the key (item 1
-        # of what it returns), sparing the slices that would cut the scheme off first.
-        self._bearer_form: Callable[[bytes], Any]
-        if checksum:
-            well_formed = self.is_well_formed
-            self._form = lambda key: True if well_formed(key) else None
-            self._raw_form = lambda raw: True if well_formed(raw.decode("latin-1")) else None
-            self._bearer_form = lambda value: (
-                (value, value[7:])
-                if value[:7] in _BEARER and well_formed(value[7:].decode("latin-1"))
-                else None
-            )
-        else:
-            pattern = "|".join(f"(?:{f.pattern})" for f in formats)
-            self._form = re.compile(pattern).fullmatch
-            self._raw_form = re.compile(pattern.encode("ascii")).fullmatch
-            bearer = b"(?:Bearer|bearer) (" + pattern.encode("ascii") + b")"
-            self._bearer_form = re.compile(bearer).fullmatch
-        self._check: Callable[[object], KeyInfo | Verification] = self._compile_check()
-        self._check_raw: Callable[[object], KeyInfo | Verification] = self._compile_check(raw=True)
-        self._check_bearer: Callable[[object], KeyInfo | Verification] = self._compile_check(
-            raw=True, bearer=True
-        )
-        cls = type(self)
-        if cls.validate_key is APIKeyManager.validate_key and cls.verify is APIKeyManager.verify:
-            # The hottest call of all is the check itself, not a method calling verify.
-            validate_key = self._compile_check(as_bool=True)
-            validate_key.__qualname__ = APIKeyManager.validate_key.__qualname__
-            validate_key.__doc__ = APIKeyManager.validate_key.__doc__
-            vars(self)["validate_key"] = validate_key
 
     def __repr__(self) -> str:
         return f"APIKeyManager(store={self.store!r}, prefix={self.format.prefix!r})"
@@ -286,7 +213,7 @@ class APIKeyManager:
 
     def digest(self, key: str) -> str:
         """Return the digest the store keeps for ``key`` under this manager's scheme."""
-        return self._hash(key.encode("utf-8")).hexdigest()  # type: ignore[no-any-return]
+        return digest_key(key, self._pepper)
 
     # -- issuing -----------------------------------------------------------------------
 
@@ -378,98 +305,77 @@ class APIKeyManager:
 
     # -- checking ----------------------------------------------------------------------
 
-    def _compile_check(
-        self, *, as_bool: bool = False, raw: bool = False, bearer: bool = False
-    ) -> Callable[[object], Any]:
-        """Build the per-request check: a valid key's record, else the refusal (a Verification).
-
-        With ``as_bool`` it answers True or False instead (that is :meth:`validate_key`).
-        With ``raw`` it takes the key as the bytes of an HTTP header value (what ASGI hands
-        over) instead of a str: a well-formed key is ASCII, so those bytes are what is hashed,
-        and anything else is malformed either way. With ``bearer`` it takes a whole
-        ``Bearer <key>`` header value (scheme spelled ``Bearer`` or ``bearer``).
-
-        Every request runs it (through verify, validate_key or a middleware), so it is one
-        function with everything it reads bound in advance: one regex, one digest, one
-        lookup, one float compare. It keeps no reference to ``self``, so a dropped manager
-        is freed at once rather than by the garbage collector.
-        """
-        kind: Any = bytes if raw else str
-        form: Callable[[Any], Any] = (
-            self._bearer_form if bearer else self._raw_form if raw else self._form
-        )
-        hash_, get, clock = self._hash, self._get, self._clock
-        store, touched, every = self.store, self._touched, self._touch_every
-        malformed, not_found = (False, False) if as_bool else (_MALFORMED, _NOT_FOUND)
-
-        def check(key: Any) -> Any:
-            if type(key) is not kind:
-                return malformed
-            found = form(key)
-            if found is None:
-                return malformed
-            info = get(hash_(found[1] if bearer else key if raw else key.encode()).hexdigest())
-            if info is None:
-                return not_found
-            now = clock()
-            if now < info.valid_until:
-                # The record says when the key was last recorded as used (by any process);
-                # only a stale one costs more than this compare.
-                if now - info.last_used_ts >= every and _due_for_touch(
-                    touched, info.digest, now, every
-                ):
-                    _touch(store, info, now)
-                return True if as_bool else info
-            return False if as_bool else _refusal(info)
-
-        return check
+    def is_well_formed(self, key: object) -> bool:
+        """Whether ``key`` has the form of a key this manager accepts; pure, never raises."""
+        return any(fmt.matches(key) for fmt in self.formats)
 
     def verify(self, key: object) -> Verification:
         """Check ``key`` and say why it is or is not valid; never raises for bad input.
 
-        A string that is not of this manager's form is ``malformed`` without touching the
-        store. Store failures raise :class:`~keyguard.StoreError`.
+        The steps, in order: the form check (a string that is not of this manager's form is
+        ``malformed`` without touching the store), the digest, one store lookup, then
+        revocation and expiry. Store failures raise :class:`~keyguard.StoreError`.
         """
-        result = self._check(key)
-        if isinstance(result, Verification):
-            return result
-        return _accepted((True, _OK, result))
+        if not self.is_well_formed(key):
+            return _MALFORMED
+        info = self.store.get(self.digest(key))  # type: ignore[arg-type]
+        now = self._clock()
+        result = _judge(info, now)
+        if result.ok and self._due_for_touch(result.key, now):
+            try:
+                self.store.touch(info.digest, _utc(now))  # type: ignore[union-attr]
+            except StoreError as e:
+                _touch_failed(result.key, e)
+        return result
 
     async def averify(self, key: object) -> Verification:
-        """:meth:`verify` for event loops: uses the store's async twin when it has one."""
-        if self._async_store is None:
-            return self.verify(key)
-        result = await self._acheck(key)
-        if isinstance(result, Verification):
-            return result
-        return _accepted((True, _OK, result))
+        """:meth:`verify` for event loops: awaits the store's async twin when it has one.
 
-    async def _acheck(self, key: object) -> KeyInfo | Verification:
-        """:meth:`_check` for event loops, awaiting the store's async twin when it has one."""
-        store = self._async_store
-        if store is None:
-            return self._check(key)
-        if type(key) is not str or self._form(key) is None:
+        A store without one (memory, SQLite) answers without blocking, so its check runs
+        inline.
+        """
+        store = self.store
+        if not isinstance(store, AsyncKeyStore):
+            return self.verify(key)
+        if not self.is_well_formed(key):
             return _MALFORMED
-        info = await store.aget(self._hash(key.encode()).hexdigest())
-        if info is None:
-            return _NOT_FOUND
+        info = await store.aget(self.digest(key))  # type: ignore[arg-type]
         now = self._clock()
-        if now >= info.valid_until:
-            return _refusal(info)
-        every = self._touch_every
-        if now - info.last_used_ts >= every and _due_for_touch(
-            self._touched, info.digest, now, every
-        ):
+        result = _judge(info, now)
+        if result.ok and self._due_for_touch(result.key, now):
             try:
-                await store.atouch(info.digest, _utc(now))
+                await store.atouch(info.digest, _utc(now))  # type: ignore[union-attr]
             except StoreError as e:
-                logger.warning("could not record last use of %s: %s", info.key_id, e)
-        return info
+                _touch_failed(result.key, e)
+        return result
+
+    def _due_for_touch(self, info: KeyInfo | None, now: float) -> bool:
+        """Whether to write ``last_used_at`` now: the record's last use is stale.
+
+        The record says when the key was last recorded as used (by any process), so only a
+        stale one costs more than a float compare. ``_touched`` remembers this process's
+        recent attempts, so that a write that failed or was skipped (a busy SQLite file) is
+        retried once per interval, not on every request.
+        """
+        every = self._touch_every
+        if info is None or every == math.inf or now - info.last_used_ts < every:
+            return False
+        touched = self._touched
+        last = touched.get(info.digest)
+        if last is not None and now - last < every:
+            return False
+        if len(touched) >= _TOUCH_CACHE_LIMIT:
+            touched.clear()
+        touched[info.digest] = now
+        return True
 
     def validate_key(self, key: object) -> bool:
-        """Return True if ``key`` was issued and is neither revoked nor expired; never raises."""
-        return self.verify(key)[0]
+        """Return True if ``key`` was issued and is neither revoked nor expired.
+
+        Like :meth:`verify`, it never raises for bad input; a failing store raises
+        :class:`~keyguard.StoreError`.
+        """
+        return self.verify(key).ok
 
     def get_metadata(self, key: object) -> dict[str, Any] | None:
         """Return a copy of a valid key's metadata, or None for any invalid key."""
@@ -547,7 +453,7 @@ class APIKeyManager:
         status = "not_found" if info is None else info.status(self._clock())
         if info is None or status != "active":
             shown = key_id if _KEY_ID.fullmatch(str(key_id)) else mask_key(key_id)
-            raise InvalidKeyError(f"cannot rotate {shown!r}: {status}", status)
+            raise InvalidKeyError(f"cannot rotate {shown!r}: {status}", Reason(status))
         return self._rotate(info, grace, expires_in)
 
     def _rotate(self, old: KeyInfo, grace: timedelta, expires_in: timedelta | None) -> str:

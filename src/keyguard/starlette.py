@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
 from starlette.authentication import (
@@ -39,20 +38,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from . import identity
-from ._http import (
-    CLOSE_POLICY_VIOLATION,
-    DEFAULT_HEADER_NAMES,
-    ErrorResponse,
-    Guard,
-    Problem,
-    Problems,
-    check_scopes,
-    how_to_send,
-    insufficient_scope,
-)
-from .asgi import APIKeyMiddleware, send_refusal
-from .exceptions import StoreError
+from ._middleware import Guard
+from .asgi import read_credentials, render, send_refusal
 from .manager import APIKeyManager
+from .pipeline import DEFAULT_HEADER_NAMES, check_scopes
+from .problems import CLOSE_POLICY_VIOLATION, ErrorResponse, Problem, insufficient_scope
 from .records import KeyInfo
 
 __all__ = [
@@ -64,13 +54,9 @@ __all__ = [
     "require_scopes",
 ]
 
-logger = logging.getLogger("keyguard")
-
 _Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
-#: Refusals used when no keyguard middleware is found in the app's middleware stack.
-_DEFAULT_PROBLEMS = Problems("api", how_to_send(DEFAULT_HEADER_NAMES), ())
-#: How many middleware layers :func:`require_scopes` looks through for keyguard's.
-_MAX_STACK_DEPTH = 64
+#: What :func:`require_scopes` refuses with where no keyguard middleware ran.
+_DEFAULT_GUARD = Guard()
 
 
 class APIKeyUser(identity.APIKeyUser, BaseUser):
@@ -112,44 +98,22 @@ class APIKeyBackend(AuthenticationBackend):
         realm: str = "api",
     ) -> None:
         self.manager = manager
-        self.guard = Guard(
-            manager,
-            exempt_paths=(),
-            exempt_patterns=(),
-            optional=True,
-            required_scopes=(),
-            header_names=header_names,
-            query_param=None,
-            strip_credentials=False,
-            realm=realm,
-            error_responder=None,
-            allow_cors_preflight=False,
-        )
-        self._names = self.guard.raw_header_names
+        self.guard = Guard(header_names=header_names, realm=realm, optional=True)
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
-        names = self._names
-        values = [
-            (names[name], value.decode("latin-1"))
-            for name, value in conn.scope["headers"]
-            if name in names
-        ]
-        if not values:
+        scope = conn.scope
+        scope["keyguard.guard"] = self.guard
+        values, _ = read_credentials(self.guard.pipeline, scope)
+        client = scope.get("client")
+        outcome = await self.guard.pipeline.aauthenticate(
+            self.manager, values, (), client[0] if client else None
+        )
+        if outcome is None:
             return None
-        key = self.guard.extract(values)
-        if key is None:
-            return None
-        if isinstance(key, Problem):
-            raise APIKeyAuthenticationError(key)
-        try:
-            result = await self.manager.averify(key)
-        except StoreError as e:
-            logger.error("cannot check API key, the key store failed: %s", e)
-            raise APIKeyAuthenticationError(self.guard.problems.store_unavailable) from e
-        if not result.ok or result.key is None:
-            raise APIKeyAuthenticationError(self.guard.refusal(result))
-        conn.scope["keyguard.key"] = result.key
-        return AuthCredentials(list(result.key.scopes)), APIKeyUser(result.key)
+        if isinstance(outcome, Problem):
+            raise APIKeyAuthenticationError(outcome)
+        scope["keyguard.key"] = outcome
+        return AuthCredentials(list(outcome.scopes)), APIKeyUser(outcome)
 
 
 def on_auth_error(conn: HTTPConnection, exc: AuthenticationError) -> Response:
@@ -199,21 +163,6 @@ class APIKeyAuthenticationMiddleware(AuthenticationMiddleware):
         await self.app(scope, receive, send)
 
 
-def _find_guard(scope: Mapping[str, Any]) -> Guard | None:
-    """The guard of the keyguard middleware (or backend) in the app's middleware stack."""
-    node: object = getattr(scope.get("app"), "middleware_stack", None)
-    for _ in range(_MAX_STACK_DEPTH):
-        if node is None:
-            return None
-        if isinstance(node, APIKeyMiddleware):
-            return node.guard
-        backend = getattr(node, "backend", None)
-        if isinstance(backend, APIKeyBackend):
-            return backend.guard
-        node = getattr(node, "app", None)
-    return None
-
-
 def _refusal(
     conn: HTTPConnection, wanted: tuple[str, ...]
 ) -> tuple[Problem, ErrorResponse | None] | None:
@@ -221,12 +170,14 @@ def _refusal(
     info = conn.scope.get("keyguard.key")
     if isinstance(info, KeyInfo) and all(scope in info.scopes for scope in wanted):
         return None
-    guard = _find_guard(conn.scope)
+    guard = conn.scope.get("keyguard.guard")
+    if not isinstance(guard, Guard):
+        guard = _DEFAULT_GUARD
     if not isinstance(info, KeyInfo):
-        problem = (_DEFAULT_PROBLEMS if guard is None else guard.problems).missing
+        problem = guard.problems.missing
     else:
-        problem = insufficient_scope("api" if guard is None else guard.realm, wanted)
-    return problem, None if guard is None else guard.render(problem, conn.scope)
+        problem = insufficient_scope(guard.pipeline.realm, wanted)
+    return problem, render(guard, conn.scope, problem)
 
 
 def _response(problem: Problem, custom: ErrorResponse | None) -> Response:
@@ -268,11 +219,11 @@ def require_scopes(*scopes: str) -> Callable[[_Endpoint], _Endpoint]:
     ``@require_scopes()`` just requires a key. It works on sync and async endpoints,
     ``HTTPEndpoint`` methods and WebSocket endpoints (refused before accept).
 
-    The middleware (:class:`keyguard.asgi.APIKeyMiddleware`, or
-    ``AuthenticationMiddleware`` with :class:`APIKeyBackend`) is looked up in the app's
-    middleware stack for its realm and header names; where it is not there (it wraps the
-    app from outside, or the route is in a mounted sub-app) the defaults are used: realm
-    ``api``, ``Authorization`` and ``X-API-Key``.
+    The realm, header names and ``error_responder`` are those of the keyguard middleware
+    (:class:`keyguard.asgi.APIKeyMiddleware`, or ``AuthenticationMiddleware`` with
+    :class:`APIKeyBackend`) that saw the request, read from ``scope["keyguard.guard"]``;
+    where none did, the defaults are used: realm ``api``, ``Authorization`` and
+    ``X-API-Key``.
     """
     wanted = check_scopes(scopes)
 

@@ -7,23 +7,14 @@ sets ``environ["keyguard.key"]`` (the :class:`~keyguard.KeyInfo`) and ``REMOTE_U
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from ._http import (
-    DEFAULT_HEADER_NAMES,
-    MAX_CREDENTIAL_LENGTH,
-    ErrorResponder,
-    ErrorResponse,
-    Guard,
-    Problem,
-    carries_key,
-)
-from .exceptions import StoreError
-from .manager import Reason
+from ._middleware import Guard
+from .pipeline import DEFAULT_HEADER_NAMES, Pipeline, carries_key
+from .problems import ErrorResponder, ErrorResponse, Problem
 from .records import KeyInfo
 
 if TYPE_CHECKING:
@@ -31,12 +22,8 @@ if TYPE_CHECKING:
 
     from .manager import APIKeyManager
 
+# ErrorResponder, ErrorResponse and Problem live in keyguard.problems; re-exported here.
 __all__ = ["APIKeyMiddleware", "ErrorResponder", "ErrorResponse", "Problem"]
-
-logger = logging.getLogger("keyguard")
-
-_BEARER_PREFIXES = ("Bearer ", "bearer ")
-_MALFORMED = Reason.MALFORMED
 
 
 def _wsgi_text(path: str) -> str:
@@ -73,94 +60,57 @@ class APIKeyMiddleware:
         error_responder: ErrorResponder | None = None,
         allow_cors_preflight: bool = False,
     ) -> None:
+        if not callable(getattr(manager, "verify", None)):
+            raise TypeError(f"manager must be an APIKeyManager, got {manager!r}")
         self.app = app
         self.manager = manager
         self.guard = Guard(
-            manager,
+            header_names=header_names,
+            query_param=query_param,
+            realm=realm,
+            required_scopes=required_scopes,
             exempt_paths=exempt_paths,
             exempt_patterns=exempt_patterns,
             optional=optional,
-            required_scopes=required_scopes,
-            header_names=header_names,
-            query_param=query_param,
             strip_credentials=strip_credentials,
-            realm=realm,
             error_responder=error_responder,
             allow_cors_preflight=allow_cors_preflight,
         )
-        self._environ_names = self.guard.environ_names
+        self.pipeline = self.guard.pipeline
         self._exempt = frozenset(_wsgi_text(p) for p in self.guard.exempt_paths)
-        self._has_patterns = bool(self.guard.exempt_patterns)
-        self._preflight = self.guard.allow_cors_preflight
-        self._simple = query_param is None
-        self._strip = self.guard.strip_credentials
-        self._required = bool(self.guard.required_scopes)
-        self._problems = self.guard.problems
-        self._check = self.guard.checks.check
 
     def __repr__(self) -> str:
         return f"APIKeyMiddleware(app={self.app!r}, manager={self.manager!r})"
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        guard = self.guard
         path: str = environ.get("PATH_INFO", "")
         if (
             path in self._exempt
-            or (self._has_patterns and self._exempt_by_pattern(path))
+            or (guard.exempt_patterns and self._exempt_by_pattern(path))
             or (
-                self._preflight
+                guard.allow_cors_preflight
                 and environ.get("REQUEST_METHOD") == "OPTIONS"
                 and "HTTP_ORIGIN" in environ
                 and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
             )
         ):
             return self._let_through(environ, start_response)
-
-        # Fast path: one credential header in its usual form, checked without parsing; any
-        # other shape (or a refusal as malformed) goes through the exact reader below.
-        key: str | None = None
-        found = 0
-        bearer = False
-        for env_name, is_bearer in self._environ_names:
-            value = environ.get(env_name)
-            if value is not None:
-                found += 1
-                bearer = is_bearer
-                key = value
-        if found == 1 and self._simple and key is not None and len(key) <= MAX_CREDENTIAL_LENGTH:
-            if bearer:
-                key = key[7:] if key[:7] in _BEARER_PREFIXES else None
-        else:
-            key = None
-
-        outcome: KeyInfo | Problem | None
-        if key is None:
-            outcome = self._authenticate(environ)
-        else:
-            try:
-                result = self._check(key)
-            except StoreError as e:
-                outcome = self._store_failed(e)
-            else:
-                if isinstance(result, KeyInfo):
-                    outcome = result
-                elif result.reason is _MALFORMED:
-                    outcome = self._authenticate(environ)
-                else:
-                    outcome = self.guard.refusal(result)
-
-        if outcome is None:
-            if self.guard.optional:
-                return self._let_through(environ, start_response)
-            return self._refuse(environ, start_response, self._problems.missing)
-        if isinstance(outcome, Problem):
-            return self._refuse(environ, start_response, outcome)
-        if self._required and self.guard.missing_scope(outcome):
-            return self._refuse(environ, start_response, self._problems.insufficient_scope)
-        environ["keyguard.key"] = outcome
-        environ["REMOTE_USER"] = outcome.user_id
-        if self._strip:
-            self._strip_credentials(environ)
-        return self.app(environ, start_response)
+        values, query_values = read_credentials(self.pipeline, environ)
+        outcome = self.pipeline.authenticate(
+            self.manager, values, query_values, environ.get("REMOTE_ADDR")
+        )
+        if isinstance(outcome, KeyInfo):
+            environ["keyguard.key"] = outcome
+            environ["keyguard.guard"] = guard
+            environ["REMOTE_USER"] = outcome.user_id
+            if guard.strip_credentials:
+                self._strip_credentials(environ)
+            return self.app(environ, start_response)
+        if outcome is None and guard.optional:
+            return self._let_through(environ, start_response)
+        problem = guard.problems.missing if outcome is None else outcome
+        return refuse(guard, environ, start_response, problem)
 
     def _exempt_by_pattern(self, path: str) -> bool:
         if not path.isascii():
@@ -170,44 +120,23 @@ class APIKeyMiddleware:
                 return False
         return self.guard.is_exempt_by_pattern(path)
 
-    def _authenticate(self, environ: WSGIEnvironment) -> KeyInfo | Problem | None:
-        """The exact path: read every credential, then verify the one key found."""
-        guard = self.guard
-        values = [
-            (bearer, environ[name]) for name, bearer in self._environ_names if name in environ
-        ]
-        query_values: list[str] = []
-        if guard.query_param is not None and environ.get("QUERY_STRING"):
-            query_values, _ = guard.split_query(environ["QUERY_STRING"])
-        key = guard.extract(values, query_values)
-        if key is None or isinstance(key, Problem):
-            return key
-        try:
-            result = self._check(key)
-        except StoreError as e:
-            return self._store_failed(e)
-        return result if isinstance(result, KeyInfo) else guard.refusal(result)
-
-    def _store_failed(self, error: StoreError) -> Problem:
-        logger.error("cannot check API key, the key store failed: %s", error)
-        return self._problems.store_unavailable
-
     def _let_through(
         self, environ: WSGIEnvironment, start_response: StartResponse
     ) -> Iterable[bytes]:
         environ["keyguard.key"] = None
-        if self._strip:
+        environ["keyguard.guard"] = self.guard
+        if self.guard.strip_credentials:
             self._strip_credentials(environ)
         return self.app(environ, start_response)
 
     def _strip_credentials(self, environ: WSGIEnvironment) -> None:
-        for name, bearer in self._environ_names:
+        for name, bearer in self.pipeline.environ_names:
             value = environ.get(name)
             if value is not None and carries_key(bearer, value):
                 del environ[name]
         query = environ.get("QUERY_STRING")
-        if self.guard.query_param is not None and query:
-            _, rest = self.guard.split_query(query)
+        if self.pipeline.query_param is not None and query:
+            _, rest = self.pipeline.split_query(query)
             environ["QUERY_STRING"] = rest
             # Servers also expose the raw request target, query included.
             for name in ("REQUEST_URI", "RAW_URI"):
@@ -216,17 +145,31 @@ class APIKeyMiddleware:
                     base = target.partition("?")[0]
                     environ[name] = f"{base}?{rest}" if rest else base
 
-    def _refuse(
-        self, environ: WSGIEnvironment, start_response: StartResponse, problem: Problem
-    ) -> Iterable[bytes]:
-        """Send ``problem`` (or the user's rendering of it) without calling the app."""
-        custom = self.guard.render(problem, environ)
-        if custom is None:
-            start_response(problem.status_line, list(problem.headers))
-            return [problem.body]
-        try:
-            phrase = HTTPStatus(custom.status).phrase
-        except ValueError:
-            phrase = "Error"
-        start_response(f"{custom.status} {phrase}", list(custom.headers))
-        return [custom.body]
+
+def read_credentials(
+    pipeline: Pipeline, environ: WSGIEnvironment
+) -> tuple[list[tuple[bool, str]], list[str]]:
+    """The credential header values (with their Bearer flag) and query values of a request."""
+    values = [(bearer, environ[n]) for n, bearer in pipeline.environ_names if n in environ]
+    query_values: list[str] = []
+    if pipeline.query_param is not None and environ.get("QUERY_STRING"):
+        query_values, _ = pipeline.split_query(environ["QUERY_STRING"])
+    return values, query_values
+
+
+def refuse(
+    guard: Guard, environ: WSGIEnvironment, start_response: StartResponse, problem: Problem
+) -> Iterable[bytes]:
+    """Send ``problem`` (or the guard's ``error_responder`` rendering of it)."""
+    values, query_values = read_credentials(guard.pipeline, environ)
+    credentials = [v for _, v in values] + query_values
+    custom = guard.render(problem, environ, credentials)
+    if custom is None:
+        start_response(problem.status_line, list(problem.headers))
+        return [problem.body]
+    try:
+        phrase = HTTPStatus(custom.status).phrase
+    except ValueError:
+        phrase = "Error"
+    start_response(f"{custom.status} {phrase}", list(custom.headers))
+    return [custom.body]

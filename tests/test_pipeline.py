@@ -1,36 +1,31 @@
-"""The shared HTTP layer: the refusal catalogue, credential reading, query and path helpers."""
+"""The request pipeline every transport shares, and the refusal catalogue it answers with."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from http import HTTPStatus
 from typing import Any
 
 import pytest
 
-from keyguard import APIKeyManager
-from keyguard._http import Guard, Problem, has_dot_segment
+from keyguard import APIKeyManager, KeyInfo, MemoryStore, Reason, StoreError, Verification
+from keyguard._middleware import has_dot_segment
 from keyguard.identity import AnonymousUser, APIKeyUser
+from keyguard.pipeline import Pipeline
+from keyguard.problems import Problem
 
 
-def make_guard(**options: Any) -> Guard:
+def make_pipeline(**options: Any) -> Pipeline:
     settings: dict[str, Any] = {
-        "exempt_paths": (),
-        "exempt_patterns": (),
-        "optional": False,
         "required_scopes": ("read", "write"),
         "header_names": ("authorization", "x-api-key"),
-        "query_param": None,
-        "strip_credentials": False,
-        "realm": "api",
-        "error_responder": None,
-        "allow_cors_preflight": False,
     }
     settings.update(options)
-    return Guard(APIKeyManager(), **settings)
+    return Pipeline(**settings)
 
 
-PROBLEMS = list(make_guard().problems)
+PROBLEMS = list(make_pipeline().problems)
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: f"{p.status} {p.detail[:30]}")
@@ -74,7 +69,7 @@ def test_catalogue_codes_are_the_documented_ones() -> None:
 
 
 def test_insufficient_scope_names_the_scopes() -> None:
-    problem = make_guard().problems.insufficient_scope
+    problem = make_pipeline().problems.insufficient_scope
     assert problem.www_authenticate == (
         'Bearer realm="api", error="insufficient_scope", scope="read write"'
     )
@@ -82,7 +77,7 @@ def test_insufficient_scope_names_the_scopes() -> None:
 
 
 def test_problem_response_is_a_fresh_copy() -> None:
-    problem = make_guard().problems.missing
+    problem = make_pipeline().problems.missing
     problem.response.headers.append(("x", "y"))
     assert ("x", "y") not in problem.response.headers
 
@@ -118,11 +113,11 @@ def test_problem_response_is_a_fresh_copy() -> None:
         pytest.param([(False, " \t ")], [], "empty", id="blank"),
     ],
 )
-def test_extract(values: list[tuple[bool, str]], query: list[str], expected: str | None) -> None:
-    guard = make_guard()
-    result = guard.extract(values, query)
+def test_read(values: list[tuple[bool, str]], query: list[str], expected: str | None) -> None:
+    pipeline = make_pipeline()
+    result = pipeline.read(values, query)
     if isinstance(result, Problem):
-        assert result is getattr(guard.problems, expected or "")
+        assert result is getattr(pipeline.problems, expected or "")
     else:
         assert result == expected
 
@@ -141,8 +136,8 @@ def test_extract(values: list[tuple[bool, str]], query: list[str], expected: str
 )
 def test_split_query(query: str, values: list[str], rest: str) -> None:
     with pytest.warns(UserWarning):
-        guard = make_guard(query_param="api_key")
-    assert guard.split_query(query) == (values, rest)
+        pipeline = make_pipeline(query_param="api_key")
+    assert pipeline.split_query(query) == (values, rest)
 
 
 @pytest.mark.parametrize(
@@ -171,3 +166,86 @@ def test_identity_reprs_never_show_the_key() -> None:
     anonymous = AnonymousUser()
     assert (anonymous.identity, anonymous.key, anonymous.scopes) == (None, None, ())
     assert repr(anonymous) == "AnonymousUser()"
+
+
+class RevokingManager(APIKeyManager):
+    """A subclass whose verify refuses every key: the pipeline must ask it, not go around it."""
+
+    def verify(self, key: object) -> Verification:
+        result = super().verify(key)
+        return Verification(False, Reason.REVOKED, result.key) if result.ok else result
+
+
+class FailingStore(MemoryStore):
+    def get(self, digest: str) -> KeyInfo | None:
+        raise StoreError("the store is down")
+
+
+def test_authenticate_admits_a_valid_key_with_every_required_scope() -> None:
+    manager = APIKeyManager()
+    key, info = manager.create_key(user_id="u", permissions=["read", "write"])
+
+    assert make_pipeline().authenticate(manager, [(False, key)]) == info
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        pytest.param("<read>", "insufficient_scope", id="scope step refuses"),
+        pytest.param("<revoked>", "revoked_api_key", id="revoked before the scope step"),
+        pytest.param("sk_" + "0" * 32, "invalid_api_key", id="unknown key"),
+        pytest.param("SK_<read>", "invalid_api_key", id="malformed key"),
+        pytest.param("<read> <read>", "invalid_request", id="unreadable credential"),
+    ],
+)
+def test_authenticate_refuses_in_pipeline_order(header: str, code: str) -> None:
+    manager = APIKeyManager()
+    read = manager.generate_key(user_id="u", permissions=["read"])
+    revoked = manager.generate_key(user_id="u", permissions=["read"])
+    manager.revoke_key(revoked)
+    value = header.replace("<read>", read).replace("<revoked>", revoked)
+
+    problem = make_pipeline().authenticate(manager, [(False, value)])
+
+    assert isinstance(problem, Problem)
+    assert problem.code == code
+
+
+def test_authenticate_without_a_credential_is_none() -> None:
+    assert make_pipeline().authenticate(APIKeyManager(), []) is None
+
+
+def test_an_overridden_verify_decides() -> None:
+    manager = RevokingManager()
+    key = manager.generate_key(user_id="u", permissions=["read", "write"])
+
+    pipeline = make_pipeline()
+    problem = pipeline.authenticate(manager, [(True, f"Bearer {key}")])
+    aproblem = asyncio.run(pipeline.aauthenticate(manager, [(False, key)]))
+
+    assert isinstance(problem, Problem) and problem.code == "revoked_api_key"
+    assert aproblem is problem
+    assert manager.validate_key(key) is False
+
+
+def test_a_failing_store_is_a_503(caplog: pytest.LogCaptureFixture) -> None:
+    manager = APIKeyManager(FailingStore())
+    key = manager.format.generate()
+
+    problem = make_pipeline().authenticate(manager, [(False, key)])
+
+    assert isinstance(problem, Problem)
+    assert (problem.status, problem.code) == (503, "store_unavailable")
+    assert "the store is down" in caplog.text
+    assert key not in caplog.text
+
+
+def test_admit_runs_only_the_per_key_steps() -> None:
+    manager = APIKeyManager()
+    _, reader = manager.create_key(user_id="u", permissions=["read"])
+    _, writer = manager.create_key(user_id="u", permissions=["read", "write"])
+    pipeline = make_pipeline()
+
+    assert pipeline.admit(writer) is writer
+    assert pipeline.admit(reader) is pipeline.problems.insufficient_scope
+    assert Pipeline().steps == ()

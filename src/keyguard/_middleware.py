@@ -1,0 +1,141 @@
+"""What the ASGI and WSGI middleware share around the pipeline, validated once.
+
+:class:`Guard` holds a :class:`~keyguard.pipeline.Pipeline` plus the options that decide
+what happens around it: which paths skip it, whether a request without a key may pass,
+whether credentials are stripped, and how refusals are rendered. The middleware put their
+guard in ``scope["keyguard.guard"]`` / ``environ["keyguard.guard"]`` so that per-route
+helpers (``require_scopes``) refuse with the same realm, headers and renderer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from collections.abc import Iterable, Mapping
+
+from .keys import mask_key
+from .pipeline import DEFAULT_HEADER_NAMES, Pipeline
+from .problems import ErrorResponder, ErrorResponse, InvalidResponse, Problem, checked_response
+
+__all__ = ["Guard", "has_dot_segment"]
+
+logger = logging.getLogger("keyguard")
+
+
+def has_dot_segment(path: str) -> bool:
+    """Whether ``path`` has a ``.`` or ``..`` segment (which some servers collapse later)."""
+    if "/." not in path:
+        return False
+    return any(segment in (".", "..") for segment in path.split("/"))
+
+
+def _check_exempt_path(path: object) -> str:
+    if not isinstance(path, str):
+        raise TypeError(f"exempt paths must be str, not {type(path).__name__}")
+    if (
+        not path.startswith("/")
+        or "//" in path
+        or has_dot_segment(path)
+        or not path.isprintable()
+        or any(c in path for c in " ?#")
+    ):
+        raise ValueError(
+            f"exempt path {path!r} must be a normalised absolute path such as '/health'"
+            " (no '//', '.' or '..' segments, query, fragment or spaces)"
+        )
+    return path
+
+
+class Guard:
+    """A pipeline and the middleware options around it.
+
+    The first four options configure the :class:`~keyguard.pipeline.Pipeline`; the rest
+    are described by :class:`keyguard.asgi.APIKeyMiddleware`. Each has the middleware's
+    default, so a framework helper names only what it uses.
+    """
+
+    def __init__(
+        self,
+        *,
+        header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
+        query_param: str | None = None,
+        realm: str = "api",
+        required_scopes: Iterable[str] = (),
+        exempt_paths: Iterable[str] = (),
+        exempt_patterns: Iterable[str | re.Pattern[str]] = (),
+        optional: bool = False,
+        strip_credentials: bool = False,
+        error_responder: ErrorResponder | None = None,
+        allow_cors_preflight: bool = False,
+    ) -> None:
+        self.pipeline = pipeline = Pipeline(
+            header_names=header_names,
+            query_param=query_param,
+            realm=realm,
+            required_scopes=required_scopes,
+        )
+        self.problems = pipeline.problems
+        if isinstance(exempt_paths, str) or isinstance(exempt_patterns, (str, re.Pattern)):
+            raise TypeError("exempt_paths and exempt_patterns take a list, not a single string")
+        self.exempt_paths = frozenset(_check_exempt_path(p) for p in exempt_paths)
+        self.exempt_patterns = tuple(
+            p if isinstance(p, re.Pattern) else re.compile(p) for p in exempt_patterns
+        )
+        self.optional = bool(optional)
+        if self.optional and pipeline.required_scopes:
+            raise ValueError(
+                "optional=True lets callers without a key through, so required_scopes would"
+                " only bind callers who send one; require scopes per route instead"
+            )
+        self.strip_credentials = bool(strip_credentials)
+        if error_responder is not None and not callable(error_responder):
+            raise TypeError("error_responder must be callable")
+        self.error_responder = error_responder
+        self.allow_cors_preflight = bool(allow_cors_preflight)
+
+    def is_exempt_by_pattern(self, path: str) -> bool:
+        """Whether an exempt pattern fullmatches ``path``; paths with dot segments never do."""
+        if has_dot_segment(path):
+            return False
+        return any(p.fullmatch(path) for p in self.exempt_patterns)
+
+    def render(
+        self, problem: Problem, request: Mapping[str, object], credentials: Iterable[str]
+    ) -> ErrorResponse | None:
+        """The user's rendering of ``problem``, or None to send the precomputed default.
+
+        A responder that raises or returns something unusable is a bug in the app, but a
+        refusal must stay a refusal: the error is logged (with every one of the request's
+        ``credentials`` masked) and the default response is sent instead, never a 500.
+        """
+        if self.error_responder is None:
+            return None
+        try:
+            response = self.error_responder(problem, request)
+            if response is None:
+                return None
+            return checked_response(response)
+        except InvalidResponse as e:
+            logger.error(
+                "error_responder returned an unusable response for %s (%s); sent the default",
+                problem.code,
+                e,
+            )
+        except Exception:
+            logger.error(
+                "error_responder raised on %s; sent the default response\n%s",
+                problem.code,
+                _redact(traceback.format_exc().rstrip(), credentials),
+            )
+        return None
+
+
+def _redact(text: str, credentials: Iterable[str]) -> str:
+    """``text`` with every part of every credential value masked (keys or not)."""
+    parts = {p for value in credentials for p in re.split(r"[\s,]+", value)}
+    # Longest first, so a key is masked whole before any part of it.
+    for part in sorted(parts, key=len, reverse=True):
+        if len(part) >= 6 and part.lower() != "bearer":
+            text = text.replace(part, mask_key(part))
+    return text

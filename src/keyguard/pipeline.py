@@ -1,0 +1,320 @@
+"""The request pipeline: read a request's one credential, check it, apply the per-key steps.
+
+Every way into keyguard calls this: the ASGI and WSGI middleware, the Starlette backend,
+the FastAPI dependency and the Flask extension. So they all refuse exactly the same
+requests with exactly the same :class:`~keyguard.problems.Problem`. It knows no transport
+and no framework: a transport hands it the credential header values (and query values) it
+found, and gets back the admitted :class:`~keyguard.KeyInfo`, the problem to answer with,
+or None when the request carries no credential at all (the caller decides whether that is
+anonymous or ``missing_api_key``).
+
+The steps, in order:
+
+1. **read**: exactly one key among the credential headers and the query parameter;
+2. **check** (:meth:`APIKeyManager.verify <keyguard.APIKeyManager.verify>`): form, digest,
+   one store lookup, revoked or expired;
+3. **per-key policy**, in order: the scopes the API requires.
+
+The synchronous and asynchronous variants differ only in how they ask the manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, cast
+from urllib.parse import unquote_plus
+
+from .exceptions import StoreError
+from .manager import Reason, Verification
+from .problems import MAX_CREDENTIAL_LENGTH, Problem, Problems
+from .records import KeyInfo
+
+if TYPE_CHECKING:
+    from .manager import APIKeyManager
+
+__all__ = ["DEFAULT_HEADER_NAMES", "Pipeline", "Step", "check_scopes", "how_to_send"]
+
+logger = logging.getLogger("keyguard")
+
+#: The headers read by default, spelled as messages show them.
+DEFAULT_HEADER_NAMES = ("Authorization", "X-API-Key")
+
+#: A per-key policy step: ``step(key, client_address)`` returns a refusal or None to go on.
+Step = Callable[[KeyInfo, "str | None"], "Problem | None"]
+
+# RFC 7230 token characters (header names) and RFC 6749 scope-token characters.
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+_QUOTABLE_RE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
+# Header names that a WSGI server does not pass as HTTP_*, or that cannot carry a key.
+_UNUSABLE_HEADERS = frozenset({"content-type", "content-length", "cookie", "host"})
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def check_scopes(scopes: Iterable[object]) -> tuple[str, ...]:
+    """``scopes`` without repeats, each checked to be an RFC 6749 scope token."""
+    if isinstance(scopes, str):
+        scopes = [scopes]
+    checked = tuple(dict.fromkeys(scopes))
+    for scope in checked:
+        if not isinstance(scope, str) or not _SCOPE_RE.fullmatch(scope):
+            raise ValueError(f"invalid scope {scope!r}: use visible ASCII without spaces")
+    return cast(tuple[str, ...], checked)
+
+
+def how_to_send(header_names: Iterable[str], query_param: str | None = None) -> str:
+    """The missing-key advice, naming the headers as the user spelled them."""
+    ways = [
+        f"'{name}: Bearer <key>'" if name.lower() == "authorization" else f"'{name}: <key>'"
+        for name in header_names
+    ]
+    if query_param is not None:
+        ways.append(f"the '{query_param}' query parameter")
+    return "send it as " + " or ".join(ways)
+
+
+def caller_outside_keyguard() -> int:
+    """The ``stacklevel`` that makes a warning name the first caller outside keyguard.
+
+    Counted from the function calling this one, so the warning points at the user's line
+    however deep keyguard's own wrappers are (``KeyGuard`` builds the WSGI middleware).
+    A middleware that a framework builds lazily (Starlette) is attributed to the framework.
+    """
+    level = 1
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+class Pipeline:
+    """Where a request's credential is read and judged, for every transport and framework.
+
+    :param header_names: headers that carry the key, matched in any case and named in
+        messages as given here; ``Authorization`` means ``Bearer <key>``, any other name
+        carries the bare key.
+    :param query_param: also read the key from this query parameter (off by default: URLs
+        leak into logs); setting it warns once, naming the line that set it.
+    :param realm: the realm in ``WWW-Authenticate`` challenges.
+    :param required_scopes: scopes every key must hold (else 403 ``insufficient_scope``).
+    """
+
+    def __init__(
+        self,
+        *,
+        header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
+        query_param: str | None = None,
+        realm: str = "api",
+        required_scopes: Iterable[str] = (),
+    ) -> None:
+        if isinstance(header_names, str):
+            raise TypeError("header_names takes a list of names, not a single string")
+        #: Lower-cased header name -> whether it uses the ``Bearer`` scheme (Authorization).
+        self.header_names: dict[str, bool] = {}
+        #: Lower-cased header name -> the name as given, for messages and documentation.
+        self.display_names: dict[str, str] = {}
+        for name in header_names:
+            if not isinstance(name, str) or not _TOKEN_RE.fullmatch(name):
+                raise ValueError(f"invalid header name {name!r}")
+            lower = name.lower()
+            if lower in _UNUSABLE_HEADERS:
+                raise ValueError(f"the {name!r} header cannot carry an API key")
+            self.header_names[lower] = lower == "authorization"
+            self.display_names.setdefault(lower, name)
+        if query_param is not None and (
+            not isinstance(query_param, str) or not _TOKEN_RE.fullmatch(query_param)
+        ):
+            raise ValueError(f"invalid query parameter name {query_param!r}")
+        if not self.header_names and query_param is None:
+            raise ValueError("give at least one header name or a query_param to read keys from")
+        if query_param is not None:
+            warnings.warn(
+                f"keyguard reads API keys from the {query_param!r} query parameter: URLs end"
+                " up in access logs, proxy logs and browser history, so keys sent this way"
+                " leak; prefer the Authorization header",
+                UserWarning,
+                stacklevel=caller_outside_keyguard(),
+            )
+        self.query_param = query_param
+        #: The header names as ASGI spells them (lower-case bytes) and as WSGI does
+        #: (``HTTP_X_API_KEY``), each with whether it uses the Bearer scheme.
+        self.raw_header_names = {n.encode("latin-1"): b for n, b in self.header_names.items()}
+        self.environ_names = tuple(
+            ("HTTP_" + n.upper().replace("-", "_"), b) for n, b in self.header_names.items()
+        )
+        if not isinstance(realm, str) or not realm or not _QUOTABLE_RE.fullmatch(realm):
+            raise ValueError(f"invalid realm {realm!r}: use printable ASCII without '\"' or '\\'")
+        self.realm = realm
+        self.required_scopes = check_scopes(required_scopes)
+        self.problems = Problems(
+            realm, how_to_send(self.display_names.values(), query_param), self.required_scopes
+        )
+        self._refusals = {
+            Reason.MALFORMED: self.problems.invalid,
+            Reason.NOT_FOUND: self.problems.invalid,
+            Reason.REVOKED: self.problems.revoked,
+            Reason.EXPIRED: self.problems.expired,
+        }
+        steps: list[Step] = []
+        if self.required_scopes:
+            steps.append(self._check_scopes)
+        #: The per-key policy steps, run in order on every admitted key.
+        self.steps: tuple[Step, ...] = tuple(steps)
+
+    def __repr__(self) -> str:
+        return f"Pipeline(header_names={list(self.display_names.values())!r})"
+
+    # -- the whole path ----------------------------------------------------------------
+
+    def authenticate(
+        self,
+        manager: APIKeyManager,
+        values: Iterable[tuple[bool, str]],
+        query_values: Sequence[str] = (),
+        client: str | None = None,
+    ) -> KeyInfo | Problem | None:
+        """Read, check and judge a request's credential with ``manager.verify``.
+
+        ``values`` pairs each credential header value (latin-1 text) with whether its
+        header uses the Bearer scheme; ``client`` is the caller's address, if known.
+        """
+        key = self.read(values, query_values)
+        if not isinstance(key, str):
+            return key
+        try:
+            result = manager.verify(key)
+        except StoreError as e:
+            return self.store_failed(e)
+        return self.judge(result, client)
+
+    async def aauthenticate(
+        self,
+        manager: APIKeyManager,
+        values: Iterable[tuple[bool, str]],
+        query_values: Sequence[str] = (),
+        client: str | None = None,
+    ) -> KeyInfo | Problem | None:
+        """:meth:`authenticate` for event loops, with ``await manager.averify``."""
+        key = self.read(values, query_values)
+        if not isinstance(key, str):
+            return key
+        try:
+            result = await manager.averify(key)
+        except StoreError as e:
+            return self.store_failed(e)
+        return self.judge(result, client)
+
+    # -- the steps ---------------------------------------------------------------------
+
+    def read(
+        self, values: Iterable[tuple[bool, str]], query_values: Sequence[str] = ()
+    ) -> str | Problem | None:
+        """Find the one key in credential header values and query values, exactly.
+
+        Returns the key, None if there is none, or the request's problem. Comma-joined
+        values (repeated headers merged by a server or proxy) are split; in a header that
+        carries a Bearer credential, a part without a scheme (``Bearer K1, K2``) is refused,
+        since another reader could take ``K2`` for the credential.
+        """
+        problems = self.problems
+        found: str | None = None
+        conflict = False
+        for bearer, value in values:
+            if len(value) > MAX_CREDENTIAL_LENGTH:
+                return problems.too_large
+            value = value.strip(" \t")
+            if not value:
+                return problems.empty
+            if not (value.isascii() and value.isprintable()):
+                return problems.bad_characters
+            has_bearer = bare = False
+            for part in value.split(","):
+                part = part.strip(" ")
+                if not part:
+                    continue
+                if bearer:
+                    scheme, _, token = part.partition(" ")
+                    if scheme.lower() != "bearer":
+                        # Another scheme is for someone else to handle, unless it is a lone
+                        # token: then the header names no scheme for it.
+                        bare = bare or not token
+                        continue
+                    token = token.strip(" ")
+                    if not token or " " in token:
+                        return problems.bad_authorization
+                    has_bearer = True
+                elif " " in part:
+                    return problems.bad_value
+                else:
+                    token = part
+                conflict = conflict or (found is not None and token != found)
+                found = token
+            if has_bearer and bare:
+                return problems.bad_authorization
+        for value in query_values:
+            if len(value) > MAX_CREDENTIAL_LENGTH:
+                return problems.too_large
+            if not value:
+                return problems.empty
+            if not (value.isascii() and value.isprintable()):
+                return problems.bad_characters
+            if " " in value or "," in value:
+                return problems.bad_value
+            conflict = conflict or (found is not None and value != found)
+            found = value
+        return problems.conflicting if conflict else found
+
+    def judge(self, result: Verification, client: str | None = None) -> KeyInfo | Problem:
+        """The manager's verdict on the key, then each per-key step in order."""
+        info = result.key
+        if not result.ok or info is None:
+            return self._refusals.get(result.reason, self.problems.invalid)
+        return self.admit(info, client)
+
+    def admit(self, info: KeyInfo, client: str | None = None) -> KeyInfo | Problem:
+        """Run the per-key steps on a valid key: the key if each lets it through."""
+        for step in self.steps:
+            problem = step(info, client)
+            if problem is not None:
+                return problem
+        return info
+
+    def store_failed(self, error: StoreError) -> Problem:
+        """The 503 for a store that could not answer; the cause is logged, the key is not."""
+        logger.error("cannot check API key, the key store failed: %s", error)
+        return self.problems.store_unavailable
+
+    def _check_scopes(self, info: KeyInfo, client: str | None) -> Problem | None:
+        scopes = info.scopes
+        for scope in self.required_scopes:
+            if scope not in scopes:
+                return self.problems.insufficient_scope
+        return None
+
+    # -- reading a query string --------------------------------------------------------
+
+    def split_query(self, query: str) -> tuple[list[str], str]:
+        """Return the values of the key parameter and the query string without it."""
+        name = self.query_param
+        values: list[str] = []
+        kept: list[str] = []
+        for part in query.split("&"):
+            raw_name, eq, raw_value = part.partition("=")
+            if raw_name == name or (
+                ("%" in raw_name or "+" in raw_name) and unquote_plus(raw_name) == name
+            ):
+                values.append(unquote_plus(raw_value) if eq else "")
+            else:
+                kept.append(part)
+        return values, "&".join(kept)
+
+
+def carries_key(bearer: bool, value: str) -> bool:
+    """Whether a header value would be read as a credential (for ``strip_credentials``)."""
+    return not bearer or value.lstrip(" \t")[:6].lower() == "bearer"
