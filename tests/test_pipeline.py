@@ -249,3 +249,37 @@ def test_admit_runs_only_the_per_key_steps() -> None:
     assert pipeline.admit(writer) is writer
     assert pipeline.admit(reader) is pipeline.problems.insufficient_scope
     assert Pipeline().steps == ()
+
+
+TRICKY_VALUES = [
+    "abc",
+    " \tabc \t",
+    "Bearer abc",
+    "bearer   abc ",
+    "BEARER abc",
+    "Bearer\tabc",
+    "Bearer  ",
+    "Bearer a b",
+    "Basic abc",
+    "Bearerabc",
+    "a,b",
+    "abc,",
+    "Bearer abc,",
+    "a b",
+    "é",
+    "a\x00b",
+    "",
+    " ",
+    '"quoted"',
+    "k" * 8192,
+    "k" * 8193,
+    " " + "k" * 8192,
+]
+
+
+@pytest.mark.parametrize("bearer", [True, False], ids=["bearer header", "raw header"])
+@pytest.mark.parametrize("value", TRICKY_VALUES, ids=repr)
+def test_the_usual_shape_reads_as_the_part_by_part_parser_does(bearer: bool, value: str) -> None:
+    # Two identical values skip the one-regex reading of a lone value: same answer either way.
+    pipeline = make_pipeline()
+    assert pipeline.read([(bearer, value)]) == pipeline.read([(bearer, value), (bearer, value)])

@@ -22,6 +22,7 @@ __all__ = [
     "KeyFormat",
     "digest_key",
     "generate_key",
+    "has_valid_checksum",
     "hash_scheme",
     "is_well_formed",
     "mask_key",
@@ -99,9 +100,16 @@ class KeyFormat:
         """Tell whether ``key`` has this format's exact form; never raises."""
         if type(key) is not str or self._regex.fullmatch(key) is None:
             return False
-        if self.checksum:
-            return _crc(key[:-_CHECKSUM_LENGTH]) == key[-_CHECKSUM_LENGTH:]
-        return True
+        return not self.checksum or has_valid_checksum(key)
+
+
+def has_valid_checksum(key: str) -> bool:
+    """Whether the last 8 characters of ``key`` are the CRC32 of the rest.
+
+    A checksum catches typos offline; it is public, so it proves nothing about who made
+    the key.
+    """
+    return _crc(key[:-_CHECKSUM_LENGTH]) == key[-_CHECKSUM_LENGTH:]
 
 
 def generate_key(prefix: str = DEFAULT_PREFIX, *, checksum: bool = False) -> str:

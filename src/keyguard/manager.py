@@ -14,9 +14,9 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Any, NamedTuple
+from typing import Any, TypeGuard
 
 from ._frozen import thaw
 from .exceptions import InvalidKeyError, KeyguardError, StoreError
@@ -24,6 +24,7 @@ from .keys import (
     DEFAULT_PREFIX,
     KeyFormat,
     digest_key,
+    has_valid_checksum,
     hash_scheme,
     mask_key,
     validate_prefix,
@@ -56,39 +57,46 @@ class Reason(str, enum.Enum):
         return self.value
 
 
-class Verification(NamedTuple):
+class Verification:
     """The outcome of :meth:`APIKeyManager.verify`: ``ok``, a ``reason`` and the record.
 
     ``key`` is the :class:`KeyInfo` when the store has the key (also for revoked and
-    expired keys, for audit), else None. A Verification is truthy exactly when ``ok``.
+    expired keys, for audit), else None. A Verification is truthy exactly when ``ok``, and
+    unpacks as ``ok, reason, key``. Every request builds one, so it is a slotted class.
     """
 
-    ok: bool
-    reason: Reason
-    key: KeyInfo | None = None
+    __slots__ = ("key", "ok", "reason")
+
+    def __init__(self, ok: bool, reason: Reason, key: KeyInfo | None = None) -> None:
+        self.ok = ok
+        self.reason = reason
+        self.key = key
 
     def __bool__(self) -> bool:
         return self.ok
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.ok, self.reason, self.key))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Verification):
+            return NotImplemented
+        return (self.ok, self.reason, self.key) == (other.ok, other.reason, other.key)
+
+    def __hash__(self) -> int:
+        return hash((self.ok, self.reason, self.key and self.key.key_id))
+
+    def __repr__(self) -> str:
+        return f"Verification(ok={self.ok!r}, reason={self.reason!r}, key={self.key!r})"
 
 
 _MALFORMED = Verification(False, Reason.MALFORMED)
 _NOT_FOUND = Verification(False, Reason.NOT_FOUND)
 
 
-def _judge(info: KeyInfo | None, now: float) -> Verification:
-    """The verdict on the record a key's digest found (or None) at POSIX time ``now``."""
-    if info is None:
-        return _NOT_FOUND
-    if now < info.valid_until:
-        return Verification(True, Reason.OK, info)
-    reason = Reason.REVOKED if info.revoked_at is not None else Reason.EXPIRED
-    return Verification(False, reason, info)
-
-
-def _touch_failed(info: KeyInfo | None, error: StoreError) -> None:
+def _touch_failed(info: KeyInfo, error: StoreError) -> None:
     """Log a failed ``last_used_at`` write: it is best effort and never fails a check."""
-    key_id = None if info is None else info.key_id
-    logger.warning("could not record last use of %s: %s", key_id, error)
+    logger.warning("could not record last use of %s: %s", info.key_id, error)
 
 
 def _utc(ts: float) -> datetime:
@@ -184,6 +192,9 @@ class APIKeyManager:
             raise TypeError(f"accept_prefixes must be a list of prefixes: [{accept_prefixes!r}]")
         extra = [KeyFormat(p, checksum=checksum) for p in accept_prefixes if p != prefix]
         self.formats: tuple[KeyFormat, ...] = (self.format, *extra)
+        # Every accepted prefix in one regex, compiled once: the form check is one fullmatch.
+        self._form = re.compile("|".join(f"(?:{f.pattern})" for f in self.formats))
+        self._checksum = self.format.checksum
         if pepper is None:
             pepper = os.environ.get(PEPPER_ENV) or None
         if isinstance(pepper, str):
@@ -200,6 +211,8 @@ class APIKeyManager:
         )
         self._touched: dict[str, float] = {}
         self._clock = clock
+        # Asked once: a Protocol isinstance check costs more than a whole key check.
+        self._async_store = self.store if isinstance(self.store, AsyncKeyStore) else None
 
     def __repr__(self) -> str:
         return f"APIKeyManager(store={self.store!r}, prefix={self.format.prefix!r})"
@@ -305,9 +318,11 @@ class APIKeyManager:
 
     # -- checking ----------------------------------------------------------------------
 
-    def is_well_formed(self, key: object) -> bool:
+    def is_well_formed(self, key: object) -> TypeGuard[str]:
         """Whether ``key`` has the form of a key this manager accepts; pure, never raises."""
-        return any(fmt.matches(key) for fmt in self.formats)
+        if type(key) is not str or self._form.fullmatch(key) is None:
+            return False
+        return not self._checksum or has_valid_checksum(key)
 
     def verify(self, key: object) -> Verification:
         """Check ``key`` and say why it is or is not valid; never raises for bad input.
@@ -318,14 +333,13 @@ class APIKeyManager:
         """
         if not self.is_well_formed(key):
             return _MALFORMED
-        info = self.store.get(self.digest(key))  # type: ignore[arg-type]
         now = self._clock()
-        result = _judge(info, now)
-        if result.ok and self._due_for_touch(result.key, now):
+        result, stale = self._judge(self.store.get(digest_key(key, self._pepper)), now)
+        if stale is not None:
             try:
-                self.store.touch(info.digest, _utc(now))  # type: ignore[union-attr]
+                self.store.touch(stale.digest, _utc(now))
             except StoreError as e:
-                _touch_failed(result.key, e)
+                _touch_failed(stale, e)
         return result
 
     async def averify(self, key: object) -> Verification:
@@ -334,31 +348,41 @@ class APIKeyManager:
         A store without one (memory, SQLite) answers without blocking, so its check runs
         inline.
         """
-        store = self.store
-        if not isinstance(store, AsyncKeyStore):
+        store = self._async_store
+        if store is None:
             return self.verify(key)
         if not self.is_well_formed(key):
             return _MALFORMED
-        info = await store.aget(self.digest(key))  # type: ignore[arg-type]
         now = self._clock()
-        result = _judge(info, now)
-        if result.ok and self._due_for_touch(result.key, now):
+        result, stale = self._judge(await store.aget(digest_key(key, self._pepper)), now)
+        if stale is not None:
             try:
-                await store.atouch(info.digest, _utc(now))  # type: ignore[union-attr]
+                await store.atouch(stale.digest, _utc(now))
             except StoreError as e:
-                _touch_failed(result.key, e)
+                _touch_failed(stale, e)
         return result
 
-    def _due_for_touch(self, info: KeyInfo | None, now: float) -> bool:
-        """Whether to write ``last_used_at`` now: the record's last use is stale.
+    def _judge(self, info: KeyInfo | None, now: float) -> tuple[Verification, KeyInfo | None]:
+        """The verdict on the record a key's digest found, and the record if its use is due
+        to be written (``last_used_at`` is stale)."""
+        if info is None:
+            return _NOT_FOUND, None
+        if now >= info.valid_until:
+            reason = Reason.REVOKED if info.revoked_at is not None else Reason.EXPIRED
+            return Verification(False, reason, info), None
+        # Only a record whose last recorded use is stale costs more than this compare.
+        due = now - info.last_used_ts >= self._touch_every and self._due_for_touch(info, now)
+        return Verification(True, Reason.OK, info), info if due else None
 
-        The record says when the key was last recorded as used (by any process), so only a
-        stale one costs more than a float compare. ``_touched`` remembers this process's
-        recent attempts, so that a write that failed or was skipped (a busy SQLite file) is
-        retried once per interval, not on every request.
+    def _due_for_touch(self, info: KeyInfo, now: float) -> bool:
+        """Whether to write ``last_used_at`` now, for a record whose last use is stale.
+
+        The record says when the key was last recorded as used (by any process);
+        ``_touched`` remembers this process's recent attempts, so that a write that failed
+        or was skipped (a busy SQLite file) is retried once per interval, not per request.
         """
         every = self._touch_every
-        if info is None or every == math.inf or now - info.last_used_ts < every:
+        if every == math.inf:
             return False
         touched = self._touched
         last = touched.get(info.digest)
@@ -417,7 +441,7 @@ class APIKeyManager:
         """Revoke ``key``; True if it was active and is now revoked, else False."""
         if not self.is_well_formed(key):
             return False
-        return self._revoke(self.store.get(self.digest(key)))  # type: ignore[arg-type]
+        return self._revoke(self.store.get(self.digest(key)))
 
     def revoke_by_id(self, key_id: str) -> bool:
         """Revoke the key with this ``key_id`` (shown in listings); True if it was active."""

@@ -51,6 +51,10 @@ Step = Callable[[KeyInfo, "str | None"], "Problem | None"]
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _QUOTABLE_RE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
+# One token of visible ASCII other than ',' (the usual credential value), bare or as
+# "Bearer <token>" with the scheme in any case; surrounding blanks are allowed, as in HTTP.
+_RAW_VALUE = re.compile(r"[ \t]*([\x21-\x2b\x2d-\x7e]+)[ \t]*")
+_BEARER_VALUE = re.compile(r"[ \t]*[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x2b\x2d-\x7e]+)[ \t]*")
 # Header names that a WSGI server does not pass as HTTP_*, or that cannot carry a key.
 _UNUSABLE_HEADERS = frozenset({"content-type", "content-length", "cookie", "host"})
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -175,7 +179,7 @@ class Pipeline:
     def authenticate(
         self,
         manager: APIKeyManager,
-        values: Iterable[tuple[bool, str]],
+        values: Sequence[tuple[bool, str]],
         query_values: Sequence[str] = (),
         client: str | None = None,
     ) -> KeyInfo | Problem | None:
@@ -196,7 +200,7 @@ class Pipeline:
     async def aauthenticate(
         self,
         manager: APIKeyManager,
-        values: Iterable[tuple[bool, str]],
+        values: Sequence[tuple[bool, str]],
         query_values: Sequence[str] = (),
         client: str | None = None,
     ) -> KeyInfo | Problem | None:
@@ -213,7 +217,7 @@ class Pipeline:
     # -- the steps ---------------------------------------------------------------------
 
     def read(
-        self, values: Iterable[tuple[bool, str]], query_values: Sequence[str] = ()
+        self, values: Sequence[tuple[bool, str]], query_values: Sequence[str] = ()
     ) -> str | Problem | None:
         """Find the one key in credential header values and query values, exactly.
 
@@ -222,6 +226,14 @@ class Pipeline:
         carries a Bearer credential, a part without a scheme (``Bearer K1, K2``) is refused,
         since another reader could take ``K2`` for the credential.
         """
+        if len(values) == 1 and not query_values and len(values[0][1]) <= MAX_CREDENTIAL_LENGTH:
+            # The usual shape, one regex: a single value holding one visible-ASCII token,
+            # behind "Bearer " where the header uses that scheme. Any other shape is parsed
+            # part by part below, to say exactly what is wrong with it.
+            bearer, value = values[0]
+            usual = (_BEARER_VALUE if bearer else _RAW_VALUE).fullmatch(value)
+            if usual is not None:
+                return usual[1]
         problems = self.problems
         found: str | None = None
         conflict = False
@@ -234,7 +246,7 @@ class Pipeline:
             if not (value.isascii() and value.isprintable()):
                 return problems.bad_characters
             has_bearer = bare = False
-            for part in value.split(","):
+            for part in value.split(",") if "," in value else (value,):
                 part = part.strip(" ")
                 if not part:
                     continue
@@ -275,7 +287,7 @@ class Pipeline:
         info = result.key
         if not result.ok or info is None:
             return self._refusals.get(result.reason, self.problems.invalid)
-        return self.admit(info, client)
+        return self.admit(info, client) if self.steps else info
 
     def admit(self, info: KeyInfo, client: str | None = None) -> KeyInfo | Problem:
         """Run the per-key steps on a valid key: the key if each lets it through."""
