@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from keyguard import APIKeyManager, KeyInfo, MemoryStore, Reason, StoreError, Verification
+from keyguard import APIKeyManager, InvalidKeyError, KeyInfo, MemoryStore, Reason, StoreError
 from keyguard._middleware import has_dot_segment
 from keyguard.identity import AnonymousUser, APIKeyUser
 from keyguard.pipeline import Pipeline
@@ -169,11 +169,11 @@ def test_identity_reprs_never_show_the_key() -> None:
 
 
 class RevokingManager(APIKeyManager):
-    """A subclass whose verify refuses every key: the pipeline must ask it, not go around it."""
+    """A subclass whose check refuses every key: everything must ask it, not go around it."""
 
-    def verify(self, key: object) -> Verification:
-        result = super().verify(key)
-        return Verification(False, Reason.REVOKED, result.key) if result.ok else result
+    def check(self, key: object) -> KeyInfo:
+        info = super().check(key)
+        raise InvalidKeyError("revoked by the subclass", Reason.REVOKED, info)
 
 
 class FailingStore(MemoryStore):
@@ -215,7 +215,7 @@ def test_authenticate_without_a_credential_is_none() -> None:
     assert make_pipeline().authenticate(APIKeyManager(), []) is None
 
 
-def test_an_overridden_verify_decides() -> None:
+def test_an_overridden_check_decides() -> None:
     manager = RevokingManager()
     key = manager.generate_key(user_id="u", permissions=["read", "write"])
 
@@ -226,6 +226,7 @@ def test_an_overridden_verify_decides() -> None:
     assert isinstance(problem, Problem) and problem.code == "revoked_api_key"
     assert aproblem is problem
     assert manager.validate_key(key) is False
+    assert manager.verify(key).reason is Reason.REVOKED
 
 
 def test_a_failing_store_is_a_503(caplog: pytest.LogCaptureFixture) -> None:
@@ -274,6 +275,15 @@ TRICKY_VALUES = [
     "k" * 8192,
     "k" * 8193,
     " " + "k" * 8192,
+    "Bearer " + "k" * 8185,
+    "Bearer " + "k" * 8186,
+    "Bearer ,abc",
+    "Bearer abc,def",
+    "Bearer  abc",
+    "Bearer abc ",
+    " Bearer abc",
+    "Bearer Bearer abc",
+    "Bearer é",
 ]
 
 

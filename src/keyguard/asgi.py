@@ -112,7 +112,7 @@ class APIKeyMiddleware:
         error_responder: ErrorResponder | None = None,
         allow_cors_preflight: bool = False,
     ) -> None:
-        if not callable(getattr(manager, "averify", None)):
+        if not callable(getattr(manager, "acheck", None)):
             raise TypeError(f"manager must be an APIKeyManager, got {manager!r}")
         self.app = app
         self.manager = manager
@@ -198,7 +198,10 @@ class APIKeyMiddleware:
 def read_credentials(pipeline: Pipeline, scope: Scope) -> tuple[list[tuple[bool, str]], list[str]]:
     """The credential header values (with their Bearer flag) and query values of a scope."""
     names = pipeline.raw_header_names
-    values = [(names[n], v.decode("latin-1")) for n, v in scope["headers"] if n in names]
+    values = []
+    for name, value in scope["headers"]:
+        if name in names:
+            values.append((names[name], value.decode("latin-1")))
     query_values: list[str] = []
     if pipeline.query_param is not None:
         query = scope.get("query_string", b"").decode("latin-1")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .manager import Reason
+    from .records import KeyInfo
 
 __all__ = ["InvalidKeyError", "KeyguardError", "StoreError"]
 
@@ -22,9 +23,15 @@ class StoreError(KeyguardError):
 
 
 class InvalidKeyError(KeyguardError):
-    """An operation needs an active key and got one that is not (see :attr:`reason`)."""
+    """A key that is not active: malformed, unknown, revoked or expired (see :attr:`reason`).
 
-    def __init__(self, message: str, reason: Reason) -> None:
+    Raised by :meth:`APIKeyManager.check <keyguard.APIKeyManager.check>` and by operations
+    that need an active key. The message never holds the key.
+    """
+
+    def __init__(self, message: str, reason: Reason, info: KeyInfo | None = None) -> None:
         super().__init__(message)
         #: Why the key was unusable (a :class:`keyguard.Reason`, which is also a str).
         self.reason = reason
+        #: The key's record when the store has it (revoked and expired keys), else None.
+        self.info = info

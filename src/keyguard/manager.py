@@ -90,8 +90,13 @@ class Verification:
         return f"Verification(ok={self.ok!r}, reason={self.reason!r}, key={self.key!r})"
 
 
-_MALFORMED = Verification(False, Reason.MALFORMED)
-_NOT_FOUND = Verification(False, Reason.NOT_FOUND)
+def _refusal(info: KeyInfo | None) -> InvalidKeyError:
+    """The refusal of a key whose digest found ``info`` (None: not found), not active."""
+    if info is None:
+        return InvalidKeyError("the API key is not known", Reason.NOT_FOUND)
+    if info.revoked_at is not None:
+        return InvalidKeyError(f"API key {info.key_id} is revoked", Reason.REVOKED, info)
+    return InvalidKeyError(f"API key {info.key_id} has expired", Reason.EXPIRED, info)
 
 
 def _touch_failed(info: KeyInfo, error: StoreError) -> None:
@@ -324,55 +329,67 @@ class APIKeyManager:
             return False
         return not self._checksum or has_valid_checksum(key)
 
-    def verify(self, key: object) -> Verification:
-        """Check ``key`` and say why it is or is not valid; never raises for bad input.
+    def check(self, key: object) -> KeyInfo:
+        """Return the record of an active ``key``, or raise :class:`~keyguard.InvalidKeyError`.
 
-        The steps, in order: the form check (a string that is not of this manager's form is
-        ``malformed`` without touching the store), the digest, one store lookup, then
-        revocation and expiry. Store failures raise :class:`~keyguard.StoreError`.
+        The one place a key is judged: :meth:`verify`, :meth:`validate_key` and every
+        middleware call it, so a subclass that overrides it changes them all. The steps, in
+        order: the form check (a string that is not of this manager's form is ``malformed``
+        without touching the store), the digest, one store lookup, then revocation and
+        expiry. A failing store raises :class:`~keyguard.StoreError`.
         """
         if not self.is_well_formed(key):
-            return _MALFORMED
+            raise InvalidKeyError("the API key is malformed", Reason.MALFORMED)
+        info = self.store.get(digest_key(key, self._pepper))
         now = self._clock()
-        result, stale = self._judge(self.store.get(digest_key(key, self._pepper)), now)
-        if stale is not None:
+        if info is None or now >= info.valid_until:
+            raise _refusal(info)
+        # Only a record whose last recorded use is stale costs more than this compare.
+        if now - info.last_used_ts >= self._touch_every and self._due_for_touch(info, now):
             try:
-                self.store.touch(stale.digest, _utc(now))
+                self.store.touch(info.digest, _utc(now))
             except StoreError as e:
-                _touch_failed(stale, e)
-        return result
+                _touch_failed(info, e)
+        return info
 
-    async def averify(self, key: object) -> Verification:
-        """:meth:`verify` for event loops: awaits the store's async twin when it has one.
+    async def acheck(self, key: object) -> KeyInfo:
+        """:meth:`check` for event loops: awaits the store's async twin when it has one.
 
-        A store without one (memory, SQLite) answers without blocking, so its check runs
-        inline.
+        A store without one (memory, SQLite) answers without blocking, so :meth:`check`
+        runs inline. The steps are :meth:`check`'s, with the two store calls awaited.
         """
         store = self._async_store
         if store is None:
-            return self.verify(key)
+            return self.check(key)
         if not self.is_well_formed(key):
-            return _MALFORMED
+            raise InvalidKeyError("the API key is malformed", Reason.MALFORMED)
+        info = await store.aget(digest_key(key, self._pepper))
         now = self._clock()
-        result, stale = self._judge(await store.aget(digest_key(key, self._pepper)), now)
-        if stale is not None:
+        if info is None or now >= info.valid_until:
+            raise _refusal(info)
+        if now - info.last_used_ts >= self._touch_every and self._due_for_touch(info, now):
             try:
-                await store.atouch(stale.digest, _utc(now))
+                await store.atouch(info.digest, _utc(now))
             except StoreError as e:
-                _touch_failed(stale, e)
-        return result
+                _touch_failed(info, e)
+        return info
 
-    def _judge(self, info: KeyInfo | None, now: float) -> tuple[Verification, KeyInfo | None]:
-        """The verdict on the record a key's digest found, and the record if its use is due
-        to be written (``last_used_at`` is stale)."""
-        if info is None:
-            return _NOT_FOUND, None
-        if now >= info.valid_until:
-            reason = Reason.REVOKED if info.revoked_at is not None else Reason.EXPIRED
-            return Verification(False, reason, info), None
-        # Only a record whose last recorded use is stale costs more than this compare.
-        due = now - info.last_used_ts >= self._touch_every and self._due_for_touch(info, now)
-        return Verification(True, Reason.OK, info), info if due else None
+    def verify(self, key: object) -> Verification:
+        """Check ``key`` and say why it is or is not valid; never raises for bad input.
+
+        A failing store raises :class:`~keyguard.StoreError`.
+        """
+        try:
+            return Verification(True, Reason.OK, self.check(key))
+        except InvalidKeyError as e:
+            return Verification(False, e.reason, e.info)
+
+    async def averify(self, key: object) -> Verification:
+        """:meth:`verify` for event loops (through :meth:`acheck`)."""
+        try:
+            return Verification(True, Reason.OK, await self.acheck(key))
+        except InvalidKeyError as e:
+            return Verification(False, e.reason, e.info)
 
     def _due_for_touch(self, info: KeyInfo, now: float) -> bool:
         """Whether to write ``last_used_at`` now, for a record whose last use is stale.
@@ -399,7 +416,11 @@ class APIKeyManager:
         Like :meth:`verify`, it never raises for bad input; a failing store raises
         :class:`~keyguard.StoreError`.
         """
-        return self.verify(key).ok
+        try:
+            self.check(key)
+        except InvalidKeyError:
+            return False
+        return True
 
     def get_metadata(self, key: object) -> dict[str, Any] | None:
         """Return a copy of a valid key's metadata, or None for any invalid key."""

@@ -11,7 +11,7 @@ anonymous or ``missing_api_key``).
 The steps, in order:
 
 1. **read**: exactly one key among the credential headers and the query parameter;
-2. **check** (:meth:`APIKeyManager.verify <keyguard.APIKeyManager.verify>`): form, digest,
+2. **check** (:meth:`APIKeyManager.check <keyguard.APIKeyManager.check>`): form, digest,
    one store lookup, revoked or expired;
 3. **per-key policy**, in order: the scopes the API requires.
 
@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote_plus
 
-from .exceptions import StoreError
-from .manager import Reason, Verification
+from .exceptions import InvalidKeyError, StoreError
+from .manager import Reason
 from .problems import MAX_CREDENTIAL_LENGTH, Problem, Problems
 from .records import KeyInfo
 
@@ -51,10 +51,6 @@ Step = Callable[[KeyInfo, "str | None"], "Problem | None"]
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _QUOTABLE_RE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
-# One token of visible ASCII other than ',' (the usual credential value), bare or as
-# "Bearer <token>" with the scheme in any case; surrounding blanks are allowed, as in HTTP.
-_RAW_VALUE = re.compile(r"[ \t]*([\x21-\x2b\x2d-\x7e]+)[ \t]*")
-_BEARER_VALUE = re.compile(r"[ \t]*[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x2b\x2d-\x7e]+)[ \t]*")
 # Header names that a WSGI server does not pass as HTTP_*, or that cannot carry a key.
 _UNUSABLE_HEADERS = frozenset({"content-type", "content-length", "cookie", "host"})
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -183,7 +179,7 @@ class Pipeline:
         query_values: Sequence[str] = (),
         client: str | None = None,
     ) -> KeyInfo | Problem | None:
-        """Read, check and judge a request's credential with ``manager.verify``.
+        """Read, check and judge a request's credential with ``manager.check``.
 
         ``values`` pairs each credential header value (latin-1 text) with whether its
         header uses the Bearer scheme; ``client`` is the caller's address, if known.
@@ -192,10 +188,12 @@ class Pipeline:
         if not isinstance(key, str):
             return key
         try:
-            result = manager.verify(key)
+            info = manager.check(key)
+        except InvalidKeyError as e:
+            return self.refusal(e.reason)
         except StoreError as e:
             return self.store_failed(e)
-        return self.judge(result, client)
+        return self.admit(info, client)
 
     async def aauthenticate(
         self,
@@ -204,15 +202,17 @@ class Pipeline:
         query_values: Sequence[str] = (),
         client: str | None = None,
     ) -> KeyInfo | Problem | None:
-        """:meth:`authenticate` for event loops, with ``await manager.averify``."""
+        """:meth:`authenticate` for event loops, with ``await manager.acheck``."""
         key = self.read(values, query_values)
         if not isinstance(key, str):
             return key
         try:
-            result = await manager.averify(key)
+            info = await manager.acheck(key)
+        except InvalidKeyError as e:
+            return self.refusal(e.reason)
         except StoreError as e:
             return self.store_failed(e)
-        return self.judge(result, client)
+        return self.admit(info, client)
 
     # -- the steps ---------------------------------------------------------------------
 
@@ -226,14 +226,25 @@ class Pipeline:
         carries a Bearer credential, a part without a scheme (``Bearer K1, K2``) is refused,
         since another reader could take ``K2`` for the credential.
         """
-        if len(values) == 1 and not query_values and len(values[0][1]) <= MAX_CREDENTIAL_LENGTH:
-            # The usual shape, one regex: a single value holding one visible-ASCII token,
-            # behind "Bearer " where the header uses that scheme. Any other shape is parsed
-            # part by part below, to say exactly what is wrong with it.
+        if len(values) == 1 and not query_values:
+            # The usual shape: one value holding one token of visible ASCII without ','
+            # (behind "Bearer " where the header uses that scheme). Any other shape is
+            # parsed part by part below, to say exactly what is wrong with it.
             bearer, value = values[0]
-            usual = (_BEARER_VALUE if bearer else _RAW_VALUE).fullmatch(value)
-            if usual is not None:
-                return usual[1]
+            token = value
+            if bearer:
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() != "bearer":
+                    token = ""
+            if (
+                token
+                and len(value) <= MAX_CREDENTIAL_LENGTH
+                and token.isascii()
+                and token.isprintable()
+                and " " not in token
+                and "," not in token
+            ):
+                return token
         problems = self.problems
         found: str | None = None
         conflict = False
@@ -282,15 +293,12 @@ class Pipeline:
             found = value
         return problems.conflicting if conflict else found
 
-    def judge(self, result: Verification, client: str | None = None) -> KeyInfo | Problem:
-        """The manager's verdict on the key, then each per-key step in order."""
-        info = result.key
-        if not result.ok or info is None:
-            return self._refusals.get(result.reason, self.problems.invalid)
-        return self.admit(info, client) if self.steps else info
+    def refusal(self, reason: Reason) -> Problem:
+        """The problem for a key the manager refused for ``reason``."""
+        return self._refusals.get(reason, self.problems.invalid)
 
     def admit(self, info: KeyInfo, client: str | None = None) -> KeyInfo | Problem:
-        """Run the per-key steps on a valid key: the key if each lets it through."""
+        """Run the per-key steps on an active key, in order: the key if each lets it through."""
         for step in self.steps:
             problem = step(info, client)
             if problem is not None:

@@ -60,7 +60,7 @@ class APIKeyMiddleware:
         error_responder: ErrorResponder | None = None,
         allow_cors_preflight: bool = False,
     ) -> None:
-        if not callable(getattr(manager, "verify", None)):
+        if not callable(getattr(manager, "check", None)):
             raise TypeError(f"manager must be an APIKeyManager, got {manager!r}")
         self.app = app
         self.manager = manager
@@ -150,7 +150,10 @@ def read_credentials(
     pipeline: Pipeline, environ: WSGIEnvironment
 ) -> tuple[list[tuple[bool, str]], list[str]]:
     """The credential header values (with their Bearer flag) and query values of a request."""
-    values = [(bearer, environ[n]) for n, bearer in pipeline.environ_names if n in environ]
+    values = []
+    for name, bearer in pipeline.environ_names:
+        if name in environ:
+            values.append((bearer, environ[name]))
     query_values: list[str] = []
     if pipeline.query_param is not None and environ.get("QUERY_STRING"):
         query_values, _ = pipeline.split_query(environ["QUERY_STRING"])
