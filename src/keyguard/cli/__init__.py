@@ -18,8 +18,15 @@ from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from . import __version__
-from ._cli_output import (
+from .. import __version__
+from ..exceptions import InvalidKeyError, KeyguardError
+from ..keys import DEFAULT_PREFIX, KEY_BODY_LENGTH, KeyFormat, mask_key, validate_prefix
+from ..manager import APIKeyManager
+from ..records import KeyInfo
+from ..scan import DEFAULT_MAX_FILE_SIZE, Finding, KeyScanner
+from ..stores import DEFAULT_STORE_URL, STORE_URL_ENV, KeyStore, store_from_url
+from ._durations import parse_duration as parse_duration
+from ._output import (
     format_time,
     key_info_json,
     key_table,
@@ -30,13 +37,6 @@ from ._cli_output import (
     printable,
     terminal_width,
 )
-from ._durations import parse_duration as parse_duration
-from .exceptions import InvalidKeyError, KeyguardError
-from .keys import DEFAULT_PREFIX, KEY_BODY_LENGTH, KeyFormat, mask_key, validate_prefix
-from .manager import APIKeyManager
-from .records import KeyInfo
-from .scan import DEFAULT_MAX_FILE_SIZE, Finding, KeyScanner
-from .stores import DEFAULT_STORE_URL, STORE_URL_ENV, KeyStore, store_from_url
 
 __all__ = ["main", "parse_duration"]
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from ..records import KeyInfo
+from ..scan import ScanReport
 from ._durations import relative_time
-from .records import KeyInfo
-from .scan import ScanReport
 
 __all__ = [
     "display_width",
