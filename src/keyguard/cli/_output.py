@@ -1,4 +1,4 @@
-"""What the ``keyguard`` command prints: key records as text or JSON, aligned tables, scan reports.
+"""What the ``keyguard`` command prints: key records as text or JSON, tables, scan reports, errors.
 
 Kept apart from the command logic so every command renders records, times and stored
 (untrusted) text the same way.
@@ -7,12 +7,15 @@ Kept apart from the command logic so every command renders records, times and st
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
 import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from ..keys import mask_key
 from ..records import KeyInfo
 from ..scan import ScanReport
 from ._durations import relative_time
@@ -22,15 +25,21 @@ __all__ = [
     "format_time",
     "key_info_json",
     "key_table",
+    "print_error",
     "print_json",
     "print_new_key",
     "print_revocations",
     "print_scan_report",
     "printable",
+    "redact",
     "terminal_width",
 ]
 
 _SHOWN_ONCE = "This is the only time the key is shown: copy it now. keyguard keeps only its hash."
+# Any word holding 32 lowercase hex may be a key typed in the wrong place (a key's shape,
+# prefix[A-Za-z0-9_-]{1,20} + 32 hex, is one such word); stderr shows it masked.
+_WORD = re.compile(r"[A-Za-z0-9_-]+")
+_KEY_BODY = re.compile(r"[0-9a-f]{32}")
 
 
 def printable(text: str) -> str:
@@ -201,3 +210,14 @@ def print_revocations(revoked: list[str], live: dict[str, KeyInfo]) -> None:
     left = [k for k in live if k not in revoked]
     if left:
         print(f"Still live: {', '.join(left)}. Revoke with 'keyguard revoke KEY_ID'.")
+
+
+def redact(text: str) -> str:
+    """Mask every word of ``text`` that holds 32 lowercase hex, as a key would."""
+    return _WORD.sub(lambda m: mask_key(m[0]) if _KEY_BODY.search(m[0]) else m[0], text)
+
+
+def print_error(message: str) -> None:
+    """Print ``message`` as the one ``keyguard: error:`` line on stderr, keys masked."""
+    # Argparse and library messages quote the offending argument, which may be a key.
+    print(f"keyguard: error: {redact(' '.join(message.split()))}", file=sys.stderr)
