@@ -157,7 +157,7 @@ def cmd_rotate(session: Session) -> int:
 def cmd_verify(session: Session) -> int:
     args = session.args
     key = read_key(args.key)
-    fmt = key_format(key, checksum=False)
+    fmt = key_format(key)
     manager = session.manager(fmt.prefix if fmt else DEFAULT_PREFIX)
     result = manager.verify(key)
     if args.json:

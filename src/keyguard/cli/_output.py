@@ -21,7 +21,6 @@ from ..scan import ScanReport
 from ._durations import relative_time
 
 __all__ = [
-    "display_width",
     "format_time",
     "key_info_json",
     "key_table",
@@ -97,7 +96,7 @@ def _char_width(char: str) -> int:
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
-def display_width(text: str) -> int:
+def _display_width(text: str) -> int:
     """The number of terminal columns ``text`` takes (CJK and emoji count 2, accents 0)."""
     return sum(_char_width(c) for c in text)
 
@@ -126,25 +125,26 @@ def _fit_table(
     text ends in ``…``, or keeps its last 4 characters for ``keep_tail`` columns (hints).
     """
     widths = [
-        max(display_width(h), *(display_width(r[i]) for r in rows)) for i, h in enumerate(headers)
+        max(_display_width(h), *(_display_width(r[i]) for r in rows))
+        for i, h in enumerate(headers)
     ]
     gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1
     for columns, floor in shrink:
         while sum(widths) + gap * (len(widths) - 1) > width:
-            wide = [i for i in columns if widths[i] > max(floor, display_width(headers[i]))]
+            wide = [i for i in columns if widths[i] > max(floor, _display_width(headers[i]))]
             if not wide:
                 break
             widths[max(wide, key=lambda i: widths[i])] -= 1
 
     def cell(i: int, text: str) -> str:
         size = widths[i]
-        if display_width(text) > size:
+        if _display_width(text) > size:
             tail = text[-4:] if i in keep_tail else ""
-            if display_width(tail) >= size:
+            if _display_width(tail) >= size:
                 tail = ""
-            text = _cut(text, size - 1 - display_width(tail)) + "…" + tail
+            text = _cut(text, size - 1 - _display_width(tail)) + "…" + tail
         # Pad by columns, not characters, so wide characters do not push the next column.
-        return text + " " * (size - display_width(text))
+        return text + " " * (size - _display_width(text))
 
     return [
         (" " * gap).join(cell(i, text) for i, text in enumerate(row)).rstrip()

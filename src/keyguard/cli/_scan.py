@@ -100,7 +100,7 @@ def cmd_scan(session: Session) -> int:
                 judged[finding.key] = manager.store.get(manager.digest(finding.key))
         # A key found by its digest proves the pepper; only misses leave it in doubt.
         found = [info for info in judged.values() if info is not None]
-        if len(found) < len(judged) and not found:
+        if judged and not found:
             _check_hash_scheme(manager, manager.store.list_keys() if records is None else records)
         if session.checksum:
             kept = [f for f in report.findings if judged[f.key] is not None or _has_crc(f)]

@@ -120,12 +120,15 @@ def read_key(ref: str) -> str:
     return key
 
 
-def key_format(key: str, checksum: bool) -> KeyFormat | None:
-    """The format ``key`` claims (its prefix is everything before the 32 hex), if valid."""
+def key_format(key: str) -> KeyFormat | None:
+    """The format ``key`` claims (its prefix is everything before the 32 hex), if valid.
+
+    Only the shape is checked, never a checksum: callers want the prefix and judge the key.
+    """
     if len(key) <= KEY_BODY_LENGTH:
         return None
     try:
-        fmt = KeyFormat(key[:-KEY_BODY_LENGTH], checksum=checksum)
+        fmt = KeyFormat(key[:-KEY_BODY_LENGTH])
     except ValueError:
         return None
     return fmt if fmt.matches(key) else None
@@ -145,7 +148,7 @@ def resolve(session: Session, ref: str) -> tuple[APIKeyManager, KeyInfo]:
             raise CLIError(f"no key with key_id {ref!r}")
         return session.manager(info.prefix), info
     key = read_key(ref)
-    fmt = key_format(key, checksum=False)  # the record, not the checksum, decides
+    fmt = key_format(key)
     if fmt is None:
         raise CLIError(
             f"{mask_key(key)!r} is neither a key_id (key_ and 16 hex) nor a well-formed key"
