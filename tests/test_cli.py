@@ -19,6 +19,7 @@ import pytest
 import keyguard
 from keyguard import APIKeyManager, KeyFormat, SQLiteStore
 from keyguard import cli as keyguard_cli
+from keyguard.cli import _commands
 
 PEPPER = "p" * 32
 
@@ -893,7 +894,7 @@ def test_an_unexpected_error_keeps_its_traceback_but_masks_keys(
     def broken(session: object) -> int:
         raise RuntimeError(f"bug while handling {LEAKED}")
 
-    monkeypatch.setattr(keyguard_cli, "_cmd_verify", broken)
+    monkeypatch.setattr(_commands, "cmd_verify", broken)
 
     code = keyguard_cli.main(["verify", LEAKED])
 

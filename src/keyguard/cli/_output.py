@@ -1,4 +1,4 @@
-"""What the ``keyguard`` command prints: key records as text or JSON, aligned tables, scan reports.
+"""What the ``keyguard`` command prints: key records as text or JSON, tables, scan reports, errors.
 
 Kept apart from the command logic so every command renders records, times and stored
 (untrusted) text the same way.
@@ -7,30 +7,38 @@ Kept apart from the command logic so every command renders records, times and st
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
 import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from ..keys import mask_key
+from ..records import KeyInfo
+from ..scan import ScanReport
 from ._durations import relative_time
-from .records import KeyInfo
-from .scan import ScanReport
 
 __all__ = [
-    "display_width",
     "format_time",
     "key_info_json",
     "key_table",
+    "print_error",
     "print_json",
     "print_new_key",
     "print_revocations",
     "print_scan_report",
     "printable",
+    "redact",
     "terminal_width",
 ]
 
 _SHOWN_ONCE = "This is the only time the key is shown: copy it now. keyguard keeps only its hash."
+# Any word holding 32 lowercase hex may be a key typed in the wrong place (a key's shape,
+# prefix[A-Za-z0-9_-]{1,20} + 32 hex, is one such word); stderr shows it masked.
+_WORD = re.compile(r"[A-Za-z0-9_-]+")
+_KEY_BODY = re.compile(r"[0-9a-f]{32}")
 
 
 def printable(text: str) -> str:
@@ -88,7 +96,7 @@ def _char_width(char: str) -> int:
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
-def display_width(text: str) -> int:
+def _display_width(text: str) -> int:
     """The number of terminal columns ``text`` takes (CJK and emoji count 2, accents 0)."""
     return sum(_char_width(c) for c in text)
 
@@ -117,25 +125,26 @@ def _fit_table(
     text ends in ``…``, or keeps its last 4 characters for ``keep_tail`` columns (hints).
     """
     widths = [
-        max(display_width(h), *(display_width(r[i]) for r in rows)) for i, h in enumerate(headers)
+        max(_display_width(h), *(_display_width(r[i]) for r in rows))
+        for i, h in enumerate(headers)
     ]
     gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1
     for columns, floor in shrink:
         while sum(widths) + gap * (len(widths) - 1) > width:
-            wide = [i for i in columns if widths[i] > max(floor, display_width(headers[i]))]
+            wide = [i for i in columns if widths[i] > max(floor, _display_width(headers[i]))]
             if not wide:
                 break
             widths[max(wide, key=lambda i: widths[i])] -= 1
 
     def cell(i: int, text: str) -> str:
         size = widths[i]
-        if display_width(text) > size:
+        if _display_width(text) > size:
             tail = text[-4:] if i in keep_tail else ""
-            if display_width(tail) >= size:
+            if _display_width(tail) >= size:
                 tail = ""
-            text = _cut(text, size - 1 - display_width(tail)) + "…" + tail
+            text = _cut(text, size - 1 - _display_width(tail)) + "…" + tail
         # Pad by columns, not characters, so wide characters do not push the next column.
-        return text + " " * (size - display_width(text))
+        return text + " " * (size - _display_width(text))
 
     return [
         (" " * gap).join(cell(i, text) for i, text in enumerate(row)).rstrip()
@@ -201,3 +210,14 @@ def print_revocations(revoked: list[str], live: dict[str, KeyInfo]) -> None:
     left = [k for k in live if k not in revoked]
     if left:
         print(f"Still live: {', '.join(left)}. Revoke with 'keyguard revoke KEY_ID'.")
+
+
+def redact(text: str) -> str:
+    """Mask every word of ``text`` that holds 32 lowercase hex, as a key would."""
+    return _WORD.sub(lambda m: mask_key(m[0]) if _KEY_BODY.search(m[0]) else m[0], text)
+
+
+def print_error(message: str) -> None:
+    """Print ``message`` as the one ``keyguard: error:`` line on stderr, keys masked."""
+    # Argparse and library messages quote the offending argument, which may be a key.
+    print(f"keyguard: error: {redact(' '.join(message.split()))}", file=sys.stderr)

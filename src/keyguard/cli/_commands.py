@@ -1,0 +1,171 @@
+"""The key commands: ``create``, ``list``, ``show``, ``revoke``, ``rotate`` and ``verify``.
+
+Each takes the :class:`Session` and returns the exit code; a failure is a :class:`CLIError`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..exceptions import InvalidKeyError
+from ..keys import DEFAULT_PREFIX
+from ._output import (
+    format_time,
+    key_info_json,
+    key_table,
+    print_json,
+    print_new_key,
+    printable,
+    terminal_width,
+)
+from ._session import (
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_USAGE,
+    CLIError,
+    Session,
+    key_format,
+    read_key,
+    resolve,
+)
+
+__all__ = ["cmd_create", "cmd_list", "cmd_revoke", "cmd_rotate", "cmd_show", "cmd_verify"]
+
+_RESERVED_META = {
+    "user_id": "--user",
+    "email": "--email",
+    "permissions": "--scope",
+    "name": "--name",
+}
+
+
+def cmd_create(session: Session) -> int:
+    args = session.args
+    metadata: dict[str, Any] = {"user_id": args.user}
+    for name, value in args.meta or ():
+        if name in _RESERVED_META:
+            raise CLIError(f"use {_RESERVED_META[name]} to set {name!r}, not --meta", EXIT_USAGE)
+        metadata[name] = value
+    if args.email is not None:
+        metadata["email"] = args.email
+    if args.name is not None:
+        metadata["name"] = args.name
+    if args.scope:
+        metadata["permissions"] = list(dict.fromkeys(args.scope))
+    manager = session.manager(args.prefix or DEFAULT_PREFIX, create=True)
+    try:
+        key, info = manager.create_key(metadata, expires_in=args.expires)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
+    if args.json:
+        print_json({"key": key, **key_info_json(info, session.now)})
+        return EXIT_OK
+    expiry = (
+        "never expires" if info.expires_at is None else f"expires {format_time(info.expires_at)}"
+    )
+    print(f"Created {info.key_id} for user {printable(info.user_id)!r} ({expiry}).")
+    print_new_key(key)
+    return EXIT_OK
+
+
+def cmd_list(session: Session) -> int:
+    args = session.args
+    keys = session.manager().list_keys(args.user, include_inactive=args.all)
+    if args.json:
+        print_json({"keys": [key_info_json(k, session.now) for k in keys]})
+        return EXIT_OK
+    if not keys:
+        print("No keys." if args.all else "No active keys (--all shows revoked and expired).")
+        return EXIT_OK
+    for line in key_table(keys, session.now, terminal_width()):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_show(session: Session) -> int:
+    _, info = resolve(session, session.args.ref)
+    now = session.now
+    if session.args.json:
+        print_json(key_info_json(info, now))
+        return EXIT_OK
+    extra = {k: v for k, v in info.metadata.items() if k not in _RESERVED_META}
+    fields = [
+        ("key_id", info.key_id),
+        ("hint", info.hint),
+        ("user", info.user_id),
+        ("email", info.metadata.get("email") or "-"),
+        ("name", info.metadata.get("name") or "-"),
+        ("scopes", ", ".join(info.scopes) or "-"),
+        ("metadata", json.dumps(extra, ensure_ascii=False) if extra else "-"),
+        ("created", format_time(info.created_at)),
+        ("expires", format_time(info.expires_at)),
+        ("revoked", format_time(info.revoked_at, "-")),
+        ("last used", format_time(info.last_used_at)),
+        ("status", info.status(now)),
+        ("hashed as", info.hash_scheme),
+    ]
+    for label, value in fields:
+        print(f"{label:<10} {printable(str(value))}")
+    return EXIT_OK
+
+
+def cmd_revoke(session: Session) -> int:
+    manager, info = resolve(session, session.args.ref)
+    status = info.status(session.now)
+    revoked = status == "active" and manager.revoke_by_id(info.key_id)
+    if not revoked:
+        if status == "active":
+            status = "revoked"  # lost a race with another revoker
+        raise CLIError(f"{info.key_id} ({info.hint}) is already {status}; nothing to revoke")
+    if session.args.json:
+        print_json({"revoked": True, "key_id": info.key_id, "hint": info.hint})
+    else:
+        print(f"Revoked {info.key_id} ({info.hint}) of user {printable(info.user_id)!r}.")
+    return EXIT_OK
+
+
+def cmd_rotate(session: Session) -> int:
+    args = session.args
+    manager, old = resolve(session, args.ref)
+    try:
+        key = manager.rotate_by_id(old.key_id, grace=args.grace, expires_in=args.expires)
+    except InvalidKeyError as e:
+        raise CLIError(f"cannot rotate {old.key_id} ({old.hint}): it is {e.reason}") from None
+    new = manager.store.get(manager.digest(key))
+    after = manager.get_key_info(old.key_id)
+    if new is None or after is None:
+        raise CLIError("the store lost a key during rotation", EXIT_USAGE)
+    if args.json:
+        print_json(
+            {
+                "key": key,
+                **key_info_json(new, session.now),
+                "old": key_info_json(after, session.now),
+            }
+        )
+        return EXIT_OK
+    print(f"Rotated {old.key_id} into {new.key_id} for user {printable(new.user_id)!r}.")
+    if after.revoked_at is not None:
+        print(f"The old key {old.hint} is revoked.")
+    else:
+        print(f"The old key {old.hint} keeps working until {format_time(after.expires_at)}.")
+    print_new_key(key)
+    return EXIT_OK
+
+
+def cmd_verify(session: Session) -> int:
+    args = session.args
+    key = read_key(args.key)
+    fmt = key_format(key)
+    manager = session.manager(fmt.prefix if fmt else DEFAULT_PREFIX)
+    result = manager.verify(key)
+    if args.json:
+        info = None if result.key is None else key_info_json(result.key, session.now)
+        print_json({"ok": result.ok, "reason": result.reason.value, "key": info})
+    elif result.key is None:
+        print(result.reason.value)
+    else:
+        user = printable(result.key.user_id)
+        print(f"{result.reason.value}: {result.key.key_id} ({result.key.hint}) of user {user!r}")
+    return EXIT_OK if result.ok else EXIT_INVALID

@@ -1,0 +1,185 @@
+"""The ``keyguard`` argument parser: the common options, then one subcommand per command.
+
+Its errors are one line and exit code 2, like every other usage error of the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, NoReturn, TypeVar
+
+from .. import __version__
+from ..keys import DEFAULT_PREFIX, validate_prefix
+from ..scan import DEFAULT_MAX_FILE_SIZE
+from ..stores import DEFAULT_STORE_URL, STORE_URL_ENV
+from . import _commands, _scan
+from ._durations import parse_duration
+from ._session import CHECKSUM_ENV, EXIT_USAGE, CLIError, Session
+
+__all__ = ["build_parser"]
+
+_T = TypeVar("_T")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CLIError(f"{message} (see '{self.prog} --help')", EXIT_USAGE)
+
+
+def _argument_type(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+    """Wrap ``parse`` so its ValueError becomes argparse's one-line "argument --x: ..." error."""
+
+    def convert(text: str) -> _T:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+def _duration_arg(allow_zero: bool) -> Callable[[str], timedelta]:
+    return _argument_type(lambda text: parse_duration(text, allow_zero=allow_zero))
+
+
+_prefix_arg = _argument_type(validate_prefix)
+
+
+def _meta_arg(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected k=v, got {text!r}")
+    return name.strip(), value
+
+
+def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        default=default,
+        help=f"key store URL (default ${STORE_URL_ENV}, else {DEFAULT_STORE_URL})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="print machine-readable JSON",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``keyguard`` argument parser (one subparser per command)."""
+    parser = _Parser(
+        prog="keyguard",
+        description="Issue, inspect, revoke and rotate API keys; scan files for leaked keys.",
+        epilog=(
+            "The key pepper, if any, comes from $KEYGUARD_PEPPER. If your servers use"
+            f" checksum=True, set {CHECKSUM_ENV}=1: it acts as --checksum for every command."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _common_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str, handler: Callable[[Session], int], help: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        _common_options(sub, suppress=True)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    # Handlers are read off their modules each time main() builds the parser, so a test can
+    # replace one with monkeypatch.
+    checksum_help = "keys carry a CRC32 in their last 8 hex (see the README's trade-off)"
+    create = command("create", _commands.cmd_create, "issue a key and print it once")
+    create.add_argument("--user", required=True, help="the key's owner (user_id)")
+    create.add_argument("--email")
+    create.add_argument("--name", help="a label stored in the metadata")
+    create.add_argument(
+        "--scope", action="append", metavar="SCOPE", help="a permission; repeat for more"
+    )
+    create.add_argument(
+        "--meta", action="append", type=_meta_arg, metavar="K=V", help="extra metadata; repeat"
+    )
+    create.add_argument(
+        "--expires", type=_duration_arg(False), metavar="DURATION", help="e.g. 90d, 24h, 2w"
+    )
+    create.add_argument(
+        "--prefix", type=_prefix_arg, help=f"key prefix (default {DEFAULT_PREFIX})"
+    )
+    create.add_argument("--checksum", action="store_true", help=checksum_help)
+
+    listing = command("list", _commands.cmd_list, "list keys in an aligned table")
+    listing.add_argument("--user", help="only this user's keys")
+    listing.add_argument("--all", action="store_true", help="include revoked and expired keys")
+
+    show = command("show", _commands.cmd_show, "show one key's record")
+    show.add_argument("ref", metavar="KEY_ID", help="a key_id, or a key ('-' reads stdin)")
+
+    revoke = command("revoke", _commands.cmd_revoke, "revoke a key at once")
+    revoke.add_argument("ref", metavar="KEY_ID|KEY", help="'-' reads the key from stdin")
+
+    rotate = command("rotate", _commands.cmd_rotate, "issue a replacement and retire the old key")
+    rotate.add_argument("ref", metavar="KEY_ID|KEY", help="'-' reads the key from stdin")
+    rotate.add_argument(
+        "--grace",
+        type=_duration_arg(True),
+        default=timedelta(hours=24),
+        metavar="DURATION",
+        help="how long the old key keeps working (default 24h; 0s revokes it now)",
+    )
+    rotate.add_argument(
+        "--expires",
+        type=_duration_arg(False),
+        metavar="DURATION",
+        help="lifetime of the new key (default: the old key's lifetime)",
+    )
+    rotate.add_argument(
+        "--checksum",
+        action="store_true",
+        help="the new key has a checksum; a KEY given in full keeps its own, but a KEY_ID"
+        f" cannot tell, so pass this (or set {CHECKSUM_ENV}=1) if your servers use checksum=True",
+    )
+
+    verify = command("verify", _commands.cmd_verify, "check a key; exit 0 if valid, 1 if not")
+    verify.add_argument("key", metavar="KEY", help="the key ('-' reads it from stdin)")
+    verify.add_argument("--checksum", action="store_true", help="require a valid checksum")
+
+    scan = command(
+        "scan", _scan.cmd_scan, "find leaked keys in files; exit 1 if a live one is found"
+    )
+    scan.add_argument("paths", nargs="*", metavar="PATH", help="files and directories")
+    scan.add_argument(
+        "--prefix",
+        action="append",
+        type=_prefix_arg,
+        metavar="P",
+        help=f"look for this key prefix; repeat (default: {DEFAULT_PREFIX} and every prefix in"
+        f" the store, which means listing it; offline, only {DEFAULT_PREFIX})",
+    )
+    scan.add_argument(
+        "--checksum",
+        action="store_true",
+        help="ignore strings whose checksum is wrong, unless the store knows them (offline:"
+        " always, so use it offline only once every key in use has a checksum)",
+    )
+    scan.add_argument("--revoke", action="store_true", help="revoke the live keys found")
+    scan.add_argument("--yes", "-y", action="store_true", help="revoke without asking")
+    scan.add_argument("--offline", action="store_true", help="do not consult the store")
+    scan.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_FILE_SIZE,
+        metavar="N",
+        help=f"skip files larger than N bytes (default {DEFAULT_MAX_FILE_SIZE})",
+    )
+    scan.add_argument(
+        "--rule", action="store_true", help="print a regex and a gitleaks rule, then exit"
+    )
+    return parser
