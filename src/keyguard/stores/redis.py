@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
+from .._frozen import loads
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._aio import PerLoop
@@ -192,7 +193,7 @@ def _decode_values(digest: str, values: tuple[Any, ...]) -> KeyInfo:
             prefix=prefix,
             hint=hint,
             user_id=user_id,
-            metadata=json.loads(metadata),
+            metadata=loads(metadata),
             created_at=_from_us(created),
             expires_at=None if expires is None else _from_us(expires),
             revoked_at=None if revoked is None else _from_us(revoked),
