@@ -37,7 +37,12 @@ class MemoryStore:
             if info.digest in self._records or info.key_id in self._by_id:
                 return False
             self._records[info.digest] = self._by_id[info.key_id] = info
-            self._by_user.setdefault(info.user_id, []).append(info.digest)
+            digests = self._by_user.get(info.user_id)
+            if digests is None:
+                # Most users hold one key: a list made at size 1, not grown to 4 by append.
+                self._by_user[info.user_id] = [info.digest]
+            else:
+                digests.append(info.digest)
             return True
 
     def get(self, digest: str) -> KeyInfo | None:
