@@ -47,13 +47,10 @@ def us(value: datetime) -> bytes:
     return str((value - EPOCH) // timedelta(microseconds=1)).encode()
 
 
+#: The columns every SQL row starts with: digest, key_id, hash_scheme, prefix, hint, user_id.
+HEAD = (DIGEST, "key_3f9a1c0b7d2e4f60", "sha256", "sk_", "sk_…7d2e", "u123")
 SQLITE_ROW = (
-    DIGEST,
-    "key_3f9a1c0b7d2e4f60",
-    "sha256",
-    "sk_",
-    "sk_…7d2e",
-    "u123",
+    *HEAD,
     TEXT,
     CREATED.timestamp(),
     None,
@@ -76,20 +73,7 @@ REDIS_VALUES = (
 
 def postgres_row() -> tuple[Any, ...]:
     # psycopg builds a new dict for every row it reads.
-    return (
-        DIGEST,
-        "key_3f9a1c0b7d2e4f60",
-        "sha256",
-        "sk_",
-        "sk_…7d2e",
-        "u123",
-        json.loads(TEXT),
-        CREATED,
-        None,
-        None,
-        USED,
-        None,
-    )
+    return (*HEAD, json.loads(TEXT), CREATED, None, None, USED, None)
 
 
 def time_per_call(fn: Callable[[], object], number: int) -> float:
