@@ -1,16 +1,17 @@
 """Read-only JSON containers, so a record shared between requests cannot be changed.
 
-The memory store and the SQLite decode cache hand the same :class:`~keyguard.KeyInfo` to
-every request; if its metadata were a plain dict, one handler could grant a key new
+The memory store and the stores' decode caches hand the same :class:`~keyguard.KeyInfo`
+to every request; if its metadata were a plain dict, one handler could grant a key new
 permissions for all later requests. These are ``dict``/``list`` subclasses, so equality,
 ``json.dumps`` and database adapters keep working, but every mutating method raises.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, NoReturn
 
-__all__ = ["FrozenDict", "FrozenList", "freeze", "thaw"]
+__all__ = ["FrozenDict", "FrozenList", "freeze", "loads", "thaw"]
 
 _MESSAGE = "key metadata is read-only; APIKeyManager.get_metadata() returns a copy to change"
 
@@ -53,17 +54,42 @@ class FrozenList(list[Any]):
         return thaw(self)
 
 
+# Values that hold nothing changeable: freezing them is a no-op, so it is skipped.
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def freeze(value: Any) -> Any:
-    """Return ``value`` (parsed JSON) with every dict and list made read-only."""
+    """Return ``value`` (parsed JSON) with every dict and list made read-only.
+
+    Containers that are already read-only are returned as they are, so a record rebuilt
+    from another (``dataclasses.replace``) shares its metadata instead of copying it.
+    """
+    kind = type(value)
+    if kind is FrozenDict or kind is FrozenList or kind in _SCALARS:
+        return value
     if isinstance(value, dict):
-        if type(value) is FrozenDict:
-            return value
-        return FrozenDict({k: freeze(v) for k, v in value.items()})
+        return FrozenDict({k: v if type(v) in _SCALARS else freeze(v) for k, v in value.items()})
     if isinstance(value, (list, tuple)):
-        if type(value) is FrozenList:
-            return value
-        return FrozenList(freeze(v) for v in value)
+        return FrozenList([v if type(v) in _SCALARS else freeze(v) for v in value])
     return value
+
+
+def _frozen_list(items: list[Any]) -> FrozenList:
+    return FrozenList([_frozen_list(v) if type(v) is list else v for v in items])
+
+
+def _frozen_object(pairs: list[tuple[str, Any]]) -> FrozenDict:
+    # Objects nested in this one were already made read-only as they were parsed.
+    return FrozenDict([(k, _frozen_list(v) if type(v) is list else v) for k, v in pairs])
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_frozen_object)
+
+
+def loads(text: str) -> Any:
+    """Parse JSON ``text`` straight into read-only containers (no second, freezing pass)."""
+    value = _DECODER.decode(text)
+    return _frozen_list(value) if type(value) is list else value
 
 
 def thaw(value: Any) -> Any:

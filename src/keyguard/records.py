@@ -11,15 +11,19 @@ from ._frozen import freeze
 
 __all__ = ["KeyInfo"]
 
+# One shared float for "never" (revoked, or never used), instead of one per record.
+_NEVER = -math.inf
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class KeyInfo:
     """Everything known about a key except the key itself.
 
     ``digest`` (the hash the store indexes by) and ``hash_scheme`` say how the key is
     stored; the repr leaves the digest out. ``scopes`` are the key's ``permissions``.
-    Times are timezone-aware UTC datetimes. A record is shared between requests, so its
-    ``metadata`` is read-only (changing it raises ``TypeError``); ``get_metadata`` copies.
+    Times are timezone-aware UTC datetimes. A record is shared between requests, so it
+    is immutable and its ``metadata`` is read-only (changing it raises ``TypeError``);
+    ``get_metadata`` copies.
     """
 
     key_id: str
@@ -34,8 +38,6 @@ class KeyInfo:
     digest: str = field(default="", repr=False)
     hash_scheme: str = "sha256"
     scopes: tuple[str, ...] = field(init=False, compare=False)
-    #: ``expires_at`` as a POSIX timestamp, so the per-request expiry check is one float compare.
-    expires_ts: float | None = field(init=False, repr=False, compare=False)
     #: The POSIX time until which the key is accepted: ``-inf`` once revoked, ``inf`` if it
     #: never expires. Precomputed so the per-request check of both is one float compare.
     valid_until: float = field(init=False, repr=False, compare=False)
@@ -44,27 +46,25 @@ class KeyInfo:
     last_used_ts: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "metadata", freeze(self.metadata))
-        permissions = self.metadata.get("permissions") or ()
-        object.__setattr__(self, "scopes", tuple(permissions))
-        expires = None if self.expires_at is None else self.expires_at.timestamp()
-        object.__setattr__(self, "expires_ts", expires)
+        metadata = freeze(self.metadata)
+        object.__setattr__(self, "metadata", metadata)
+        object.__setattr__(self, "scopes", tuple(metadata.get("permissions") or ()))
         if self.revoked_at is not None:
-            valid_until = -math.inf
+            valid_until = _NEVER
         else:
-            valid_until = math.inf if expires is None else expires
+            valid_until = math.inf if self.expires_at is None else self.expires_at.timestamp()
         object.__setattr__(self, "valid_until", valid_until)
-        used = -math.inf if self.last_used_at is None else self.last_used_at.timestamp()
+        used = _NEVER if self.last_used_at is None else self.last_used_at.timestamp()
         object.__setattr__(self, "last_used_ts", used)
 
     @property
-    def is_revoked(self) -> bool:
-        """Whether the key was revoked (its record stays for audit)."""
-        return self.revoked_at is not None
+    def expires_ts(self) -> float | None:
+        """``expires_at`` as a POSIX timestamp, or None if the key never expires."""
+        return None if self.expires_at is None else self.expires_at.timestamp()
 
     def is_expired(self, now: float) -> bool:
         """Whether the key has expired at POSIX time ``now``."""
-        return self.expires_ts is not None and self.expires_ts <= now
+        return self.expires_at is not None and self.expires_at.timestamp() <= now
 
     def status(self, now: float) -> str:
         """``"active"``, ``"revoked"`` or ``"expired"`` at POSIX time ``now``."""

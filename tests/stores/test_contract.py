@@ -309,6 +309,8 @@ def test_racing_revocations_succeed_once_per_key(store: KeyStore) -> None:
         pytest.param(lambda m: m.pop("user_id"), id="pop"),
         pytest.param(lambda m: m["permissions"].extend(["x"]), id="extend"),
         pytest.param(lambda m: m["permissions"].__iadd__(["x"]), id="+="),
+        pytest.param(lambda m: m["grid"][0].append(2), id="list in a list"),
+        pytest.param(lambda m: m["teams"][0].__setitem__("role", "admin"), id="dict in a list"),
     ],
 )
 def test_a_shared_record_cannot_be_changed_through_its_metadata(
@@ -317,7 +319,13 @@ def test_a_shared_record_cannot_be_changed_through_its_metadata(
     # The memory store and the SQLite decode cache give every request the same KeyInfo:
     # a handler that could change it would grant permissions to later requests.
     manager = APIKeyManager(store)
-    key, info = manager.create_key(user_id="u1", permissions=["read"], profile={"tier": "free"})
+    key, info = manager.create_key(
+        user_id="u1",
+        permissions=["read"],
+        profile={"tier": "free"},
+        grid=[[1]],
+        teams=[{"role": "member"}],
+    )
 
     for record in (info, manager.verify(key).key):
         assert record is not None
@@ -331,4 +339,6 @@ def test_a_shared_record_cannot_be_changed_through_its_metadata(
         "user_id": "u1",
         "permissions": ["read"],
         "profile": {"tier": "free"},
+        "grid": [[1]],
+        "teams": [{"role": "member"}],
     }

@@ -8,16 +8,16 @@ drivers stay optional. Any URL may add ``cache_ttl=<seconds>`` (and optionally
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
+from ._redact import redact_url
 from .base import KeyStore
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
-__all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "redact_url", "register_scheme", "store_from_url"]
+__all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "store_from_url"]
 
 STORE_URL_ENV = "KEYGUARD_STORE"
 DEFAULT_STORE_URL = "sqlite:///keyguard.db"
@@ -138,11 +138,6 @@ _FACTORIES: dict[str, _Factory] = {
 }
 
 
-def register_scheme(scheme: str, factory: _Factory) -> None:
-    """Let ``store_from_url`` build stores for another URL scheme."""
-    _FACTORIES[scheme] = factory
-
-
 def store_from_url(url: str | None = None) -> KeyStore:
     """Return the store named by ``url`` (default: ``$KEYGUARD_STORE``, else SQLite).
 
@@ -179,15 +174,3 @@ def store_from_url(url: str | None = None) -> KeyStore:
     from .cached import CachedStore
 
     return CachedStore(store, **cache)
-
-
-def redact_url(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***``.
-
-    Works on malformed URLs and on driver error messages that quote a URL, where
-    ``urlsplit`` would give up.
-    """
-    return _URL_PASSWORD.sub(r"\1:***@", text)
-
-
-_URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]*):[^@\s]*@")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from ..records import KeyInfo
 
@@ -13,15 +13,16 @@ __all__ = ["MemoryStore"]
 
 
 class MemoryStore:
-    """A dict from digest to record, with indexes by key_id and by user; thread-safe.
+    """Records by digest and by key_id, with an index by user; thread-safe.
 
     Reads are single dict lookups (atomic under the GIL); writes take a lock so that
-    "add if absent" and "revoke if active" cannot race.
+    "add if absent" and "revoke if active" cannot race, and so that both maps always
+    hold the same record.
     """
 
     def __init__(self) -> None:
         self._records: dict[str, KeyInfo] = {}
-        self._by_id: dict[str, str] = {}
+        self._by_id: dict[str, KeyInfo] = {}
         self._by_user: dict[str, list[str]] = {}
         self._lock = threading.Lock()
 
@@ -35,22 +36,20 @@ class MemoryStore:
         with self._lock:
             if info.digest in self._records or info.key_id in self._by_id:
                 return False
-            self._records[info.digest] = info
-            self._by_id[info.key_id] = info.digest
-            self._by_user.setdefault(info.user_id, []).append(info.digest)
+            self._records[info.digest] = self._by_id[info.key_id] = info
+            digests = self._by_user.get(info.user_id)
+            if digests is None:
+                # Most users hold one key: a list made at size 1, not grown to 4 by append.
+                self._by_user[info.user_id] = [info.digest]
+            else:
+                digests.append(info.digest)
             return True
 
     def get(self, digest: str) -> KeyInfo | None:
         return self._records.get(digest)
 
-    @property
-    def lookup(self) -> Callable[[str], KeyInfo | None]:
-        """``get`` without a Python frame, for the per-request check (the dict stays)."""
-        return self._records.get
-
     def get_by_id(self, key_id: str) -> KeyInfo | None:
-        digest = self._by_id.get(key_id)
-        return None if digest is None else self._records.get(digest)
+        return self._by_id.get(key_id)
 
     def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
         with self._lock:
@@ -66,7 +65,7 @@ class MemoryStore:
             info = self._records.get(digest)
             if info is None or info.revoked_at is not None:
                 return False
-            self._records[digest] = dataclasses.replace(info, revoked_at=at)
+            self._replace(info, revoked_at=at)
             return True
 
     def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
@@ -74,14 +73,19 @@ class MemoryStore:
             info = self._records.get(digest)
             if info is None:
                 return False
-            self._records[digest] = dataclasses.replace(info, expires_at=expires_at)
+            self._replace(info, expires_at=expires_at)
             return True
 
     def touch(self, digest: str, at: datetime) -> None:
         with self._lock:
             info = self._records.get(digest)
             if info is not None:
-                self._records[digest] = dataclasses.replace(info, last_used_at=at)
+                self._replace(info, last_used_at=at)
+
+    def _replace(self, info: KeyInfo, **changes: Any) -> None:
+        """Store ``info`` with ``changes`` under both its digest and its key_id; hold the lock."""
+        new = dataclasses.replace(info, **changes)
+        self._records[new.digest] = self._by_id[new.key_id] = new
 
     def close(self) -> None:
         """Nothing to release; kept for the contract."""

@@ -31,7 +31,7 @@ from ..records import KeyInfo
 from ._aio import PerLoop
 from ._fork import reset_after_fork
 from ._listener import POLL_SECONDS, Listener
-from ._url import redact_url
+from ._redact import redact_url
 
 if TYPE_CHECKING:
     import psycopg_pool

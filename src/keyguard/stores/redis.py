@@ -20,15 +20,17 @@ import functools
 import json
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
+from .._frozen import loads
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._aio import PerLoop
 from ._listener import POLL_SECONDS, Listener
-from ._url import redact_url
+from ._redact import redact_url
 
 if TYPE_CHECKING:
     import redis
@@ -192,7 +194,7 @@ def _decode_values(digest: str, values: tuple[Any, ...]) -> KeyInfo:
             prefix=prefix,
             hint=hint,
             user_id=user_id,
-            metadata=json.loads(metadata),
+            metadata=loads(metadata),
             created_at=_from_us(created),
             expires_at=None if expires is None else _from_us(expires),
             revoked_at=None if revoked is None else _from_us(revoked),
@@ -290,69 +292,60 @@ class RedisStore:
         score = str(_us(info.created_at))
         return keys, [info.digest, info.key_id, score, self.channel, *_fields(info)]
 
-    def _fail(self, action: str, e: Exception) -> StoreError:
-        return StoreError(f"Redis key store {self!r} could not {action}: {e}")
+    @contextmanager
+    def _failing(self, action: str) -> Iterator[None]:
+        """Turn a ``RedisError`` in the block into a :class:`StoreError` naming ``action``."""
+        try:
+            yield
+        except self._redis.RedisError as e:
+            raise StoreError(f"Redis key store {self!r} could not {action}: {e}") from e
 
     # -- the sync contract -------------------------------------------------------------
 
     def add(self, info: KeyInfo) -> bool:
         keys, args = self._add_call(info)
-        try:
+        with self._failing("add a key"):
             return bool(self._add(keys=keys, args=args))
-        except self._redis.RedisError as e:
-            raise self._fail("add a key", e) from e
 
     def get(self, digest: str) -> KeyInfo | None:
-        try:
+        with self._failing("read a key"):
             values = self._hmget(self.record_key(digest), _FIELDS)
-        except self._redis.RedisError as e:
-            raise self._fail("read a key", e) from e
         return _decode(digest, cast("list[Any]", values))
 
     def get_by_id(self, key_id: str) -> KeyInfo | None:
-        try:
+        with self._failing("read a key"):
             digest = self._client.hget(self._ids, key_id)
-        except self._redis.RedisError as e:
-            raise self._fail("read a key", e) from e
         return None if digest is None else self.get(_text(digest))
 
     def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
         index = self._all if user_id is None else self.user_key(user_id)
-        try:
+        with self._failing("list keys"):
             digests = [_text(d) for d in cast("list[Any]", self._client.zrange(index, 0, -1))]
             pipe = self._client.pipeline(transaction=False)
             for digest in digests:
                 pipe.hmget(self.record_key(digest), _FIELDS)
             hashes = pipe.execute() if digests else []
-        except self._redis.RedisError as e:
-            raise self._fail("list keys", e) from e
         records = [_decode(d, h) for d, h in zip(digests, hashes, strict=True)]
         return [r for r in records if r is not None]
 
     def revoke(self, digest: str, at: datetime) -> bool:
-        try:
+        with self._failing("revoke a key"):
             return bool(
                 self._revoke(keys=[self.record_key(digest)], args=[_us(at), self.channel, digest])
             )
-        except self._redis.RedisError as e:
-            raise self._fail("revoke a key", e) from e
 
     def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
         value = "" if expires_at is None else str(_us(expires_at))
-        try:
+        with self._failing("change an expiry"):
             return bool(
                 self._set_expiry(
                     keys=[self.record_key(digest)], args=[value, self.channel, digest]
                 )
             )
-        except self._redis.RedisError as e:
-            raise self._fail("change an expiry", e) from e
 
     def touch(self, digest: str, at: datetime) -> None:
-        try:
+        with self._failing("record a key's use"):
             self._touch(keys=[self.record_key(digest)], args=[_us(at)])
-        except self._redis.RedisError as e:
-            raise self._fail("record a key's use", e) from e
 
     def close(self) -> None:
         """Close the connections this store opened (a client passed in stays open)."""
@@ -417,31 +410,25 @@ class RedisStore:
     async def aadd(self, info: KeyInfo) -> bool:
         scripts = self._aclient().scripts
         keys, args = self._add_call(info)
-        try:
+        with self._failing("add a key"):
             return bool(await scripts["add"](keys=keys, args=args))
-        except self._redis.RedisError as e:
-            raise self._fail("add a key", e) from e
 
     async def aget(self, digest: str) -> KeyInfo | None:
         client = self._aclient().client
-        try:
+        with self._failing("read a key"):
             values = await client.hmget(self.record_key(digest), _FIELDS)
-        except self._redis.RedisError as e:
-            raise self._fail("read a key", e) from e
         return _decode(digest, values)
 
     async def aget_by_id(self, key_id: str) -> KeyInfo | None:
         client = self._aclient().client
-        try:
+        with self._failing("read a key"):
             digest = await client.hget(self._ids, key_id)
-        except self._redis.RedisError as e:
-            raise self._fail("read a key", e) from e
         return None if digest is None else await self.aget(_text(digest))
 
     async def alist_keys(self, user_id: str | None = None) -> list[KeyInfo]:
         client = self._aclient().client
         index = self._all if user_id is None else self.user_key(user_id)
-        try:
+        with self._failing("list keys"):
             digests = [_text(d) for d in cast("list[Any]", await client.zrange(index, 0, -1))]
             hashes: list[Any] = []
             if digests:
@@ -449,40 +436,32 @@ class RedisStore:
                 for digest in digests:
                     pipe.hmget(self.record_key(digest), _FIELDS)
                 hashes = await pipe.execute()
-        except self._redis.RedisError as e:
-            raise self._fail("list keys", e) from e
         records = [_decode(d, h) for d, h in zip(digests, hashes, strict=True)]
         return [r for r in records if r is not None]
 
     async def arevoke(self, digest: str, at: datetime) -> bool:
         scripts = self._aclient().scripts
-        try:
+        with self._failing("revoke a key"):
             return bool(
                 await scripts["revoke"](
                     keys=[self.record_key(digest)], args=[_us(at), self.channel, digest]
                 )
             )
-        except self._redis.RedisError as e:
-            raise self._fail("revoke a key", e) from e
 
     async def aset_expiry(self, digest: str, expires_at: datetime | None) -> bool:
         scripts = self._aclient().scripts
         value = "" if expires_at is None else str(_us(expires_at))
-        try:
+        with self._failing("change an expiry"):
             return bool(
                 await scripts["set_expiry"](
                     keys=[self.record_key(digest)], args=[value, self.channel, digest]
                 )
             )
-        except self._redis.RedisError as e:
-            raise self._fail("change an expiry", e) from e
 
     async def atouch(self, digest: str, at: datetime) -> None:
         scripts = self._aclient().scripts
-        try:
+        with self._failing("record a key's use"):
             await scripts["touch"](keys=[self.record_key(digest)], args=[_us(at)])
-        except self._redis.RedisError as e:
-            raise self._fail("record a key's use", e) from e
 
     async def aclose(self) -> None:
         """Close this loop's async connections, then the rest (see :meth:`close`)."""

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .._frozen import loads
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._fork import reset_after_fork
@@ -73,7 +74,7 @@ def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
             prefix=prefix,
             hint=hint,
             user_id=user_id,
-            metadata=json.loads(metadata),
+            metadata=loads(metadata),
             created_at=datetime.fromtimestamp(created, timezone.utc),
             expires_at=_dt(expires),
             revoked_at=_dt(revoked),

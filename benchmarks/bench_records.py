@@ -1,0 +1,187 @@
+"""Cost of a :class:`~keyguard.KeyInfo`: decoding a stored row, and holding one in memory.
+
+Decode: each store's own row-to-record function (the work behind a store read that misses
+its decode cache) on a realistic row as its driver returns it: a used key without expiry,
+metadata ``{"user_id": …, "email": …, "permissions": ["read", "write"]}``. Medians in µs
+per row over interleaved passes. Two floors are timed in the same passes: ``json``, a bare
+``json.loads`` of the metadata text, which a SQLite or Redis row cannot skip (psycopg
+parses jsonb itself); ``frozen``, a bare frozen slotted dataclass of KeyInfo's eleven
+constructor fields, which any immutable record costs. Each store's floor is the sum of
+those that apply to it. Target: 1.5 µs per row.
+
+Memory: the growth of this process's resident set (RSS, ``ru_maxrss``) while
+``APIKeyManager.create_key`` issues ``--keys`` keys into a ``MemoryStore``, one user per
+key, divided by ``--keys``: what the store's records, indexes and their strings cost,
+allocator overhead included. Target: 500 bytes per key at 1,000,000 keys.
+
+    python benchmarks/bench_records.py                    # 100,000 keys, about 15 s
+    python benchmarks/bench_records.py --keys 1000000     # the full figure, about 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from keyguard import APIKeyManager, MemoryStore
+from keyguard.stores import postgres, redis, sqlite
+
+DECODE_TARGET_US = 1.5
+MEMORY_TARGET_BYTES = 500
+METADATA = {"user_id": "u123", "email": "u123@example.com", "permissions": ["read", "write"]}
+TEXT = json.dumps(METADATA, separators=(",", ":"))
+CREATED = datetime(2024, 5, 17, 8, 30, 15, 123456, tzinfo=timezone.utc)
+USED = datetime(2024, 6, 1, 12, 0, 0, 654321, tzinfo=timezone.utc)
+DIGEST = "9f2c" * 16
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def us(value: datetime) -> bytes:
+    """``value`` as Redis holds it: integer microseconds since the epoch."""
+    return str((value - EPOCH) // timedelta(microseconds=1)).encode()
+
+
+#: The columns every SQL row starts with: digest, key_id, hash_scheme, prefix, hint, user_id.
+HEAD = (DIGEST, "key_3f9a1c0b7d2e4f60", "sha256", "sk_", "sk_…7d2e", "u123")
+SQLITE_ROW = (
+    *HEAD,
+    TEXT,
+    CREATED.timestamp(),
+    None,
+    None,
+    USED.timestamp(),
+)
+REDIS_VALUES = (
+    b"key_3f9a1c0b7d2e4f60",
+    b"sha256",
+    b"sk_",
+    "sk_…7d2e".encode(),
+    b"u123",
+    TEXT.encode(),
+    us(CREATED),
+    None,
+    None,
+    us(USED),
+)
+
+
+def postgres_row() -> tuple[Any, ...]:
+    # psycopg builds a new dict for every row it reads.
+    return (*HEAD, json.loads(TEXT), CREATED, None, None, USED, None)
+
+
+def time_per_call(fn: Callable[[], object], number: int) -> float:
+    """Mean µs per call of ``fn`` over ``number`` calls."""
+    start = time.perf_counter_ns()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter_ns() - start) / number / 1000
+
+
+@dataclass(frozen=True, slots=True)
+class BareRecord:
+    """KeyInfo's constructor fields and nothing else: the cost of any immutable record."""
+
+    key_id: str
+    prefix: str
+    hint: str
+    user_id: str
+    metadata: Any
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    digest: str
+    hash_scheme: str
+
+
+def bare_record() -> BareRecord:
+    digest, key_id, scheme, prefix, hint, user_id = HEAD
+    return BareRecord(
+        key_id, prefix, hint, user_id, METADATA, CREATED, None, None, USED, digest, scheme
+    )
+
+
+#: The floors each store's decode cannot go below.
+FLOORS = {"sqlite": ("json", "frozen"), "redis": ("json", "frozen"), "postgres": ("frozen",)}
+
+
+def decode_figures(passes: int, number: int) -> dict[str, float]:
+    """Median µs per call of each decode and of each floor, timed in interleaved passes."""
+    pg_rows: list[tuple[Any, ...]] = []
+    candidates: dict[str, Callable[[], object]] = {
+        "json": lambda: json.loads(TEXT),
+        "frozen": bare_record,
+        "sqlite": lambda: sqlite._row_to_info(SQLITE_ROW),
+        "redis": lambda: redis._decode_values.__wrapped__(DIGEST, REDIS_VALUES),
+        "postgres": lambda: postgres._row_to_info(pg_rows.pop()),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(passes):
+        pg_rows[:] = [postgres_row() for _ in range(number)]
+        for name, fn in candidates.items():
+            runs[name].append(time_per_call(fn, number))
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
+def rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # KiB on Linux
+
+
+def memory_per_key(keys: int) -> float:
+    """RSS growth per key while ``create_key`` fills a ``MemoryStore``, in bytes."""
+    manager = APIKeyManager(MemoryStore(), last_used_resolution=None)
+    gc.collect()
+    before = rss_bytes()
+    for i in range(keys):
+        user = f"u{i}"
+        manager.create_key(
+            user_id=user, email=f"{user}@example.com", permissions=["read", "write"]
+        )
+    gc.collect()
+    return (rss_bytes() - before) / keys
+
+
+def verdict(met: bool) -> str:
+    return "MET   " if met else "MISSED"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keys", type=int, default=100_000, help="keys in the memory store")
+    parser.add_argument("--passes", type=int, default=15, help="decode passes (median taken)")
+    parser.add_argument("--number", type=int, default=20_000, help="decodes per pass")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    per_key = memory_per_key(args.keys)
+    loaded = time.perf_counter() - started
+    figures = decode_figures(args.passes, args.number)
+
+    print(f"decode one stored row into a KeyInfo (median of {args.passes} passes)")
+    print(f"  {'json':<10} {figures['json']:6.2f} µs   floor: json.loads of the metadata")
+    print(f"  {'frozen':<10} {figures['frozen']:6.2f} µs   floor: a bare frozen slotted record")
+    for name, parts in FLOORS.items():
+        value, floor = figures[name], sum(figures[part] for part in parts)
+        met = verdict(value <= DECODE_TARGET_US)
+        print(
+            f"  {name:<10} {value:6.2f} µs   x{value / floor:.1f} {'+'.join(parts)} floor"
+            f"   {met} target {DECODE_TARGET_US} µs"
+        )
+    print(f"MemoryStore: {args.keys:,} keys via create_key in {loaded:.0f} s, RSS growth")
+    met = verdict(per_key <= MEMORY_TARGET_BYTES)
+    print(f"  {per_key:6.0f} bytes per key   {met} target {MEMORY_TARGET_BYTES} bytes")
+
+
+if __name__ == "__main__":
+    main()
