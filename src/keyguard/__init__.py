@@ -13,8 +13,6 @@ from .keys import generate_key as generate_key
 from .keys import is_well_formed as is_well_formed
 from .keys import mask_key as mask_key
 from .manager import APIKeyManager as APIKeyManager
-from .manager import Reason as Reason
-from .manager import Verification as Verification
 from .records import KeyInfo as KeyInfo
 from .stores import AsyncKeyStore as AsyncKeyStore
 from .stores import CachedStore as CachedStore
@@ -22,6 +20,8 @@ from .stores import KeyStore as KeyStore
 from .stores import MemoryStore as MemoryStore
 from .stores import SQLiteStore as SQLiteStore
 from .stores import store_from_url as store_from_url
+from .verification import Reason as Reason
+from .verification import Verification as Verification
 
 if _typing.TYPE_CHECKING:
     from .stores.postgres import PostgresStore as PostgresStore

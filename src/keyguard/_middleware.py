@@ -13,12 +13,18 @@ import logging
 import re
 import traceback
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .keys import mask_key
 from .pipeline import DEFAULT_HEADER_NAMES, Pipeline
 from .problems import ErrorResponder, ErrorResponse, InvalidResponse, Problem, checked_response
 
-__all__ = ["Guard", "has_dot_segment"]
+if TYPE_CHECKING:
+    from .manager import APIKeyManager
+
+__all__ = ["Guard", "Middleware", "has_dot_segment"]
+
+_App = TypeVar("_App")
 
 logger = logging.getLogger("keyguard")
 
@@ -50,18 +56,14 @@ def _check_exempt_path(path: object) -> str:
 class Guard:
     """A pipeline and the middleware options around it.
 
-    The first four options configure the :class:`~keyguard.pipeline.Pipeline`; the rest
-    are described by :class:`keyguard.asgi.APIKeyMiddleware`. Each has the middleware's
-    default, so a framework helper names only what it uses.
+    The options are described by :class:`keyguard.asgi.APIKeyMiddleware`; each has the
+    middleware's default, so a framework helper names only what it uses.
     """
 
     def __init__(
         self,
+        pipeline: Pipeline,
         *,
-        header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
-        query_param: str | None = None,
-        realm: str = "api",
-        required_scopes: Iterable[str] = (),
         exempt_paths: Iterable[str] = (),
         exempt_patterns: Iterable[str | re.Pattern[str]] = (),
         optional: bool = False,
@@ -69,12 +71,7 @@ class Guard:
         error_responder: ErrorResponder | None = None,
         allow_cors_preflight: bool = False,
     ) -> None:
-        self.pipeline = pipeline = Pipeline(
-            header_names=header_names,
-            query_param=query_param,
-            realm=realm,
-            required_scopes=required_scopes,
-        )
+        self.pipeline = pipeline
         self.problems = pipeline.problems
         if isinstance(exempt_paths, str) or isinstance(exempt_patterns, (str, re.Pattern)):
             raise TypeError("exempt_paths and exempt_patterns take a list, not a single string")
@@ -139,3 +136,50 @@ def _redact(text: str, credentials: Iterable[str]) -> str:
         if len(part) >= 6 and part.lower() != "bearer":
             text = text.replace(part, mask_key(part))
     return text
+
+
+class Middleware(Generic[_App]):
+    """What the ASGI and WSGI middleware share: their options, validated once at start-up.
+
+    The options are documented on :class:`keyguard.asgi.APIKeyMiddleware`.
+    """
+
+    def __init__(
+        self,
+        app: _App,
+        *,
+        manager: APIKeyManager,
+        exempt_paths: Iterable[str] = (),
+        exempt_patterns: Iterable[str | re.Pattern[str]] = (),
+        optional: bool = False,
+        required_scopes: Iterable[str] = (),
+        header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
+        query_param: str | None = None,
+        strip_credentials: bool = False,
+        realm: str = "api",
+        error_responder: ErrorResponder | None = None,
+        allow_cors_preflight: bool = False,
+    ) -> None:
+        if not callable(getattr(manager, "check", None)):
+            raise TypeError(f"manager must be an APIKeyManager, got {manager!r}")
+        self.app = app
+        self.manager = manager
+        self.pipeline = Pipeline(
+            header_names=header_names,
+            query_param=query_param,
+            realm=realm,
+            required_scopes=required_scopes,
+        )
+        self.guard = Guard(
+            self.pipeline,
+            exempt_paths=exempt_paths,
+            exempt_patterns=exempt_patterns,
+            optional=optional,
+            strip_credentials=strip_credentials,
+            error_responder=error_responder,
+            allow_cors_preflight=allow_cors_preflight,
+        )
+        self._checks_path = bool(self.guard.exempt_paths or self.guard.exempt_patterns)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(app={self.app!r}, manager={self.manager!r})"

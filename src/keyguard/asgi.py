@@ -8,18 +8,14 @@ any ASGI callable.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
-from ._middleware import Guard
+from ._middleware import Guard, Middleware
 from .identity import AnonymousUser, APIKeyUser
-from .pipeline import DEFAULT_HEADER_NAMES, Pipeline, carries_key
+from .pipeline import Pipeline, carries_key
 from .problems import ErrorResponder, ErrorResponse, Problem
 from .records import KeyInfo
-
-if TYPE_CHECKING:
-    from .manager import APIKeyManager
 
 # ErrorResponder, ErrorResponse and Problem live in keyguard.problems; re-exported here.
 __all__ = ["APIKeyMiddleware", "ErrorResponder", "ErrorResponse", "Problem"]
@@ -61,7 +57,7 @@ def _is_cors_preflight(scope: Scope) -> bool:
     return origin and requested_method
 
 
-class APIKeyMiddleware:
+class APIKeyMiddleware(Middleware[ASGIApp]):
     """Require a valid API key before the wrapped ASGI app sees a request.
 
     :param app: the ASGI app to guard.
@@ -95,45 +91,6 @@ class APIKeyMiddleware:
         this one (listed before it): it answers preflights before keyguard sees them and
         adds CORS headers to keyguard's refusals, so browsers can read them.
     """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        manager: APIKeyManager,
-        exempt_paths: Iterable[str] = (),
-        exempt_patterns: Iterable[str | re.Pattern[str]] = (),
-        optional: bool = False,
-        required_scopes: Iterable[str] = (),
-        header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
-        query_param: str | None = None,
-        strip_credentials: bool = False,
-        realm: str = "api",
-        error_responder: ErrorResponder | None = None,
-        allow_cors_preflight: bool = False,
-    ) -> None:
-        if not callable(getattr(manager, "acheck", None)):
-            raise TypeError(f"manager must be an APIKeyManager, got {manager!r}")
-        self.app = app
-        self.manager = manager
-        self.guard = Guard(
-            header_names=header_names,
-            query_param=query_param,
-            realm=realm,
-            required_scopes=required_scopes,
-            exempt_paths=exempt_paths,
-            exempt_patterns=exempt_patterns,
-            optional=optional,
-            strip_credentials=strip_credentials,
-            error_responder=error_responder,
-            allow_cors_preflight=allow_cors_preflight,
-        )
-        self.pipeline = self.guard.pipeline
-        self._names = self.pipeline.raw_header_names
-        self._checks_path = bool(self.guard.exempt_paths or self.guard.exempt_patterns)
-
-    def __repr__(self) -> str:
-        return f"APIKeyMiddleware(app={self.app!r}, manager={self.manager!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in _GUARDED_SCOPES:
@@ -183,7 +140,7 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
     def _strip_credentials(self, scope: Scope) -> None:
-        names = self._names
+        names = self.pipeline.raw_header_names
         scope["headers"] = [
             (name, value)
             for name, value in scope["headers"]

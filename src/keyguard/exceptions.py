@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .manager import Reason
     from .records import KeyInfo
+    from .verification import Reason
 
 __all__ = ["InvalidKeyError", "KeyguardError", "StoreError"]
 

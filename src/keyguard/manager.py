@@ -1,24 +1,26 @@
 """``APIKeyManager``: issue, check, list, revoke and rotate keys over any store.
 
 This is where policy lives (what makes a key valid, what metadata is allowed); the key
-format is in :mod:`keyguard.keys` and persistence behind :class:`~keyguard.stores.KeyStore`.
+format is in :mod:`keyguard.keys`, input checks in ``_validation``, the check's outcome in
+:mod:`keyguard.verification` and persistence behind :class:`~keyguard.stores.KeyStore`. It
+is longer than most modules because it is one class, the library's whole key API, whose
+methods are mostly docstrings.
 """
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
 import math
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeGuard
 
 from ._frozen import thaw
+from ._validation import LATEST, check_metadata, deadline_after, positive, utc
 from .exceptions import InvalidKeyError, KeyguardError, StoreError
 from .keys import (
     DEFAULT_PREFIX,
@@ -32,62 +34,16 @@ from .keys import (
 from .records import KeyInfo
 from .stores.base import AsyncKeyStore, KeyStore
 from .stores.memory import MemoryStore
+from .verification import Reason, Verification
 
-__all__ = ["PEPPER_ENV", "APIKeyManager", "Reason", "Verification"]
+__all__ = ["PEPPER_ENV", "APIKeyManager"]
 
 logger = logging.getLogger("keyguard")
 
 PEPPER_ENV = "KEYGUARD_PEPPER"
-_MAX_METADATA_BYTES = 64 * 1024
 _MAX_ATTEMPTS = 8
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
 _TOUCH_CACHE_LIMIT = 100_000
-
-
-class Reason(str, enum.Enum):
-    """Why a key was accepted or refused; the value is a stable lowercase string."""
-
-    OK = "ok"
-    MALFORMED = "malformed"
-    NOT_FOUND = "not_found"
-    REVOKED = "revoked"
-    EXPIRED = "expired"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Verification:
-    """The outcome of :meth:`APIKeyManager.verify`: ``ok``, a ``reason`` and the record.
-
-    ``key`` is the :class:`KeyInfo` when the store has the key (also for revoked and
-    expired keys, for audit), else None. A Verification is truthy exactly when ``ok``, and
-    unpacks as ``ok, reason, key``. Every request builds one, so it is a slotted class.
-    """
-
-    __slots__ = ("key", "ok", "reason")
-
-    def __init__(self, ok: bool, reason: Reason, key: KeyInfo | None = None) -> None:
-        self.ok = ok
-        self.reason = reason
-        self.key = key
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.ok, self.reason, self.key))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Verification):
-            return NotImplemented
-        return (self.ok, self.reason, self.key) == (other.ok, other.reason, other.key)
-
-    def __hash__(self) -> int:
-        return hash((self.ok, self.reason, self.key and self.key.key_id))
-
-    def __repr__(self) -> str:
-        return f"Verification(ok={self.ok!r}, reason={self.reason!r}, key={self.key!r})"
 
 
 def _refusal(info: KeyInfo | None) -> InvalidKeyError:
@@ -102,65 +58,6 @@ def _refusal(info: KeyInfo | None) -> InvalidKeyError:
 def _touch_failed(info: KeyInfo, error: StoreError) -> None:
     """Log a failed ``last_used_at`` write: it is best effort and never fails a check."""
     logger.warning("could not record last use of %s: %s", info.key_id, error)
-
-
-def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, timezone.utc)
-
-
-def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a JSON-clean copy of ``metadata`` or raise naming the offending field."""
-    if not isinstance(metadata, Mapping):
-        raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
-    clean: dict[str, Any] = {}
-    for name, value in metadata.items():
-        if not isinstance(name, str):
-            raise TypeError(f"metadata field names must be str, got {name!r}")
-        try:
-            text = json.dumps(value, allow_nan=False, ensure_ascii=False)
-            text.encode("utf-8")  # a lone surrogate cannot be stored anywhere
-            clean[name] = json.loads(text)
-        except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
-            raise TypeError(f"metadata field {name!r} is not JSON-serialisable: {e}") from None
-        except RecursionError:
-            raise ValueError(f"metadata field {name!r} is nested too deeply") from None
-    user_id = clean.get("user_id")
-    if not isinstance(user_id, str) or not user_id.strip():
-        raise ValueError("metadata field 'user_id' is required and must be a non-empty string")
-    email = clean.get("email")
-    if email is not None and not isinstance(email, str):
-        raise TypeError("metadata field 'email' must be a string")
-    permissions = clean.get("permissions")
-    if permissions is not None and (
-        not isinstance(permissions, list) or not all(isinstance(p, str) and p for p in permissions)
-    ):
-        raise TypeError("metadata field 'permissions' must be a list of non-empty strings")
-    if len(json.dumps(clean)) > _MAX_METADATA_BYTES:
-        raise ValueError(f"metadata is larger than {_MAX_METADATA_BYTES} bytes as JSON")
-    return clean
-
-
-# Every store must be able to read an expiry back (datetime ends at year 9999).
-_LATEST = datetime(9000, 1, 1, tzinfo=timezone.utc)
-
-
-def _deadline(name: str, now: float, delta: timedelta) -> datetime:
-    """``now + delta`` as a UTC datetime, or a ValueError naming ``name`` if out of range."""
-    try:
-        deadline = _utc(now + delta.total_seconds())
-    except (OverflowError, ValueError, OSError):
-        deadline = None
-    if deadline is None or deadline > _LATEST:
-        raise ValueError(f"{name} {delta} ends after {_LATEST:%Y-%m-%d}")
-    return deadline
-
-
-def _positive(name: str, value: timedelta) -> timedelta:
-    if not isinstance(value, timedelta):
-        raise TypeError(f"{name} must be a datetime.timedelta, not {type(value).__name__}")
-    if value <= timedelta(0):
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 class APIKeyManager:
@@ -212,7 +109,7 @@ class APIKeyManager:
         self._touch_every: float = (
             math.inf
             if last_used_resolution is None
-            else _positive("last_used_resolution", last_used_resolution).total_seconds()
+            else positive("last_used_resolution", last_used_resolution).total_seconds()
         )
         self._touched: dict[str, float] = {}
         self._clock = clock
@@ -257,23 +154,23 @@ class APIKeyManager:
         merged = dict(metadata or {})
         for name in fields.keys() & merged.keys():
             raise TypeError(f"metadata field {name!r} given both in the dict and as a keyword")
-        clean = _check_metadata({**merged, **fields})
+        clean = check_metadata({**merged, **fields})
         if expires_in is not None and expires_at is not None:
             raise TypeError("give expires_in or expires_at, not both")
         now = self._clock()
         expiry: datetime | None = None
         if expires_in is not None:
-            expiry = _deadline("expires_in", now, _positive("expires_in", expires_in))
+            expiry = deadline_after("expires_in", now, positive("expires_in", expires_in))
         elif expires_at is not None:
             if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
                 raise TypeError("expires_at must be a timezone-aware datetime")
             if expires_at.timestamp() <= now:
                 raise ValueError("expires_at is in the past")
-            if expires_at > _LATEST:
-                raise ValueError(f"expires_at must be before {_LATEST:%Y-%m-%d}")
+            if expires_at > LATEST:
+                raise ValueError(f"expires_at must be before {LATEST:%Y-%m-%d}")
             expiry = expires_at.astimezone(timezone.utc)
         fmt = self.format if prefix is None else self._format_for(prefix)
-        created = _utc(now)
+        created = utc(now)
         for _ in range(_MAX_ATTEMPTS):
             key = fmt.generate()
             info = KeyInfo(
@@ -347,7 +244,7 @@ class APIKeyManager:
         # Only a record whose last recorded use is stale costs more than this compare.
         if now - info.last_used_ts >= self._touch_every and self._due_for_touch(info, now):
             try:
-                self.store.touch(info.digest, _utc(now))
+                self.store.touch(info.digest, utc(now))
             except StoreError as e:
                 _touch_failed(info, e)
         return info
@@ -369,7 +266,7 @@ class APIKeyManager:
             raise _refusal(info)
         if now - info.last_used_ts >= self._touch_every and self._due_for_touch(info, now):
             try:
-                await store.atouch(info.digest, _utc(now))
+                await store.atouch(info.digest, utc(now))
             except StoreError as e:
                 _touch_failed(info, e)
         return info
@@ -453,7 +350,7 @@ class APIKeyManager:
     def _revoke(self, info: KeyInfo | None) -> bool:
         if info is None or info.revoked_at is not None or info.is_expired(self._clock()):
             return False
-        revoked = self.store.revoke(info.digest, _utc(self._clock()))
+        revoked = self.store.revoke(info.digest, utc(self._clock()))
         if revoked:
             logger.info("revoked key %s (%s)", info.key_id, info.hint)
         return revoked
@@ -509,12 +406,12 @@ class APIKeyManager:
             expires_in = old.expires_at - old.created_at
         # Check the old key's new deadline before issuing anything, so a bad grace leaves
         # no orphan replacement behind.
-        deadline = None if grace == timedelta(0) else _deadline("grace", self._clock(), grace)
+        deadline = None if grace == timedelta(0) else deadline_after("grace", self._clock(), grace)
         accepted = any(f.prefix == old.prefix for f in self.formats)
         prefix = old.prefix if accepted else None
         new_key, new = self.create_key(old.metadata, expires_in=expires_in, prefix=prefix)
         if deadline is None:
-            self.store.revoke(old.digest, _utc(self._clock()))
+            self.store.revoke(old.digest, utc(self._clock()))
         elif old.expires_at is None or deadline < old.expires_at:
             self.store.set_expiry(old.digest, deadline)
         logger.info("rotated key %s into %s", old.key_id, new.key_id)

@@ -29,10 +29,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote_plus
 
-from .exceptions import InvalidKeyError, StoreError
-from .manager import Reason
+from .exceptions import InvalidKeyError, KeyguardError
 from .problems import MAX_CREDENTIAL_LENGTH, Problem, Problems
 from .records import KeyInfo
+from .verification import Reason
 
 if TYPE_CHECKING:
     from .manager import APIKeyManager
@@ -185,15 +185,10 @@ class Pipeline:
         header uses the Bearer scheme; ``client`` is the caller's address, if known.
         """
         key = self.read(values, query_values)
-        if not isinstance(key, str):
-            return key
         try:
-            info = manager.check(key)
-        except InvalidKeyError as e:
-            return self.refusal(e.reason)
-        except StoreError as e:
-            return self.store_failed(e)
-        return self.admit(info, client)
+            return self.admit(manager.check(key), client) if isinstance(key, str) else key
+        except KeyguardError as e:
+            return self.refused(e)
 
     async def aauthenticate(
         self,
@@ -204,15 +199,10 @@ class Pipeline:
     ) -> KeyInfo | Problem | None:
         """:meth:`authenticate` for event loops, with ``await manager.acheck``."""
         key = self.read(values, query_values)
-        if not isinstance(key, str):
-            return key
         try:
-            info = await manager.acheck(key)
-        except InvalidKeyError as e:
-            return self.refusal(e.reason)
-        except StoreError as e:
-            return self.store_failed(e)
-        return self.admit(info, client)
+            return self.admit(await manager.acheck(key), client) if isinstance(key, str) else key
+        except KeyguardError as e:
+            return self.refused(e)
 
     # -- the steps ---------------------------------------------------------------------
 
@@ -305,8 +295,13 @@ class Pipeline:
                 return problem
         return info
 
-    def store_failed(self, error: StoreError) -> Problem:
-        """The 503 for a store that could not answer; the cause is logged, the key is not."""
+    def refused(self, error: KeyguardError) -> Problem:
+        """The problem for a check that failed: the key was refused, or the store failed.
+
+        A store failure is logged (the key never is) and answered 503, never 500.
+        """
+        if isinstance(error, InvalidKeyError):
+            return self.refusal(error.reason)
         logger.error("cannot check API key, the key store failed: %s", error)
         return self.problems.store_unavailable
 

@@ -41,7 +41,7 @@ from . import identity
 from ._middleware import Guard
 from .asgi import read_credentials, render, send_refusal
 from .manager import APIKeyManager
-from .pipeline import DEFAULT_HEADER_NAMES, check_scopes
+from .pipeline import DEFAULT_HEADER_NAMES, Pipeline, check_scopes
 from .problems import CLOSE_POLICY_VIOLATION, ErrorResponse, Problem, insufficient_scope
 from .records import KeyInfo
 
@@ -56,7 +56,7 @@ __all__ = [
 
 _Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
 #: What :func:`require_scopes` refuses with where no keyguard middleware ran.
-_DEFAULT_GUARD = Guard()
+_DEFAULT_GUARD = Guard(Pipeline())
 
 
 class APIKeyUser(identity.APIKeyUser, BaseUser):
@@ -98,7 +98,7 @@ class APIKeyBackend(AuthenticationBackend):
         realm: str = "api",
     ) -> None:
         self.manager = manager
-        self.guard = Guard(header_names=header_names, realm=realm, optional=True)
+        self.guard = Guard(Pipeline(header_names=header_names, realm=realm), optional=True)
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         scope = conn.scope

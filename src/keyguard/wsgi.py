@@ -7,31 +7,26 @@ sets ``environ["keyguard.key"]`` (the :class:`~keyguard.KeyInfo`) and ``REMOTE_U
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ._middleware import Guard
-from .pipeline import DEFAULT_HEADER_NAMES, Pipeline, carries_key
+from ._middleware import Guard, Middleware
+from .pipeline import Pipeline, carries_key
 from .problems import ErrorResponder, ErrorResponse, Problem
 from .records import KeyInfo
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-
-    from .manager import APIKeyManager
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 # ErrorResponder, ErrorResponse and Problem live in keyguard.problems; re-exported here.
-__all__ = ["APIKeyMiddleware", "ErrorResponder", "ErrorResponse", "Problem"]
+__all__ = ["APIKeyMiddleware", "ErrorResponder", "ErrorResponse", "Problem", "WSGIApp"]
+
+#: A PEP 3333 application: ``app(environ, start_response) -> iterable of bytes``.
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-def _wsgi_text(path: str) -> str:
-    """PEP 3333 str (latin-1 code points) for the UTF-8 text ``path``."""
-    return path.encode("utf-8").decode("latin-1")
-
-
-class APIKeyMiddleware:
+class APIKeyMiddleware(Middleware[WSGIApp]):
     """Require a valid API key before the wrapped WSGI app sees a request.
 
     Options are those of :class:`keyguard.asgi.APIKeyMiddleware`; exempt paths are matched
@@ -44,56 +39,13 @@ class APIKeyMiddleware:
     then answers ``OPTIONS`` itself, without calling a view).
     """
 
-    def __init__(
-        self,
-        app: WSGIApplication,
-        *,
-        manager: APIKeyManager,
-        exempt_paths: Iterable[str] = (),
-        exempt_patterns: Iterable[str | re.Pattern[str]] = (),
-        optional: bool = False,
-        required_scopes: Iterable[str] = (),
-        header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
-        query_param: str | None = None,
-        strip_credentials: bool = False,
-        realm: str = "api",
-        error_responder: ErrorResponder | None = None,
-        allow_cors_preflight: bool = False,
-    ) -> None:
-        if not callable(getattr(manager, "check", None)):
-            raise TypeError(f"manager must be an APIKeyManager, got {manager!r}")
-        self.app = app
-        self.manager = manager
-        self.guard = Guard(
-            header_names=header_names,
-            query_param=query_param,
-            realm=realm,
-            required_scopes=required_scopes,
-            exempt_paths=exempt_paths,
-            exempt_patterns=exempt_patterns,
-            optional=optional,
-            strip_credentials=strip_credentials,
-            error_responder=error_responder,
-            allow_cors_preflight=allow_cors_preflight,
-        )
-        self.pipeline = self.guard.pipeline
-        self._exempt = frozenset(_wsgi_text(p) for p in self.guard.exempt_paths)
-
-    def __repr__(self) -> str:
-        return f"APIKeyMiddleware(app={self.app!r}, manager={self.manager!r})"
-
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         guard = self.guard
-        path: str = environ.get("PATH_INFO", "")
-        if (
-            path in self._exempt
-            or (guard.exempt_patterns and self._exempt_by_pattern(path))
-            or (
-                guard.allow_cors_preflight
-                and environ.get("REQUEST_METHOD") == "OPTIONS"
-                and "HTTP_ORIGIN" in environ
-                and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
-            )
+        if (self._checks_path and self._is_exempt(environ.get("PATH_INFO", ""))) or (
+            guard.allow_cors_preflight
+            and environ.get("REQUEST_METHOD") == "OPTIONS"
+            and "HTTP_ORIGIN" in environ
+            and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
         ):
             return self._let_through(environ, start_response)
         values, query_values = read_credentials(self.pipeline, environ)
@@ -112,13 +64,17 @@ class APIKeyMiddleware:
         problem = guard.problems.missing if outcome is None else outcome
         return refuse(guard, environ, start_response, problem)
 
-    def _exempt_by_pattern(self, path: str) -> bool:
+    def _is_exempt(self, path: str) -> bool:
+        """Whether ``PATH_INFO`` (PEP 3333: UTF-8 bytes as latin-1 text) is exempt."""
         if not path.isascii():
             try:
                 path = path.encode("latin-1").decode("utf-8")
             except UnicodeError:
                 return False
-        return self.guard.is_exempt_by_pattern(path)
+        guard = self.guard
+        return path in guard.exempt_paths or (
+            bool(guard.exempt_patterns) and guard.is_exempt_by_pattern(path)
+        )
 
     def _let_through(
         self, environ: WSGIEnvironment, start_response: StartResponse
