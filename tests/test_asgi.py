@@ -27,6 +27,7 @@ from keyguard import AsyncKeyStore, KeyInfo, MemoryStore, StoreError
 from keyguard.asgi import APIKeyMiddleware, ErrorResponse, Message, Problem, Scope
 from keyguard.identity import AnonymousUser, APIKeyUser
 from tests.credential_cases import CASES, CLIENT_CASES, Case, Keyring
+from tests.helpers import BrokenStore
 
 
 @pytest.fixture
@@ -601,13 +602,6 @@ def test_strip_credentials_removes_the_query_param(keys: Keyring) -> None:
 # -- failures: store errors, custom responses, realm ---------------------------------------
 
 
-class BrokenStore(MemoryStore):
-    """A store whose reads fail, as an unreachable database would."""
-
-    def get(self, digest: str) -> KeyInfo | None:
-        raise StoreError("database is unreachable")
-
-
 class AsyncStore(MemoryStore):
     """A memory store with an async twin, standing in for a network store."""
 
@@ -645,7 +639,7 @@ class AsyncStore(MemoryStore):
 
 
 def test_store_error_is_a_503_not_a_500(keys: Keyring, caplog: pytest.LogCaptureFixture) -> None:
-    manager = type(keys.manager)(BrokenStore())
+    manager = type(keys.manager)(BrokenStore("database is unreachable"))
     inner = Recorder()
     app = APIKeyMiddleware(inner, manager=manager)
     reply = run(app, make_scope([(b"x-api-key", keys.read.encode())]))

@@ -10,9 +10,10 @@ import flask
 import pytest
 from werkzeug.test import Client
 
-from keyguard import KeyInfo, MemoryStore, StoreError
+from keyguard import KeyInfo
 from keyguard.wsgi import APIKeyMiddleware, ErrorResponse, Problem
 from tests.credential_cases import CASES, CLIENT_CASES, Case, Keyring
+from tests.helpers import BrokenStore
 
 
 @pytest.fixture
@@ -303,11 +304,6 @@ def test_query_param_cases(keys: Keyring, query: str, status: int, code: str | N
 
 
 # -- failures ------------------------------------------------------------------------------
-
-
-class BrokenStore(MemoryStore):
-    def get(self, digest: str) -> KeyInfo | None:
-        raise StoreError("database is locked")
 
 
 def test_store_error_is_a_503(keys: Keyring) -> None:
