@@ -3,13 +3,14 @@
 Header values are bytes with placeholders (``<read>``, ``<write>``, ``<unknown>``,
 ``<revoked>``, ``<expired>``) that :meth:`Keyring.fill` replaces with real keys, so one
 table drives the ASGI and WSGI suites, raw and through an HTTP client, and the framework
-integrations (Starlette's backend, FastAPI's dependency) through :func:`request_asgi`.
+integrations (Starlette's backend, FastAPI's dependency) through :func:`request_asgi`;
+:func:`check_answer` judges every one of their answers.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sized
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
@@ -212,11 +213,30 @@ CLIENT_CASES = [p for p in CASES if cast(Case, p.values[0]).via_client]
 
 @dataclass
 class Answer:
-    """A response as the client sees it: status, lower-cased headers and body."""
+    """A response as the client sees it: status, headers in order and body.
+
+    Header names are lower-cased; repeated headers stay, so a secret in any of them is seen.
+    """
 
     status: int
-    headers: dict[str, str]
+    header_list: list[tuple[str, str]]
     body: bytes
+
+    @classmethod
+    def of(
+        cls, status: int, headers: Iterable[tuple[bytes | str, bytes | str]], body: bytes
+    ) -> Answer:
+        """An answer from any transport's parts: ASGI bytes headers or WSGI str ones."""
+        header_list = [(_text(name).lower(), _text(value)) for name, value in headers]
+        return cls(status, header_list, body)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self.header_list)
+
+
+def _text(value: bytes | str) -> str:
+    return value if isinstance(value, str) else bytes(value).decode("latin-1")
 
 
 ASGIApp = Callable[
@@ -258,18 +278,23 @@ async def request_asgi(
     await app(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    names = {
-        bytes(n).decode("latin-1").lower(): bytes(v).decode("latin-1") for n, v in start["headers"]
-    }
-    return Answer(start["status"], names, body)
+    return Answer.of(start["status"], start["headers"], body)
 
 
-def check_answer(keys: Keyring, case: Case, answer: Answer) -> None:
-    """Assert ``answer`` is the case's: the user's ``{"user": ...}``, or its problem response."""
+def check_answer(
+    keys: Keyring, case: Case, answer: Answer, *, reached: Sized | None = None
+) -> None:
+    """Assert ``answer`` is the case's: the user's ``{"user": ...}``, or its problem response.
+
+    :param reached: the requests the guarded app received, where the test can see them:
+        one when the key is admitted, none when it is refused.
+    """
     assert answer.status == case.status, answer.body
     for secret in keys.secrets:
         assert secret not in answer.body
-        assert all(secret.decode() not in v for v in answer.headers.values())
+        assert all(secret.decode() not in v for _, v in answer.header_list)
+    if reached is not None:
+        assert len(reached) == (1 if case.status == 200 else 0)
     if case.status == 200:
         assert json.loads(answer.body) == {"user": case.user}
         return

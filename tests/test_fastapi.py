@@ -11,11 +11,12 @@ import pytest
 from fastapi import APIRouter, Depends, FastAPI, Security
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from keyguard import APIKeyManager, KeyInfo, MemoryStore, StoreError
+from keyguard import APIKeyManager, KeyInfo, MemoryStore
 from keyguard.asgi import APIKeyMiddleware
 from keyguard.fastapi import MANAGER_STATE, install, require_api_key
 from keyguard.starlette import APIKeyBackend, on_auth_error
 from tests.credential_cases import CASES, Case, Keyring, check_answer, request_asgi
+from tests.helpers import BrokenStore, Clock, CountingStore
 
 pytestmark = pytest.mark.anyio
 
@@ -24,28 +25,6 @@ UNKNOWN_KEY = "sk_" + "0" * 32
 # Module-level aliases, the idiomatic form; these use the app-wide manager.
 WriterKey = Annotated[KeyInfo, Depends(require_api_key(scopes=["write"]))]
 TokenKey = Annotated[KeyInfo, Depends(require_api_key(header_names=["X-Token"]))]
-
-
-class Clock:
-    """A settable clock, so expiry is tested without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class CountingStore(MemoryStore):
-    """A memory store that counts lookups by digest."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lookups = 0
-
-    def get(self, digest: str) -> KeyInfo | None:
-        self.lookups += 1
-        return super().get(digest)
 
 
 def make_app(manager: APIKeyManager | None = None, *, handler: bool = True) -> FastAPI:
@@ -213,10 +192,6 @@ async def test_no_manager_anywhere_is_a_clear_configuration_error() -> None:
 
 
 async def test_store_failure_is_503() -> None:
-    class BrokenStore(MemoryStore):
-        def get(self, digest: str) -> KeyInfo | None:
-            raise StoreError("disk on fire")
-
     async with make_client(make_app(APIKeyManager(BrokenStore()))) as client:
         response = await client.get("/whoami", headers={"X-API-Key": UNKNOWN_KEY})
     assert (response.status_code, response.json()["code"]) == (503, "store_unavailable")
@@ -237,7 +212,7 @@ async def test_behind_middleware_the_dependency_reuses_the_checked_key() -> None
     assert whoami.json()["user_id"] == "reader"
     assert (refused.status_code, refused.json()["code"]) == (403, "insufficient_scope")
     assert created.status_code == 201
-    assert store.lookups == 3
+    assert store.calls["get"] == 3
 
 
 async def test_behind_starlette_authentication_backend(manager: APIKeyManager) -> None:
@@ -267,7 +242,7 @@ async def test_key_is_checked_once_per_request_across_dependencies() -> None:
     async with make_client(app) as client:
         response = await client.post("/items", headers={"X-API-Key": key})
     assert response.json() == "alice"
-    assert store.lookups == 1
+    assert store.calls["get"] == 1
 
 
 async def test_openapi_lists_the_schemes_and_the_operations_use_them(

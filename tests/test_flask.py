@@ -9,8 +9,9 @@ import pytest
 from flask import Flask, jsonify, request
 from flask.testing import FlaskClient
 
-from keyguard import APIKeyManager, KeyInfo, MemoryStore, StoreError
+from keyguard import APIKeyManager, KeyInfo, MemoryStore
 from keyguard.flask import KeyGuard, current_key, require_scopes
+from tests.helpers import BrokenStore
 
 UNKNOWN_KEY = "sk_" + "0" * 32
 
@@ -215,10 +216,6 @@ def test_require_scopes_checks_the_key_itself_on_exempt_paths(
 
 
 def test_store_failure_in_the_decorator_is_503() -> None:
-    class BrokenStore(MemoryStore):
-        def get(self, digest: str) -> KeyInfo | None:
-            raise StoreError("disk on fire")
-
     guard = KeyGuard(manager=APIKeyManager(BrokenStore()), exempt_paths=["/health/detail"])
     response = (
         make_app(guard).test_client().get("/health/detail", headers={"X-API-Key": UNKNOWN_KEY})

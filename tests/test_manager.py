@@ -20,7 +20,6 @@ from keyguard import (
     APIKeyManager,
     InvalidKeyError,
     KeyguardError,
-    KeyInfo,
     KeyStore,
     MemoryStore,
     Reason,
@@ -28,61 +27,9 @@ from keyguard import (
     Verification,
     mask_key,
 )
+from tests.helpers import START, Clock, CountingStore
 
-START = 1_700_000_000.0
 UNKNOWN_KEY = "sk_" + "0" * 32
-
-
-class Clock:
-    """A settable clock for the manager's ``clock=`` parameter, so tests never sleep."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta.total_seconds()
-
-
-class CountingStore:
-    """A KeyStore that forwards to a MemoryStore and counts calls, to prove what reached it."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryStore()
-        self.calls: Counter[str] = Counter()
-
-    def add(self, info: KeyInfo) -> bool:
-        self.calls["add"] += 1
-        return self.inner.add(info)
-
-    def get(self, digest: str) -> KeyInfo | None:
-        self.calls["get"] += 1
-        return self.inner.get(digest)
-
-    def get_by_id(self, key_id: str) -> KeyInfo | None:
-        self.calls["get_by_id"] += 1
-        return self.inner.get_by_id(key_id)
-
-    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
-        self.calls["list_keys"] += 1
-        return self.inner.list_keys(user_id)
-
-    def revoke(self, digest: str, at: datetime) -> bool:
-        self.calls["revoke"] += 1
-        return self.inner.revoke(digest, at)
-
-    def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
-        self.calls["set_expiry"] += 1
-        return self.inner.set_expiry(digest, expires_at)
-
-    def touch(self, digest: str, at: datetime) -> None:
-        self.calls["touch"] += 1
-        self.inner.touch(digest, at)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 @pytest.fixture(autouse=True)
@@ -230,7 +177,7 @@ def test_bad_metadata_is_refused_and_nothing_is_stored(
 
     assert named in str(exc_info.value)
     assert store.calls["add"] == 0
-    assert store.inner.list_keys() == []
+    assert store.list_keys() == []
 
 
 # -- checking garbage --------------------------------------------------------------------
@@ -658,7 +605,7 @@ def test_last_used_at_is_written_at_most_once_per_resolution(
     assert info.last_used_at is None
 
     def last_used() -> datetime | None:
-        record = store.inner.get(info.digest)
+        record = store.get(info.digest)
         assert record is not None
         return record.last_used_at
 
@@ -866,7 +813,7 @@ def test_an_expiry_no_store_could_read_back_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match=r"ends after|must be before"):
         manager.generate_key(user_id="u1", **when)
-    assert store.inner.list_keys() == []
+    assert store.list_keys() == []
 
 
 def test_a_rotation_with_an_impossible_grace_issues_nothing(
@@ -877,7 +824,7 @@ def test_a_rotation_with_an_impossible_grace_issues_nothing(
     with pytest.raises(ValueError, match="grace"):
         manager.rotate_key(key, grace=timedelta.max)
 
-    assert len(store.inner.list_keys()) == 1
+    assert len(store.list_keys()) == 1
     assert manager.validate_key(key)
 
 
@@ -908,7 +855,7 @@ def test_metadata_that_no_store_can_hold_is_refused_naming_the_field(
         value = nested
     with pytest.raises(error, match="'note'"):
         manager.generate_key(user_id="u1", note=value)
-    assert store.inner.list_keys() == []
+    assert store.list_keys() == []
 
 
 def test_the_hash_scheme_names_the_pepper_without_revealing_it() -> None:

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from keyguard import APIKeyManager, InvalidKeyError, KeyInfo, MemoryStore, Reason, StoreError
+from keyguard import APIKeyManager, InvalidKeyError, KeyInfo, Reason
 from keyguard._middleware import has_dot_segment
 from keyguard.identity import AnonymousUser, APIKeyUser
 from keyguard.pipeline import Pipeline
 from keyguard.problems import Problem
+from tests.helpers import BrokenStore
 
 
 def make_pipeline(**options: Any) -> Pipeline:
@@ -176,11 +177,6 @@ class RevokingManager(APIKeyManager):
         raise InvalidKeyError("revoked by the subclass", Reason.REVOKED, info)
 
 
-class FailingStore(MemoryStore):
-    def get(self, digest: str) -> KeyInfo | None:
-        raise StoreError("the store is down")
-
-
 def test_authenticate_admits_a_valid_key_with_every_required_scope() -> None:
     manager = APIKeyManager()
     key, info = manager.create_key(user_id="u", permissions=["read", "write"])
@@ -230,7 +226,7 @@ def test_an_overridden_check_decides() -> None:
 
 
 def test_a_failing_store_is_a_503(caplog: pytest.LogCaptureFixture) -> None:
-    manager = APIKeyManager(FailingStore())
+    manager = APIKeyManager(BrokenStore("the store is down"))
     key = manager.format.generate()
 
     problem = make_pipeline().authenticate(manager, [(False, key)])

@@ -25,7 +25,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocket
 
-from keyguard import APIKeyManager, KeyInfo, MemoryStore, StoreError
+from keyguard import APIKeyManager, KeyInfo, MemoryStore
 from keyguard.asgi import APIKeyMiddleware, ErrorResponse, Problem
 from keyguard.identity import APIKeyUser as PlainAPIKeyUser
 from keyguard.starlette import (
@@ -36,20 +36,11 @@ from keyguard.starlette import (
     require_scopes,
 )
 from tests.credential_cases import CASES, Case, Keyring, check_answer, request_asgi
+from tests.helpers import BrokenStore, Clock
 
 pytestmark = pytest.mark.anyio
 
 UNKNOWN_KEY = "sk_" + "0" * 32
-
-
-class Clock:
-    """A settable clock, so expiry is tested without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def whoami(request: Request) -> JSONResponse:
@@ -235,10 +226,6 @@ async def test_refused_key_gets_problem_json(
 
 
 async def test_store_failure_is_503_not_500() -> None:
-    class BrokenStore(MemoryStore):
-        def get(self, digest: str) -> KeyInfo | None:
-            raise StoreError("disk on fire")
-
     async with make_client(make_app(APIKeyBackend(APIKeyManager(BrokenStore())))) as client:
         response = await client.get("/whoami", headers={"X-API-Key": UNKNOWN_KEY})
     assert response.status_code == 503
@@ -309,10 +296,6 @@ async def test_keyguard_auth_middleware_closes_refused_handshakes_with_1008(
 
 
 async def test_keyguard_auth_middleware_closes_with_1013_when_the_store_fails() -> None:
-    class BrokenStore(MemoryStore):
-        def get(self, digest: str) -> KeyInfo | None:
-            raise StoreError("disk on fire")
-
     app = keyguard_auth_app(APIKeyBackend(APIKeyManager(BrokenStore())))
     refused = await websocket_handshake(app, {"X-API-Key": UNKNOWN_KEY})
     assert refused == [{"type": "websocket.close", "code": 1013, "reason": "store_unavailable"}]

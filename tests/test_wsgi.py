@@ -10,9 +10,10 @@ import flask
 import pytest
 from werkzeug.test import Client
 
-from keyguard import KeyInfo, MemoryStore, StoreError
+from keyguard import KeyInfo
 from keyguard.wsgi import APIKeyMiddleware, ErrorResponse, Problem
-from tests.credential_cases import CASES, CLIENT_CASES, Case, Keyring
+from tests.credential_cases import CASES, CLIENT_CASES, Answer, Case, Keyring, check_answer
+from tests.helpers import BrokenStore
 
 
 @pytest.fixture
@@ -92,26 +93,6 @@ def guard(keys: Keyring, **options: Any) -> tuple[APIKeyMiddleware, Recorder]:
     return APIKeyMiddleware(inner, manager=keys.manager, **options), inner
 
 
-def assert_answer(keys: Keyring, case: Case, reply: Reply, inner: Recorder) -> None:
-    assert reply.status == case.status
-    for secret in keys.secrets:
-        assert secret not in reply.body
-        assert all(secret.decode() not in v for _, v in reply.header_list)
-    if case.status == 200:
-        assert json.loads(reply.body) == {"user": case.user}
-        assert len(inner.environs) == 1
-        return
-    assert inner.environs == []
-    assert reply.problem()["code"] == case.code
-    challenge = reply.headers["www-authenticate"]
-    if case.code == "missing_api_key":
-        assert challenge == 'Bearer realm="api"'
-    elif case.status == 401:
-        assert challenge == 'Bearer realm="api", error="invalid_token"'
-    else:
-        assert challenge == 'Bearer realm="api", error="invalid_request"'
-
-
 # -- the credential table ------------------------------------------------------------------
 
 
@@ -119,7 +100,9 @@ def assert_answer(keys: Keyring, case: Case, reply: Reply, inner: Recorder) -> N
 def test_credential_cases_raw(keys: Keyring, case: Case) -> None:
     app, inner = guard(keys)
     headers = [(name, keys.fill(value)) for name, value in case.headers]
-    assert_answer(keys, case, run(app, make_environ(headers)), inner)
+    reply = run(app, make_environ(headers))
+    answer = Answer.of(reply.status, reply.header_list, reply.body)
+    check_answer(keys, case, answer, reached=inner.environs)
 
 
 @pytest.mark.parametrize("case", CLIENT_CASES)
@@ -127,8 +110,8 @@ def test_credential_cases_through_werkzeug(keys: Keyring, case: Case) -> None:
     app, inner = guard(keys)
     headers = [(name, keys.fill(value).decode("latin-1")) for name, value in case.headers]
     response = Client(app).get("/items", headers=headers)
-    reply = Reply(response.status, list(response.headers.items()), response.get_data())
-    assert_answer(keys, case, reply, inner)
+    answer = Answer.of(response.status_code, response.headers.items(), response.get_data())
+    check_answer(keys, case, answer, reached=inner.environs)
 
 
 # -- what the app sees ---------------------------------------------------------------------
@@ -303,11 +286,6 @@ def test_query_param_cases(keys: Keyring, query: str, status: int, code: str | N
 
 
 # -- failures ------------------------------------------------------------------------------
-
-
-class BrokenStore(MemoryStore):
-    def get(self, digest: str) -> KeyInfo | None:
-        raise StoreError("database is locked")
 
 
 def test_store_error_is_a_503(keys: Keyring) -> None:

@@ -7,7 +7,6 @@ import dataclasses
 import secrets
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -30,36 +29,11 @@ from keyguard import (
     StoreError,
     store_from_url,
 )
+from tests.helpers import Clock, CountingStore
 from tests.stores.services import postgres_table, proxied_store, redis_namespace
 
 T0 = datetime(2024, 5, 17, 8, 30, tzinfo=timezone.utc)
 PUSH_BOUND = 1.0  # seconds: the promise for a revocation made by another process
-
-
-class CountingStore(MemoryStore):
-    """A MemoryStore that counts calls, so a test can see what reached the inner store."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    def get(self, digest: str) -> KeyInfo | None:
-        self.calls["get"] += 1
-        return super().get(digest)
-
-    def touch(self, digest: str, at: datetime) -> None:
-        self.calls["touch"] += 1
-        super().touch(digest, at)
-
-
-class FakeClock:
-    """Monotonic seconds that only move when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def record(user_id: str = "u1", **changes: Any) -> KeyInfo:
@@ -76,8 +50,8 @@ def record(user_id: str = "u1", **changes: Any) -> KeyInfo:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> Clock:
+    return Clock(1000.0)
 
 
 @pytest.fixture
@@ -86,7 +60,7 @@ def inner() -> CountingStore:
 
 
 @pytest.fixture
-def cached(inner: CountingStore, clock: FakeClock) -> Iterator[CachedStore]:
+def cached(inner: CountingStore, clock: Clock) -> Iterator[CachedStore]:
     store = CachedStore(inner, ttl=5, max_entries=3, clock=clock)
     yield store
     store.close()
@@ -106,7 +80,7 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> float | None:
 
 
 def test_a_hot_key_reaches_the_inner_store_once_per_ttl(
-    cached: CachedStore, inner: CountingStore, clock: FakeClock
+    cached: CachedStore, inner: CountingStore, clock: Clock
 ) -> None:
     info = record()
     inner.add(info)
@@ -123,7 +97,7 @@ def test_a_hot_key_reaches_the_inner_store_once_per_ttl(
 
 
 def test_an_unknown_key_reaches_the_inner_store_once_per_ttl(
-    cached: CachedStore, inner: CountingStore, clock: FakeClock
+    cached: CachedStore, inner: CountingStore, clock: Clock
 ) -> None:
     garbage = "f" * 64
 
@@ -134,7 +108,7 @@ def test_an_unknown_key_reaches_the_inner_store_once_per_ttl(
     assert inner.calls["get"] == 2
 
 
-def test_the_ttl_counts_from_the_start_of_the_read(clock: FakeClock) -> None:
+def test_the_ttl_counts_from_the_start_of_the_read(clock: Clock) -> None:
     class SlowStore(CountingStore):
         def get(self, digest: str) -> KeyInfo | None:
             clock.now += 3  # the read itself takes 3 of the 5 seconds
@@ -155,7 +129,7 @@ def test_the_ttl_counts_from_the_start_of_the_read(clock: FakeClock) -> None:
 
 
 def test_a_cache_hit_through_the_manager_makes_no_inner_call(
-    inner: CountingStore, clock: FakeClock
+    inner: CountingStore, clock: Clock
 ) -> None:
     cached = CachedStore(inner, ttl=5, clock=clock)
     manager = APIKeyManager(cached, last_used_resolution=None)
@@ -170,9 +144,7 @@ def test_a_cache_hit_through_the_manager_makes_no_inner_call(
     assert inner.calls["get"] == 2
 
 
-def test_averify_answers_a_hit_without_the_inner_store(
-    inner: CountingStore, clock: FakeClock
-) -> None:
+def test_averify_answers_a_hit_without_the_inner_store(inner: CountingStore, clock: Clock) -> None:
     cached = CachedStore(inner, ttl=5, clock=clock)
     manager = APIKeyManager(cached, last_used_resolution=None)
     key = manager.generate_key(user_id="u1")
@@ -198,7 +170,7 @@ def test_touch_updates_the_cached_record_without_a_read(
     assert cached.get(info.digest) == dataclasses.replace(
         info, last_used_at=T0 + timedelta(minutes=1)
     )
-    assert inner.calls == {"get": 1, "touch": 1}
+    assert inner.calls == {"add": 1, "get": 1, "touch": 1}
 
 
 # -- the LRU bound -------------------------------------------------------------------------
@@ -243,7 +215,7 @@ def test_a_flood_of_unknown_keys_does_not_push_out_known_ones(
 @pytest.mark.parametrize(
     "asynchronous", [pytest.param(False, id="get"), pytest.param(True, id="aget")]
 )
-def test_a_failing_read_is_not_cached(clock: FakeClock, asynchronous: bool) -> None:
+def test_a_failing_read_is_not_cached(clock: Clock, asynchronous: bool) -> None:
     class FlakyStore(CountingStore):
         down = True
 
@@ -306,7 +278,7 @@ def test_adding_a_key_replaces_a_cached_not_found(cached: CachedStore, asynchron
     assert cached.get(info.digest) == info
 
 
-def test_revoking_through_the_manager_refuses_the_key_at_once(clock: FakeClock) -> None:
+def test_revoking_through_the_manager_refuses_the_key_at_once(clock: Clock) -> None:
     manager = APIKeyManager(CachedStore(MemoryStore(), ttl=3600, clock=clock))
     key = manager.generate_key(user_id="u1")
     assert manager.validate_key(key)
@@ -316,7 +288,7 @@ def test_revoking_through_the_manager_refuses_the_key_at_once(clock: FakeClock) 
     assert manager.verify(key).reason is Reason.REVOKED
 
 
-def test_an_invalidation_during_a_read_keeps_its_answer_out(clock: FakeClock) -> None:
+def test_an_invalidation_during_a_read_keeps_its_answer_out(clock: Clock) -> None:
     started, release = threading.Event(), threading.Event()
 
     class BlockingStore(CountingStore):

@@ -1,0 +1,76 @@
+"""Test doubles shared by the suites: a settable clock, a counting store, a broken store."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime, timedelta
+
+from keyguard import KeyInfo, MemoryStore, StoreError
+
+START = 1_700_000_000.0
+
+
+class Clock:
+    """A settable clock for ``clock=`` parameters, so tests never sleep.
+
+    It serves wall-clock seconds (the manager's) and monotonic ones (the cache's) alike.
+    """
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta.total_seconds()
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts calls by method name, to prove what reached the store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def add(self, info: KeyInfo) -> bool:
+        self.calls["add"] += 1
+        return super().add(info)
+
+    def get(self, digest: str) -> KeyInfo | None:
+        self.calls["get"] += 1
+        return super().get(digest)
+
+    def get_by_id(self, key_id: str) -> KeyInfo | None:
+        self.calls["get_by_id"] += 1
+        return super().get_by_id(key_id)
+
+    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+        self.calls["list_keys"] += 1
+        return super().list_keys(user_id)
+
+    def revoke(self, digest: str, at: datetime) -> bool:
+        self.calls["revoke"] += 1
+        return super().revoke(digest, at)
+
+    def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        self.calls["set_expiry"] += 1
+        return super().set_expiry(digest, expires_at)
+
+    def touch(self, digest: str, at: datetime) -> None:
+        self.calls["touch"] += 1
+        super().touch(digest, at)
+
+
+class BrokenStore(MemoryStore):
+    """A MemoryStore whose key lookups raise :class:`StoreError`, as an unreachable database's.
+
+    :param message: the error's message, for tests that look for it in the log.
+    """
+
+    def __init__(self, message: str = "database is unreachable") -> None:
+        super().__init__()
+        self.message = message
+
+    def get(self, digest: str) -> KeyInfo | None:
+        raise StoreError(self.message)
