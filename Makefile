@@ -28,6 +28,8 @@ test: lint
 
 bench: install
 	$(BIN)/python benchmarks/bench_validate.py
+	$(BIN)/python benchmarks/bench_middleware.py
+	$(BIN)/python benchmarks/bench_records.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

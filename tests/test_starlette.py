@@ -21,7 +21,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocket
 
@@ -513,18 +513,25 @@ async def test_require_scopes_without_keyguard_in_the_stack_uses_the_defaults() 
     )
 
 
-async def test_require_scopes_stops_looking_in_a_cyclic_middleware_chain() -> None:
-    class Layer:
-        def __init__(self) -> None:
-            self.app = self
-
-    class App:
-        middleware_stack = Layer()
-
-    scope = {"type": "http", "method": "POST", "path": "/items", "headers": [], "app": App()}
-    refused = await create_item(Request(scope))
-    assert refused.status_code == 401
-    assert refused.headers["www-authenticate"] == 'Bearer realm="api"'
+@pytest.mark.parametrize("where", ["mounted sub-app", "middleware outside the app"])
+async def test_require_scopes_finds_the_middleware_that_saw_the_request(
+    manager: APIKeyManager, where: str
+) -> None:
+    # The middleware hands its guard on in the scope, so where it sits does not matter.
+    inner = Starlette(routes=[Route("/items", create_item, methods=["POST"])])
+    if where == "mounted sub-app":
+        app: Any = Starlette(
+            routes=[Mount("/v1", app=inner)],
+            middleware=[Middleware(APIKeyMiddleware, manager=manager, realm="shop")],
+        )
+        path = "/v1/items"
+    else:
+        app, path = APIKeyMiddleware(inner, manager=manager, realm="shop"), "/items"
+    reader = manager.generate_key(user_id="reader", permissions=["read"])
+    async with make_client(app) as client:
+        refused = await client.post(path, headers={"X-API-Key": reader})
+    assert (refused.status_code, refused.json()["code"]) == (403, "insufficient_scope")
+    assert refused.headers["www-authenticate"].startswith('Bearer realm="shop"')
 
 
 async def test_require_scopes_needs_a_request_argument() -> None:
