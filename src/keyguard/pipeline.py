@@ -216,25 +216,6 @@ class Pipeline:
         carries a Bearer credential, a part without a scheme (``Bearer K1, K2``) is refused,
         since another reader could take ``K2`` for the credential.
         """
-        if len(values) == 1 and not query_values:
-            # The usual shape: one value holding one token of visible ASCII without ','
-            # (behind "Bearer " where the header uses that scheme). Any other shape is
-            # parsed part by part below, to say exactly what is wrong with it.
-            bearer, value = values[0]
-            token = value
-            if bearer:
-                scheme, _, token = value.partition(" ")
-                if scheme.lower() != "bearer":
-                    token = ""
-            if (
-                token
-                and len(value) <= MAX_CREDENTIAL_LENGTH
-                and token.isascii()
-                and token.isprintable()
-                and " " not in token
-                and "," not in token
-            ):
-                return token
         problems = self.problems
         found: str | None = None
         conflict = False
@@ -247,7 +228,7 @@ class Pipeline:
             if not (value.isascii() and value.isprintable()):
                 return problems.bad_characters
             has_bearer = bare = False
-            for part in value.split(",") if "," in value else (value,):
+            for part in value.split(","):
                 part = part.strip(" ")
                 if not part:
                     continue
