@@ -10,7 +10,7 @@ import sys
 import time
 import unicodedata
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import keyguard
 from keyguard import APIKeyManager, KeyFormat, SQLiteStore
 from keyguard import cli as keyguard_cli
 from keyguard.cli import _commands
+from keyguard.cli._durations import relative_time
 
 PEPPER = "p" * 32
 
@@ -342,9 +343,9 @@ def test_list_hides_inactive_keys_unless_all_and_filters_by_user(cli: CLI) -> No
 @pytest.mark.parametrize(
     ("expires", "shown"),
     [
-        pytest.param("45s", "in 45s", id="seconds"),
-        pytest.param("45m", "in 45m", id="minutes"),
-        pytest.param("36h", "in 36h", id="hours under 2d"),
+        # Whole units far from a rounding edge: the seconds between `create` and `list` on
+        # a loaded machine cannot change them (the exact rounding is tested below).
+        pytest.param("2h", "in 2h", id="hours under 2d"),
         pytest.param("2w", "in 14d", id="days"),
         pytest.param("1095d", "in 3y", id="years from 730d"),
     ],
@@ -355,6 +356,32 @@ def test_list_shows_expiry_as_a_rounded_distance(cli: CLI, expires: str, shown: 
     row = cli("list").out.splitlines()[1]
 
     assert f" {shown} " in row
+
+
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("offset", "shown"),
+    [
+        pytest.param(None, "never", id="no time"),
+        pytest.param(0.4, "now", id="under half a second"),
+        pytest.param(45, "in 45s", id="seconds"),
+        pytest.param(-45, "45s ago", id="seconds ago"),
+        pytest.param(59.4, "in 59s", id="just under a minute"),
+        pytest.param(60, "in 1m", id="one minute"),
+        pytest.param(45 * 60, "in 45m", id="minutes"),
+        pytest.param(36 * 3600, "in 36h", id="hours under 2d"),
+        pytest.param(48 * 3600, "in 2d", id="days from 2d"),
+        pytest.param(14 * 86400, "in 14d", id="days"),
+        pytest.param(1095 * 86400, "in 3y", id="years from 730d"),
+        pytest.param(-1095 * 86400, "3y ago", id="years ago"),
+    ],
+)
+def test_relative_time_rounds_to_one_short_unit(offset: float | None, shown: str) -> None:
+    value = None if offset is None else datetime.fromtimestamp(NOW + offset, timezone.utc)
+
+    assert relative_time(value, NOW) == shown
 
 
 def test_list_says_when_there_are_no_keys(cli: CLI) -> None:

@@ -29,6 +29,10 @@ from tests.stores.services import postgres_table, redis_namespace
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 3
 MAX_REQUESTS = 3000  # to reach every worker; the kernel spreads connections unevenly
+# A pushed revocation reaches a worker in milliseconds, but on a loaded 2-core machine a
+# worker's threads can wait for the CPU. The test allows the promised bound plus this
+# margin: still far below the 30 s ttl, so a push that never arrives fails it.
+LOAD_MARGIN = 2.0
 # uvicorn.workers is deprecated in favour of the uvicorn-worker package; older setups
 # may have only the former.
 WORKER_CLASS = (
@@ -157,30 +161,30 @@ def test_every_worker_accepts_a_new_key_and_refuses_it_once_revoked(
 
             assert admin.revoke_key(key) is True
             revoked_at = time.monotonic()
-            accepted: list[tuple[float, str]] = []  # (seconds after revocation, worker)
+            # Every answer to the revoked key, per worker: (seconds after revocation, status).
+            answers: dict[str, list[tuple[float, int]]] = {}
 
             def ask_after_revocation() -> tuple[str, int]:
                 sent = time.monotonic() - revoked_at
                 pid, status = ask(base, "/whoami", key)
-                if status == 200:
-                    accepted.append((sent, pid))
+                answers.setdefault(pid, []).append((sent, status))
                 return pid, status
 
-            # Keep asking until every worker has refused the key at least once.
-            refused: set[str] = set()
-            deadline = revoked_at + bound + 10
-            while len(refused) < WORKERS and time.monotonic() < deadline:
-                pid, status = ask_after_revocation()
-                if status == 401:
-                    refused.add(pid)
-            # Then every worker must keep refusing it.
+            # Within the bound a worker may still accept the key; keep asking meanwhile.
+            allowed = bound + LOAD_MARGIN if bound else 0.0
+            while time.monotonic() < revoked_at + allowed:
+                ask_after_revocation()
+            # After it, every worker must refuse: ask until each has answered once more
+            # (this fails as "not reached" if the kernel never hands one a connection).
             after = first_answer_of_each_worker(ask_after_revocation)
 
         admin.store.close()
 
-    assert len(refused) == WORKERS, f"workers still accepting: {set(after) - refused}"
-    late = [(sent, pid) for sent, pid in accepted if sent > bound]
-    assert late == [], f"accepted after the {bound}s bound: {late}"
-    assert after == dict.fromkeys(after, 401)
+    accepted = [
+        (sent, pid) for pid, seen in answers.items() for sent, status in seen if status == 200
+    ]
+    late = [(sent, pid) for sent, pid in accepted if sent > allowed]
+    assert late == [], f"accepted {allowed}s after the revocation (seconds, worker): {late}"
+    assert after == dict.fromkeys(after, 401), f"first answers after the bound: {after}"
     stale = max((sent for sent, _ in accepted), default=0.0)
     print(f"[{kind}: last accepted {stale * 1000:.0f} ms after the revocation]", end=" ")

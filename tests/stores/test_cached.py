@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -600,3 +602,11 @@ def test_a_cache_hit_costs_no_round_trip(kind: str) -> None:
 
         assert proxy.round_trips == before
         cache.close()
+
+
+def test_the_listener_loads_the_idna_codec_with_its_module() -> None:
+    # Loaded lazily, by a listener thread in a worker forked with gunicorn --preload, the
+    # codec failed ("unknown encoding: idna") and the worker missed pushes for seconds.
+    code = "import sys, keyguard.stores._listener; print('encodings.idna' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "True", done.stderr

@@ -8,6 +8,11 @@ reconnect back-off and a clean shutdown, so neither store repeats them.
 
 from __future__ import annotations
 
+# A session's first connect resolves a host name, which needs the "idna" codec. Loaded
+# lazily, from this thread in a freshly forked worker (gunicorn --preload), it failed with
+# "LookupError: unknown encoding: idna" until the worker's other imports were done, so the
+# worker missed pushes for seconds; loading it with this module removes that race.
+import encodings.idna  # noqa: F401
 import logging
 import threading
 from collections.abc import Callable
