@@ -150,6 +150,10 @@ def test_split_query(query: str, values: list[str], rest: str) -> None:
         pytest.param("/a/./b", True, id="dot"),
         pytest.param("/../a", True, id="leading dot-dot"),
         pytest.param("/a/...", False, id="three dots"),
+        pytest.param("/a/..;/b", True, id="dot-dot with a path parameter"),
+        pytest.param("/a/.;x/b", True, id="dot with a path parameter"),
+        pytest.param("/a/b;..", False, id="a parameter that looks like dots"),
+        pytest.param("/a\\b", True, id="backslash"),
     ],
 )
 def test_has_dot_segment(path: str, expected: bool) -> None:

@@ -203,6 +203,22 @@ def test_exempt_patterns_fullmatch(keys: Keyring, path: str, exempt: bool) -> No
     assert run(app, make_environ(path=path)).status == (200 if exempt else 401)
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("/docs/../admin", id="dot-dot"),
+        pytest.param("/docs/..;/admin", id="dot-dot with a path parameter"),
+        pytest.param("/docs/..\\admin", id="backslash"),
+    ],
+)
+def test_exempt_patterns_never_exempt_a_path_a_proxy_may_collapse(
+    keys: Keyring, path: str
+) -> None:
+    app, _ = guard(keys, exempt_patterns=[r"/docs/.*"])
+    assert run(app, make_environ(path="/docs/index.html")).status == 200
+    assert run(app, make_environ(path=path)).status == 401
+
+
 PREFLIGHT = [("origin", b"https://a.example"), ("access-control-request-method", b"PUT")]
 
 

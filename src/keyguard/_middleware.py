@@ -30,10 +30,17 @@ logger = logging.getLogger("keyguard")
 
 
 def has_dot_segment(path: str) -> bool:
-    """Whether ``path`` has a ``.`` or ``..`` segment (which some servers collapse later)."""
+    """Whether ``path`` has a segment that a server or proxy behind this one may collapse.
+
+    That is a ``.`` or ``..`` segment, also with a path parameter (``..;x``, which
+    Tomcat-style servers read as ``..``), or any backslash (which some normalise to ``/``).
+    An exempt pattern never exempts such a path: it may reach another route behind us.
+    """
+    if "\\" in path:
+        return True
     if "/." not in path:
         return False
-    return any(segment in (".", "..") for segment in path.split("/"))
+    return any(segment.partition(";")[0] in (".", "..") for segment in path.split("/"))
 
 
 def _check_exempt_path(path: object) -> str:
@@ -48,7 +55,7 @@ def _check_exempt_path(path: object) -> str:
     ):
         raise ValueError(
             f"exempt path {path!r} must be a normalised absolute path such as '/health'"
-            " (no '//', '.' or '..' segments, query, fragment or spaces)"
+            " (no '//', '.' or '..' segments, backslash, query, fragment or spaces)"
         )
     return path
 
