@@ -118,6 +118,16 @@ def test_create_prints_the_key_once_marked_as_shown_only_now(cli: CLI) -> None:
     assert cli("verify", keys[0]).code == 0
 
 
+def test_create_refuses_a_field_name_that_is_not_utf8_and_stores_nothing(cli: CLI) -> None:
+    # A non-UTF-8 byte in argv arrives as a lone surrogate (surrogateescape).
+    result = cli("create", "--user", "alice", "--meta", "\udcff=v")
+
+    assert result.code == 2
+    assert result.err.startswith("keyguard: error: metadata field name")
+    assert "not UTF-8" in result.err
+    assert cli("list", "--all", "--json").json()["keys"] == []
+
+
 def test_create_stores_user_email_name_scopes_and_metadata(cli: CLI) -> None:
     key, record = cli.create(
         "--user", "alice", "--email", "a@example.com", "--name", "ci deploy",

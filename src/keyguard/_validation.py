@@ -1,4 +1,7 @@
-"""What the manager accepts into a record: metadata, and times every store can keep."""
+"""What the manager accepts into a record: metadata, and times every store can keep.
+
+The rules are checked here, once, so every store accepts and refuses the same records.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ def check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in metadata.items():
         if not isinstance(name, str):
             raise TypeError(f"metadata field names must be str, got {name!r}")
+        if not _is_utf8_text(name):
+            raise ValueError(f"metadata field name {name!r} is not UTF-8 text (a lone surrogate)")
         try:
             text = json.dumps(value, allow_nan=False, ensure_ascii=False)
             text.encode("utf-8")  # a lone surrogate cannot be stored anywhere
@@ -36,6 +41,9 @@ def check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     user_id = clean.get("user_id")
     if not isinstance(user_id, str) or not user_id.strip():
         raise ValueError("metadata field 'user_id' is required and must be a non-empty string")
+    if "\x00" in user_id:
+        # Every store indexes user_id as text, and PostgreSQL text cannot hold NUL.
+        raise ValueError("metadata field 'user_id' must not contain NUL characters")
     email = clean.get("email")
     if email is not None and not isinstance(email, str):
         raise TypeError("metadata field 'email' must be a string")
@@ -71,3 +79,11 @@ def positive(name: str, value: timedelta) -> timedelta:
     if value <= timedelta(0):
         raise ValueError(f"{name} must be positive, got {value}")
     return value
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -342,3 +342,20 @@ def test_a_shared_record_cannot_be_changed_through_its_metadata(
         "grid": [[1]],
         "teams": [{"role": "member"}],
     }
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        pytest.param({"\ud800": 1}, "not UTF-8", id="lone surrogate in a field name"),
+        pytest.param({"user_id": "a\x00b"}, "NUL", id="NUL in the user_id"),
+        pytest.param({"note": "\ud800"}, "'note'", id="lone surrogate in a value"),
+    ],
+)
+def test_every_store_gets_the_same_metadata_refused_before_it_is_written(
+    store: KeyStore, fields: dict[str, Any], message: str
+) -> None:
+    manager = APIKeyManager(store)
+    with pytest.raises((TypeError, ValueError), match=message):
+        manager.create_key({"user_id": "u1", **fields})
+    assert store.list_keys() == []
