@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from keyguard import KeyFormat, digest_key, generate_key, is_well_formed, mask_key
+from keyguard import APIKeyManager, KeyFormat, digest_key, generate_key, is_well_formed, mask_key
 
 BODY = "0123456789abcdef" * 2
 KEY = "sk_" + BODY
@@ -87,6 +87,16 @@ def test_bad_prefix_is_refused_saying_what_is_allowed(
         with pytest.raises(error) as exc_info:
             use(prefix)
         assert message in str(exc_info.value)
+
+
+def test_a_whole_key_given_as_a_prefix_is_not_echoed() -> None:
+    key = generate_key()
+    with pytest.raises(ValueError) as exc_info:
+        APIKeyManager(prefix=key)
+
+    assert key not in str(exc_info.value)
+    assert key[3:] not in str(exc_info.value)
+    assert mask_key(key) in str(exc_info.value)
 
 
 # -- the form check ----------------------------------------------------------------------

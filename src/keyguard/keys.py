@@ -43,8 +43,10 @@ def validate_prefix(prefix: object) -> str:
     if not isinstance(prefix, str):
         raise TypeError(f"key prefix must be a str, not {type(prefix).__name__}")
     if not prefix.isascii() or _PREFIX_RE.fullmatch(prefix) is None:
+        # A long "prefix" may be a whole key given by mistake: never echo one.
+        shown = repr(prefix) if len(prefix) <= 20 else f"{mask_key(prefix)!r} (masked)"
         raise ValueError(
-            f"invalid key prefix {prefix!r}: use 1-20 ASCII letters, digits, '_' or '-'"
+            f"invalid key prefix {shown}: use 1-20 ASCII letters, digits, '_' or '-'"
             " (for example 'sk_', 'pk_' or 'sk_live_')"
         )
     return prefix

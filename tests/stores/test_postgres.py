@@ -292,6 +292,22 @@ def test_a_dsn_libpq_cannot_parse_is_refused_without_the_password() -> None:
     assert "kg:***@" in str(exc_info.value)
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        pytest.param("host=127.0.0.1 password=s3cret dbname=test oops", id="key=value DSN"),
+        pytest.param("host=127.0.0.1 password='s 3cret' dbname=test oops", id="quoted"),
+        pytest.param("postgresql://kg@127.0.0.1/test?password=s3cret&tabel=x", id="query"),
+    ],
+)
+def test_a_password_outside_the_userinfo_is_not_echoed(dsn: str) -> None:
+    with pytest.raises(ValueError, match="invalid PostgreSQL DSN") as exc_info:
+        PostgresStore(dsn)
+
+    assert "3cret" not in str(exc_info.value)
+    assert "password=***" in str(exc_info.value)
+
+
 def test_an_unreachable_server_is_a_store_error_without_the_password() -> None:
     with pytest.raises(StoreError, match="cannot prepare") as exc_info:
         PostgresStore("postgresql://kg:s3cret@127.0.0.1:1/test?connect_timeout=1", timeout=0.5)

@@ -279,6 +279,20 @@ def test_bad_urls_are_refused_without_the_password(url: str, message: str) -> No
     assert "s3cret" not in str(exc_info.value)
 
 
+@pytest.mark.parametrize(
+    "password", [pytest.param("p@ss", id="an '@'"), pytest.param("pa ss", id="a space")]
+)
+def test_the_repr_masks_a_password_holding_an_at_sign_or_a_space(password: str) -> None:
+    store = RedisStore(f"redis://kg:{password}@127.0.0.1:1/0")
+    try:
+        shown = repr(store)
+    finally:
+        store.close()
+
+    assert "ss" not in shown.replace("127.0.0.1", "")
+    assert "kg:***@127.0.0.1:1/0" in shown
+
+
 def test_a_cached_redis_store_from_url_listens_for_changes() -> None:
     with redis_namespace() as (url, namespace):
         store = store_from_url(f"{url}?namespace={namespace}&cache_ttl=30")

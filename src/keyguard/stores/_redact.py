@@ -1,4 +1,4 @@
-"""``redact_url``: hide URL passwords in messages and reprs.
+"""``redact_url``: hide passwords in store URLs and DSNs quoted by messages and reprs.
 
 Its own module so that the stores and ``store_from_url`` (which imports the stores) can
 both use it without importing each other.
@@ -10,13 +10,20 @@ import re
 
 __all__ = ["redact_url"]
 
-_URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]*):[^@\s]*@")
+# The userinfo of a URL runs to the last '@' before the path, so a password holding an
+# (unencoded) '@' or a space is masked whole.
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]*):[^/?#]*@")
+# A password as a key=value pair (libpq's "host=… password=…") or a query parameter
+# ("?password=…", "&sslpassword=…"), its value quoted or not.
+_PASSWORD_PARAMETER = re.compile(
+    r"(\b\w*password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]+)", re.IGNORECASE
+)
 
 
 def redact_url(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***``.
+    """``text`` with the password of every URL or DSN in it replaced by ``***``.
 
-    Works on malformed URLs and on driver error messages that quote a URL, where
-    ``urlsplit`` would give up.
+    Works on malformed URLs, on ``key=value`` DSNs and on driver error messages that quote
+    either, where ``urlsplit`` would give up. It may mask more than the password, never less.
     """
-    return _URL_PASSWORD.sub(r"\1:***@", text)
+    return _PASSWORD_PARAMETER.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", text))
