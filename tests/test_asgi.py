@@ -755,6 +755,29 @@ def test_error_responder_error_log_masks_every_credential(
     assert "sk_…" + keys.read[-4:] in message
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param("{key}\x00", id="trailing NUL"),
+        pytest.param('{key}"', id="trailing quote"),
+        pytest.param("{key}é", id="trailing e-acute"),
+        pytest.param("\x1b[2J{key}", id="leading escape sequence"),
+    ],
+)
+def test_error_responder_error_log_masks_a_key_beside_escaped_characters(
+    keys: Keyring, caplog: pytest.LogCaptureFixture, shape: str
+) -> None:
+    app, _ = guard(keys, error_responder=_raise_with_the_request)
+    value = shape.format(key=keys.read).encode("utf-8")
+    reply = run(app, make_scope([(b"x-api-key", value)]))
+    assert reply.status in (400, 401)  # not visible ASCII, or not a key: refused either way
+    message = caplog.records[-1].getMessage()
+    assert "cannot render" in message
+    assert keys.read not in message
+    assert keys.read[3:-4] not in message
+    assert "…" in message
+
+
 def test_realm_appears_in_challenges(keys: Keyring) -> None:
     app, _ = guard(keys, realm="billing API")
     reply = run(app, make_scope())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
+import logging
 import re
 import secrets
 from collections.abc import Callable
@@ -11,7 +13,16 @@ from typing import Any
 
 import pytest
 
-from keyguard import APIKeyManager, KeyFormat, digest_key, generate_key, is_well_formed, mask_key
+from keyguard import (
+    APIKeyManager,
+    KeyFormat,
+    RedactingFilter,
+    digest_key,
+    generate_key,
+    is_well_formed,
+    mask_key,
+)
+from keyguard.keys import redact_keys
 
 BODY = "0123456789abcdef" * 2
 KEY = "sk_" + BODY
@@ -290,3 +301,61 @@ def test_different_keys_have_different_digests() -> None:
 
     assert len({digest_key(key) for key in keys}) == 1000
     assert digest_key(KEY) != digest_key(KEY[:-1] + "e")
+
+
+@pytest.mark.parametrize(
+    ("template", "masked"),
+    [
+        pytest.param("{key}", "sk_…{last4}", id="alone"),
+        pytest.param("{key!r}", "'sk_…{last4}'", id="quoted"),
+        pytest.param("{key}\x00", "sk_…{last4}\x00", id="trailing NUL"),
+        pytest.param("{key}é", "sk_…{last4}é", id="trailing e-acute"),
+        pytest.param("\x1b[2J{key}", "\x1b[2Jsk_…{last4}", id="leading escape"),
+        pytest.param("Bearer {key}, x", "Bearer sk_…{last4}, x", id="in a header"),
+        pytest.param("x{key}y", "xsk_…{last4}y", id="inside a word"),
+    ],
+)
+def test_redact_keys_masks_a_key_wherever_it_stands(template: str, masked: str) -> None:
+    key = generate_key()
+    text = template.format(key=key)
+
+    assert redact_keys(text) == masked.format(last4=key[-4:])
+
+
+def test_redact_keys_masks_long_hex_and_keeps_short_hex() -> None:
+    digest = digest_key(generate_key())
+
+    assert redact_keys(f"digest {digest}") == f"digest …{digest[-4:]}"
+    assert redact_keys("key_0123456789abcdef") == "key_0123456789abcdef"
+
+
+def test_the_redacting_filter_masks_messages_tracebacks_and_stacks() -> None:
+    key = generate_key()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    log = logging.getLogger("tests.redaction")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        log.warning("request with %s", key)
+        try:
+            raise ValueError(f"bad key {key!r}")
+        except ValueError:
+            log.exception("failed")
+        log.warning("here", stack_info=True, extra={"k": key})
+    finally:
+        log.removeHandler(handler)
+
+    out = stream.getvalue()
+    assert key not in out
+    assert key[3:] not in out
+    assert f"request with sk_…{key[-4:]}" in out
+    assert f"ValueError: bad key 'sk_…{key[-4:]}'" in out
+
+
+def test_keyguards_logger_masks_keys_by_itself(caplog: pytest.LogCaptureFixture) -> None:
+    key = generate_key()
+    logging.getLogger("keyguard").warning("saw %s", key)
+
+    assert caplog.records[-1].getMessage() == f"saw sk_…{key[-4:]}"

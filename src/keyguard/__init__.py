@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import typing as _typing
 
 from .exceptions import InvalidKeyError as InvalidKeyError
@@ -14,6 +15,7 @@ from .keys import is_well_formed as is_well_formed
 from .keys import mask_key as mask_key
 from .manager import APIKeyManager as APIKeyManager
 from .records import KeyInfo as KeyInfo
+from .redaction import RedactingFilter as RedactingFilter
 from .stores import AsyncKeyStore as AsyncKeyStore
 from .stores import CachedStore as CachedStore
 from .stores import KeyStore as KeyStore
@@ -39,6 +41,9 @@ def __getattr__(name: str) -> _typing.Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# keyguard never logs a key; this masks one that reaches its logger by any other road.
+logging.getLogger("keyguard").addFilter(RedactingFilter())
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -53,6 +58,7 @@ __all__ = [
     "MemoryStore",
     "PostgresStore",
     "Reason",
+    "RedactingFilter",
     "RedisStore",
     "SQLiteStore",
     "StoreError",

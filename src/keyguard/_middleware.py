@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from .keys import mask_key
+from .keys import mask_key, redact_keys
 from .pipeline import DEFAULT_HEADER_NAMES, Pipeline
 from .problems import ErrorResponder, ErrorResponse, InvalidResponse, Problem, checked_response
 
@@ -136,13 +136,16 @@ class Guard:
 
 
 def _redact(text: str, credentials: Iterable[str]) -> str:
-    """``text`` with every part of every credential value masked (keys or not)."""
+    """``text`` with every part of every credential value masked (keys or not), and every
+    key-shaped string."""
     parts = {p for value in credentials for p in re.split(r"[\s,]+", value)}
     # Longest first, so a key is masked whole before any part of it.
     for part in sorted(parts, key=len, reverse=True):
         if len(part) >= 6 and part.lower() != "bearer":
             text = text.replace(part, mask_key(part))
-    return text
+    # A key beside a character that repr() escapes (NUL, a quote, 'é') is not one of the
+    # parts above as the traceback shows it: mask every key-shaped string as well.
+    return redact_keys(text)
 
 
 class Middleware(Generic[_App]):

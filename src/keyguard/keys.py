@@ -26,6 +26,7 @@ __all__ = [
     "hash_scheme",
     "is_well_formed",
     "mask_key",
+    "redact_keys",
     "validate_prefix",
 ]
 
@@ -34,6 +35,7 @@ KEY_BODY_LENGTH = 32
 _CHECKSUM_LENGTH = 8
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,20}")
 _HEX_RE = re.compile(f"[0-9a-f]{{{KEY_BODY_LENGTH}}}")
+_HEX_RUN_RE = re.compile(f"[0-9a-f]{{{KEY_BODY_LENGTH},}}")
 HASH_SCHEME_SHA256 = "sha256"
 HASH_SCHEME_HMAC_SHA256 = "hmac-sha256"
 
@@ -163,3 +165,14 @@ def mask_key(key: object, prefix: str | None = None) -> str:
         shaped = _PREFIX_RE.fullmatch(head) is not None and _HEX_RE.fullmatch(body) is not None
         prefix = head if shaped else ""
     return f"{prefix}…{key[-4:]}"
+
+
+def redact_keys(text: str) -> str:
+    """``text`` with the secret part of every key in it masked, wherever it stands.
+
+    Each run of 32 or more lowercase hex characters (a key's body, whatever its prefix and
+    whatever surrounds it: quotes, NULs, escape sequences, other letters) keeps only its
+    last 4, after ``…``: ``sk_<32 hex>`` reads ``sk_…9f2a``, as :func:`mask_key` shows it.
+    Digests and other long hex runs are masked too: it errs on the side of hiding.
+    """
+    return _HEX_RUN_RE.sub(lambda m: "…" + m[0][-4:], text)
