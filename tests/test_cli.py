@@ -118,6 +118,16 @@ def test_create_prints_the_key_once_marked_as_shown_only_now(cli: CLI) -> None:
     assert cli("verify", keys[0]).code == 0
 
 
+def test_an_unreachable_postgresql_store_is_one_line_and_exit_2(cli: CLI) -> None:
+    result = cli("--store", "postgresql://nobody@127.0.0.1:1/test", "list")
+
+    assert result.code == 2
+    assert result.out == ""
+    [line] = result.err.splitlines()
+    assert line.startswith("keyguard: error: cannot prepare PostgreSQL key store")
+    assert "Connection refused" in line
+
+
 def test_create_refuses_a_field_name_that_is_not_utf8_and_stores_nothing(cli: CLI) -> None:
     # A non-UTF-8 byte in argv arrives as a lone surrogate (surrogateescape).
     result = cli("create", "--user", "alice", "--meta", "\udcff=v")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -306,6 +307,15 @@ def test_a_password_outside_the_userinfo_is_not_echoed(dsn: str) -> None:
 
     assert "3cret" not in str(exc_info.value)
     assert "password=***" in str(exc_info.value)
+
+
+def test_a_refused_connection_fails_at_once_not_after_the_pool_timeout() -> None:
+    # The pool would retry until its timeout (60 s here), logging each try.
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="Connection refused"):
+        PostgresStore("postgresql://nobody@127.0.0.1:1/test", timeout=60)
+
+    assert time.monotonic() - started < 30
 
 
 def test_an_unreachable_server_is_a_store_error_without_the_password() -> None:

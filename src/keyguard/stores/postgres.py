@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -219,6 +220,8 @@ class PostgresStore:
         self._prepare_statements()
         try:
             self._setup(create_schema)
+            if self._owns_pool:
+                self._warm_pool()
         except BaseException:
             self.close()
             raise
@@ -276,7 +279,7 @@ class PostgresStore:
         table = sql.Identifier(self.schema, self.table)
         function = sql.Identifier(self.schema, f"{self.table}_notify")
         try:
-            with self._connection() as conn, conn.transaction():
+            with self._setup_connection() as conn, conn.transaction():
                 # Workers starting together would otherwise race on CREATE TABLE IF NOT EXISTS.
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"keyguard:{name}",))
                 state = conn.execute(
@@ -415,6 +418,27 @@ class PostgresStore:
 
     def _connection(self) -> Any:
         return self._sync_pool().connection()
+
+    def _warm_pool(self) -> None:
+        """Open our pool now, so the first request does not pay for its connections."""
+        try:
+            self._sync_pool().wait(self._timeout)
+        except self._pool_module.PoolTimeout as e:
+            raise StoreError(f"cannot open PostgreSQL key store {self!r}: {e}") from e
+
+    def _setup_connection(self) -> Any:
+        """The connection that checks the schema: the given pool's, else one of its own.
+
+        Our own pool would retry a refused connection until ``timeout`` (logging each try);
+        a single connection fails at once, or within libpq's ``connect_timeout`` (default
+        ``timeout``) against a server that does not answer.
+        """
+        if not self._owns_pool:
+            return self._connection()
+        kwargs = dict(self._kwargs)
+        if "connect_timeout" not in self._psycopg.conninfo.conninfo_to_dict(self._conninfo):
+            kwargs.setdefault("connect_timeout", max(2, math.ceil(self._timeout)))
+        return self._psycopg.connect(self._conninfo, **kwargs)
 
     def _forget(self) -> None:
         """In a forked child, leave the parent's pool alone (its sockets are the parent's)."""
