@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
 import unicodedata
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -116,6 +118,45 @@ def test_create_prints_the_key_once_marked_as_shown_only_now(cli: CLI) -> None:
     key_id = re.search(r"Created (key_[0-9a-f]{16}) for user 'alice' \(expires ", result.out)
     assert key_id is not None
     assert cli("verify", keys[0]).code == 0
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        pytest.param("CREATE VIEW answers AS SELECT 42 AS answer", id="views only"),
+        pytest.param("PRAGMA application_id = 1234", id="an application id, no tables"),
+    ],
+)
+@pytest.mark.parametrize(
+    "command",
+    [["list"], ["show", "key_0000000000000000"], ["verify", "-"], ["scan", "."], ["create"]],
+    ids=lambda c: c[0],
+)
+def test_a_foreign_sqlite_file_is_refused_untouched(
+    cli: CLI, schema: str, command: list[str]
+) -> None:
+    with closing(sqlite3.connect(cli.db)) as conn:
+        conn.execute(schema)
+    before = cli.db.read_bytes()
+
+    result = cli(*command, *(["--user", "alice"] if command == ["create"] else []), stdin="x\n")
+
+    assert result.code == 2, result.err
+    assert "not a keyguard key store" in result.err
+    assert cli.db.read_bytes() == before
+    assert sorted(p.name for p in cli.cwd.iterdir()) == ["keys.db"]
+
+
+def test_an_empty_file_is_not_a_store_until_create_makes_one(cli: CLI) -> None:
+    cli.db.touch()
+
+    listed = cli("list")
+
+    assert (listed.code, listed.out) == (2, "")
+    assert "empty file" in listed.err
+    assert cli.db.read_bytes() == b""
+    cli.create("--user", "alice")
+    assert cli("list").code == 0
 
 
 def test_an_unreachable_postgresql_store_is_one_line_and_exit_2(cli: CLI) -> None:

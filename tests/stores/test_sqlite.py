@@ -475,3 +475,45 @@ def test_an_unreadable_file_is_a_store_error(db_path: Path) -> None:
 def test_in_memory_databases_are_refused(path: str) -> None:
     with pytest.raises(ValueError, match="MemoryStore"):
         SQLiteStore(path)
+
+
+def _views_only(path: Path) -> None:
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE VIEW answers AS SELECT 42 AS answer")
+
+
+def _application_id_only(path: Path) -> None:
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA application_id = 1234")
+        conn.execute("PRAGMA user_version = 7")
+
+
+@pytest.mark.parametrize("make", [_views_only, _application_id_only], ids=["views", "app id"])
+@pytest.mark.parametrize("create_schema", [True, False], ids=["create", "open only"])
+def test_a_foreign_database_without_tables_is_refused_untouched(
+    tmp_path: Path, make: Callable[[Path], None], create_schema: bool
+) -> None:
+    path = tmp_path / "other.db"
+    make(path)
+    before = path.read_bytes()
+
+    with pytest.raises(StoreError, match="not a keyguard key store"):
+        SQLiteStore(path, create_schema=create_schema)
+
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
+
+
+def test_open_only_refuses_a_missing_or_empty_file_and_creates_nothing(tmp_path: Path) -> None:
+    missing, empty = tmp_path / "missing.db", tmp_path / "empty.db"
+    empty.touch()
+
+    with pytest.raises(StoreError, match="no SQLite key store"):
+        SQLiteStore(missing, create_schema=False)
+    with pytest.raises(StoreError, match="empty file"):
+        SQLiteStore(empty, create_schema=False)
+
+    assert not missing.exists()
+    assert empty.read_bytes() == b""
+    with open_store(empty) as store:  # creating a store may take an empty file
+        assert store.list_keys() == []

@@ -84,7 +84,8 @@ class Session:
                     EXIT_USAGE,
                 )
             try:
-                self._store = store_from_url(self.url)
+                # Only `create` may make a store; every other command opens an existing one.
+                self._store = store_from_url(self.url, create_schema=create)
             except (ValueError, TypeError, ImportError) as e:
                 raise CLIError(str(e), EXIT_USAGE) from None
         return self._store

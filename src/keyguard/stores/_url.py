@@ -22,10 +22,10 @@ __all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "store_from_url"]
 STORE_URL_ENV = "KEYGUARD_STORE"
 DEFAULT_STORE_URL = "sqlite:///keyguard.db"
 
-_Factory = Callable[[SplitResult, dict[str, str]], KeyStore]
+_Factory = Callable[[SplitResult, dict[str, str], bool], KeyStore]
 
 
-def _memory(url: SplitResult, params: dict[str, str]) -> KeyStore:
+def _memory(url: SplitResult, params: dict[str, str], create_schema: bool) -> KeyStore:
     _no_params(url, params)
     if url.netloc or url.path not in ("", "/"):
         # The URL is not echoed: its host part may carry a password.
@@ -33,7 +33,7 @@ def _memory(url: SplitResult, params: dict[str, str]) -> KeyStore:
     return MemoryStore()
 
 
-def _sqlite(url: SplitResult, params: dict[str, str]) -> KeyStore:
+def _sqlite(url: SplitResult, params: dict[str, str], create_schema: bool) -> KeyStore:
     _no_params(url, params)
     if url.netloc:
         # Only the host name is echoed: the rest of the host part may carry a password.
@@ -49,7 +49,7 @@ def _sqlite(url: SplitResult, params: dict[str, str]) -> KeyStore:
     path = unquote(url.path[1:])
     if not path:
         raise ValueError("SQLite URL needs a file path: sqlite:///keyguard.db")
-    return SQLiteStore(path)
+    return SQLiteStore(path, create_schema=create_schema)
 
 
 def _no_params(url: SplitResult, params: dict[str, str]) -> None:
@@ -58,7 +58,7 @@ def _no_params(url: SplitResult, params: dict[str, str]) -> None:
         raise ValueError(f"unknown parameter(s) {names} for a {url.scheme}:// store URL")
 
 
-def _redis(url: SplitResult, params: dict[str, str]) -> KeyStore:
+def _redis(url: SplitResult, params: dict[str, str], create_schema: bool) -> KeyStore:
     from .redis import CLIENT_URL_PARAMETERS, DEFAULT_NAMESPACE, RedisStore
 
     namespace = params.pop("namespace", DEFAULT_NAMESPACE)
@@ -67,7 +67,7 @@ def _redis(url: SplitResult, params: dict[str, str]) -> KeyStore:
     return RedisStore(client_url, namespace=namespace)
 
 
-def _postgres(url: SplitResult, params: dict[str, str]) -> KeyStore:
+def _postgres(url: SplitResult, params: dict[str, str], create_schema: bool) -> KeyStore:
     from .postgres import DEFAULT_SCHEMA, DEFAULT_TABLE, PostgresStore
 
     options: dict[str, Any] = {
@@ -79,7 +79,7 @@ def _postgres(url: SplitResult, params: dict[str, str]) -> KeyStore:
             options[name] = _number(name, params.pop(name), int)
     # The rest is for libpq, which knows its own parameters (sslmode, connect_timeout…).
     dsn = url._replace(query=urlencode(params)).geturl()
-    return PostgresStore(dsn, **options)
+    return PostgresStore(dsn, create_schema=create_schema, **options)
 
 
 def _only(
@@ -138,7 +138,7 @@ _FACTORIES: dict[str, _Factory] = {
 }
 
 
-def store_from_url(url: str | None = None) -> KeyStore:
+def store_from_url(url: str | None = None, *, create_schema: bool = True) -> KeyStore:
     """Return the store named by ``url`` (default: ``$KEYGUARD_STORE``, else SQLite).
 
     Schemes: ``memory://``, ``sqlite:///relative.db``, ``sqlite:////absolute/path.db``,
@@ -147,6 +147,8 @@ def store_from_url(url: str | None = None) -> KeyStore:
     ``postgres://``). ``cache_ttl=<seconds>`` on any of them wraps the store in a
     :class:`~keyguard.CachedStore`. An unknown scheme or parameter raises
     :class:`ValueError`; a password in the URL never appears in a message.
+    ``create_schema=False`` opens only an existing keyguard store (SQLite, PostgreSQL) and
+    writes nothing to anything else: what read-only tools want.
     """
     if url is None:
         url = os.environ.get(STORE_URL_ENV) or DEFAULT_STORE_URL
@@ -168,7 +170,7 @@ def store_from_url(url: str | None = None) -> KeyStore:
     except ValueError as e:
         raise ValueError(f"malformed query string in store URL {redact_url(url)!r}") from e
     cache = _cache_options(parts, params)
-    store = factory(parts, params)
+    store = factory(parts, params, create_schema)
     if cache is None:
         return store
     from .cached import CachedStore

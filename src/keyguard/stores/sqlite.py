@@ -106,11 +106,18 @@ class SQLiteStore:
     """A key store in one SQLite file, created with mode 0600 if it does not exist.
 
     Each thread gets its own connection (sqlite3 connections are not shared across
-    threads) and a forked child opens fresh ones. A file that is not a keyguard database,
-    or is corrupt, raises :class:`~keyguard.StoreError` and is left untouched.
+    threads) and a forked child opens fresh ones. A file that is not a keyguard database
+    (anything in its schema, or an ``application_id`` / ``user_version`` of its own), or
+    is corrupt, raises :class:`~keyguard.StoreError` and is left untouched.
+
+    :param create_schema: make a store of a missing or empty file; with False, only an
+        existing keyguard store opens, and a missing or empty file is an error (nothing is
+        created): what read-only tools want.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, timeout: float = 5.0, create_schema: bool = True
+    ) -> None:
         path = os.fspath(path)
         if path == ":memory:" or path.startswith("file:"):
             raise ValueError(
@@ -125,14 +132,23 @@ class SQLiteStore:
         # An unchanged row decodes to the same KeyInfo: JSON parsing and datetime building
         # would otherwise cost more than the query on every check of a hot key.
         self._decode = functools.lru_cache(maxsize=_DECODE_CACHE)(_row_to_info)
-        self._prepare_file()
+        self._prepare_file(create_schema)
         self._check_and_migrate()
         reset_after_fork(self, type(self)._forget)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
 
-    def _prepare_file(self) -> None:
+    def _prepare_file(self, create: bool) -> None:
+        if not create:
+            try:
+                empty = os.path.getsize(self.path) == 0
+            except OSError as e:
+                raise StoreError(f"no SQLite key store at {str(self.path)!r}: {e}") from e
+            if empty:
+                raise StoreError(f"{str(self.path)!r} is an empty file, not a key store")
+            self._check_header()
+            return
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
@@ -156,10 +172,17 @@ class SQLiteStore:
     def _check_and_migrate(self) -> None:
         conn = self._conn()
         try:
-            tables = {
-                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-            if tables and "keyguard_meta" not in tables:
+            # One read of the schema: another process may be creating it right now.
+            schema = conn.execute("SELECT type, name FROM sqlite_master").fetchall()
+            tables = {name for kind, name in schema if kind == "table"}
+            # Views, indexes or triggers alone, or an application id or user version (which
+            # keyguard never sets), also make a file another program's database.
+            claimed = (
+                schema
+                or conn.execute("PRAGMA application_id").fetchone()[0]
+                or conn.execute("PRAGMA user_version").fetchone()[0]
+            )
+            if claimed and "keyguard_meta" not in tables:
                 raise StoreError(
                     f"{str(self.path)!r} is a SQLite database but not a keyguard key store"
                     " (no keyguard_meta table); refusing to modify it"
@@ -191,7 +214,11 @@ class SQLiteStore:
             conn.execute("COMMIT")
         except sqlite3.OperationalError as e:
             self.close()
-            raise StoreError(f"cannot open SQLite key store {str(self.path)!r}: {e}") from e
+            need = ""
+            if "readonly" in str(e):
+                # WAL keeps -wal and -shm files beside the database, even for readers.
+                need = "; SQLite needs write access to the file and to its directory"
+            raise StoreError(f"cannot open SQLite key store {str(self.path)!r}: {e}{need}") from e
         except sqlite3.DatabaseError as e:
             self.close()
             raise StoreError(
