@@ -149,6 +149,22 @@ def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
 class _AsyncPool:
     pool: psycopg_pool.AsyncConnectionPool[Any]
     opening: asyncio.Task[None] | None
+    #: Closes the pool when its loop shuts down (see :func:`_close_at_shutdown`).
+    closer: asyncio.Task[None] | None = None
+
+
+async def _close_at_shutdown(pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+    """Wait until cancelled, then close ``pool``.
+
+    ``asyncio.run`` (and uvicorn) end by cancelling every task. psycopg_pool's workers catch
+    that cancellation when it lands in a connection attempt (20 concurrent first checks
+    make the pool grow), retry, and never end, so the shutdown hung. This task is cancelled
+    with them and closes the pool, which stops its workers for good.
+    """
+    try:
+        await asyncio.get_running_loop().create_future()
+    finally:
+        await pool.close()
 
 
 class PostgresStore:
@@ -570,11 +586,16 @@ class PostgresStore:
             name=f"keyguard-{self.table}-async",
         )
         # Opened in a task shared by every caller, so concurrent first checks wait for it.
-        return _AsyncPool(pool, asyncio.get_running_loop().create_task(pool.open()))
+        loop = asyncio.get_running_loop()
+        return _AsyncPool(
+            pool, loop.create_task(pool.open()), loop.create_task(_close_at_shutdown(pool))
+        )
 
     async def _close_async_pool(self, entry: _AsyncPool) -> None:
         if entry.pool is not self._given_async:
             await entry.pool.close()
+        if entry.closer is not None:
+            entry.closer.cancel()
 
     async def _aone(self, query: bytes, params: tuple[Any, ...], action: str) -> KeyInfo | None:
         try:
