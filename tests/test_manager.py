@@ -27,6 +27,7 @@ from keyguard import (
     Verification,
     mask_key,
 )
+from keyguard.identity import APIKeyUser
 from tests.helpers import START, Clock, CountingStore
 
 UNKNOWN_KEY = "sk_" + "0" * 32
@@ -867,3 +868,25 @@ def test_the_hash_scheme_names_the_pepper_without_revealing_it() -> None:
     assert first == APIKeyManager(pepper="a" * 32).hash_scheme
     assert "a" * 16 not in first
     assert APIKeyManager().hash_scheme == "sha256"
+
+
+def test_no_record_result_or_error_shows_the_key(manager: APIKeyManager) -> None:
+    key, info = manager.create_key(user_id="u1", permissions=["read"])
+    revoked = manager.generate_key(user_id="u1")
+    manager.revoke_key(revoked)
+    shown: list[str] = [repr(info), str(info), repr(APIKeyUser(info)), repr(manager)]
+    for candidate in (key, revoked, key.upper(), "sk_" + "0" * 32):
+        shown.append(repr(manager.verify(candidate)))
+        try:
+            manager.check(candidate)
+        except InvalidKeyError as e:
+            shown += [str(e), repr(e)]
+    with pytest.raises(InvalidKeyError) as by_id:
+        manager.rotate_by_id(key)  # a key given where a key_id belongs
+    with pytest.raises(InvalidKeyError) as by_key:
+        manager.rotate_key(revoked)
+    shown += [str(by_id.value), repr(by_id.value), str(by_key.value), repr(by_key.value)]
+
+    for secret in (key, revoked):
+        assert not [text for text in shown if secret[3:] in text]
+    assert any(info.hint in text for text in shown)
