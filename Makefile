@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench fuzz clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ lint: install
 
 test: lint
 	$(BIN)/pytest --cov --cov-report=term
+
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_fuzz.py
 
 bench: install
 	$(BIN)/python benchmarks/bench_validate.py

@@ -8,8 +8,15 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from keyguard.keys import redact_keys
+
+# Fuzzed properties: a modest run by default, many examples under `make fuzz`; no deadline,
+# since a loaded CI machine is slow.
+settings.register_profile("default", max_examples=100, deadline=None)
+settings.register_profile("fuzz", max_examples=20_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 #: Set by .ci/run: a test that needs PostgreSQL or Redis fails instead of skipping.
 REQUIRE_SERVICES = os.environ.get("KEYGUARD_REQUIRE_SERVICES") == "1"
