@@ -3,6 +3,9 @@
 Several processes (server workers, the CLI) share one file: WAL mode lets readers in other
 processes see each commit at once, and every statement runs in autocommit so a key created
 or revoked elsewhere is seen on the next check.
+
+The module also holds what decides whether a file is a keyguard store at all (header,
+schema, foreign files refused untouched), so it runs a little over the house size.
 """
 
 from __future__ import annotations
