@@ -27,6 +27,8 @@ class RoundTripProxy:
         self._sockets: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._closed = False
+        #: While True, bytes are swallowed instead of forwarded: the server seems hung.
+        self.silent = False
         self._start(self._accept_loop)
 
     @property
@@ -72,6 +74,8 @@ class RoundTripProxy:
                     with suppress(OSError):
                         s.shutdown(socket.SHUT_RDWR)
                 return
+            if self.silent:
+                continue
             with self._lock:
                 if upstream and not turn["client_waiting"]:
                     self._count += 1

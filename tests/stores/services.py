@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 from keyguard import CachedStore, KeyStore, MemoryStore, PostgresStore, RedisStore, SQLiteStore
@@ -180,14 +181,14 @@ def open_store(name: str, tmp_path: Path) -> Iterator[KeyStore]:
 
 @contextmanager
 def proxied_store(
-    store: RedisStore | PostgresStore,
+    store: RedisStore | PostgresStore, **options: Any
 ) -> Iterator[tuple[RedisStore | PostgresStore, RoundTripProxy]]:
     """A second store on ``store``'s namespace or table whose traffic a proxy counts."""
     if isinstance(store, RedisStore):
         parts = urlsplit(REDIS_URL)
         with round_trip_proxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
             url = parts._replace(netloc=_netloc(parts, proxy.port)).geturl()
-            redis = RedisStore(url, namespace=store.namespace)
+            redis = RedisStore(url, namespace=store.namespace, **options)
             try:
                 yield redis, proxy
             finally:
@@ -196,7 +197,9 @@ def proxied_store(
         parts = urlsplit(POSTGRES_DSN)
         with round_trip_proxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
             dsn = parts._replace(netloc=_netloc(parts, proxy.port)).geturl()
-            postgres = PostgresStore(dsn, table=store.table, schema=store.schema, max_size=1)
+            postgres = PostgresStore(
+                dsn, table=store.table, schema=store.schema, **{"max_size": 1, **options}
+            )
             try:
                 yield postgres, proxy
             finally:

@@ -7,6 +7,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -358,3 +359,23 @@ def test_every_call_fails_as_a_store_error(call: Callable[[RedisStore, KeyInfo],
     with pytest.raises(StoreError, match="could not"):
         call(store, record())
     store.close()
+
+
+def test_a_silent_server_is_a_store_error_within_the_timeout_and_the_store_recovers(
+    store: RedisStore,
+) -> None:
+    key = APIKeyManager(store).generate_key(user_id="u1")
+    with proxied_store(store, socket_timeout=1.0) as (proxied, proxy):
+        manager = APIKeyManager(proxied, last_used_resolution=None)
+        assert manager.validate_key(key)
+
+        proxy.silent = True  # connected, but the server never answers again
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            manager.verify(key)
+        with pytest.raises(StoreError):
+            asyncio.run(manager.averify(key))
+        assert time.monotonic() - started < 30  # bounded (1 s each), not forever
+
+        proxy.silent = False
+        assert manager.validate_key(key)

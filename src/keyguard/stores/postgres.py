@@ -35,6 +35,7 @@ from ..records import KeyInfo
 from ._aio import PerLoop
 from ._fork import reset_after_fork
 from ._listener import POLL_SECONDS, Listener
+from ._pgwait import bounded_classes
 from ._redact import redact_url
 
 if TYPE_CHECKING:
@@ -179,7 +180,9 @@ class PostgresStore:
     :param schema: PostgreSQL schema holding the tables, created if missing.
     :param min_size: connections each pool keeps open.
     :param max_size: connections each pool opens at most.
-    :param timeout: seconds to wait for a free connection before :class:`StoreError`.
+    :param timeout: seconds any store call may wait: to connect, for a free connection, and
+        for each answer from the server; past it the call raises :class:`StoreError` (a 503
+        for the middleware) and a connection that ran out is closed, not reused.
     :param create_schema: create missing tables, index and trigger; with False a missing
         table is a :class:`StoreError` (for roles without DDL rights).
     """
@@ -423,12 +426,14 @@ class PostgresStore:
                 min_size, max_size = self._sizes
                 self._pool = self._pool_module.ConnectionPool(
                     self._conninfo,
-                    kwargs=self._kwargs,
+                    kwargs=self._connect_kwargs(),
                     min_size=min_size,
                     max_size=max_size,
                     timeout=self._timeout,
                     open=True,
                     name=f"keyguard-{self.table}",
+                    connection_class=bounded_classes()[0],
+                    configure=self._bound,
                 )
             return self._pool
 
@@ -451,10 +456,23 @@ class PostgresStore:
         """
         if not self._owns_pool:
             return self._connection()
+        conn = bounded_classes()[0].connect(self._conninfo, **self._connect_kwargs())
+        self._bound(conn)
+        return conn
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        """Connection settings, with libpq's ``connect_timeout`` (default ``timeout``)."""
         kwargs = dict(self._kwargs)
         if "connect_timeout" not in self._psycopg.conninfo.conninfo_to_dict(self._conninfo):
             kwargs.setdefault("connect_timeout", max(2, math.ceil(self._timeout)))
-        return self._psycopg.connect(self._conninfo, **kwargs)
+        return kwargs
+
+    def _bound(self, conn: Any) -> None:
+        """Give a new connection the store's deadline for every wait on the server."""
+        conn.wait_timeout = self._timeout
+
+    async def _abound(self, conn: Any) -> None:
+        conn.wait_timeout = self._timeout
 
     def _forget(self) -> None:
         """In a forked child, leave the parent's pool alone (its sockets are the parent's)."""
@@ -578,12 +596,14 @@ class PostgresStore:
         min_size, max_size = self._sizes
         pool = self._pool_module.AsyncConnectionPool(
             self._conninfo,
-            kwargs=self._kwargs,
+            kwargs=self._connect_kwargs(),
             min_size=min_size,
             max_size=max_size,
             timeout=self._timeout,
             open=False,
             name=f"keyguard-{self.table}-async",
+            connection_class=bounded_classes()[1],
+            configure=self._abound,
         )
         # Opened in a task shared by every caller, so concurrent first checks wait for it.
         loop = asyncio.get_running_loop()

@@ -224,7 +224,8 @@ class RedisStore:
     :param namespace: prefix of every Redis key, so several apps can share one server.
     :param options: further ``redis.Redis.from_url`` options: ``max_connections`` (per
         pool, default 50), ``timeout`` (seconds to wait for a free connection, default 5),
-        socket timeouts.
+        ``socket_timeout`` and ``socket_connect_timeout`` (seconds any answer or connect may
+        take before the call raises :class:`StoreError`, default 5 each).
     """
 
     def __init__(
@@ -268,7 +269,10 @@ class RedisStore:
     def _pool_options(self) -> dict[str, Any]:
         # A bounded pool that waits for a free connection: under a burst of requests a
         # pool that refuses ("Too many connections") would turn load into errors.
-        return {"max_connections": 50, "timeout": 5.0, **self._options}
+        # Socket timeouts bound every call, so a server that stops answering is a StoreError
+        # (a 503) after seconds, not a request that hangs for good.
+        defaults = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+        return {"max_connections": 50, "timeout": 5.0, **defaults, **self._options}
 
     def __repr__(self) -> str:
         where = redact_url(self._url) if self._url else repr(self._client)
