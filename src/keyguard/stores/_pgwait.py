@@ -3,8 +3,9 @@
 psycopg waits for an answer without a deadline, so against a server that accepted the
 connection and then stopped answering (a hung host, a silent proxy) every request would
 hang for good. ``Connection.wait`` takes a timeout that ``execute`` never passes; these
-classes pass the store's, and close a connection that ran out, since its state is then
-unknown. The error is an ``OperationalError``, which the store reports as
+classes pass the store's (psycopg 3.3.6 added that parameter and its private
+``errors._WaitTimeout``, hence the extra's floor), and close a connection that ran out,
+since its state is then unknown. The error is an ``OperationalError``, which the store reports as
 :class:`~keyguard.StoreError` (a 503 for the middleware).
 """
 
