@@ -79,7 +79,6 @@ class Guard:
         allow_cors_preflight: bool = False,
     ) -> None:
         self.pipeline = pipeline
-        self.problems = pipeline.problems
         if isinstance(exempt_paths, str) or isinstance(exempt_patterns, (str, re.Pattern)):
             raise TypeError("exempt_paths and exempt_patterns take a list, not a single string")
         self.exempt_paths = frozenset(_check_exempt_path(p) for p in exempt_paths)

@@ -117,7 +117,7 @@ class APIKeyMiddleware(Middleware[ASGIApp]):
         elif outcome is None and guard.optional:
             await self._let_through(scope, receive, send)
         else:
-            problem = guard.problems.missing if outcome is None else outcome
+            problem = guard.pipeline.problems.missing if outcome is None else outcome
             await refuse(guard, scope, send, problem)
 
     def _is_exempt(self, scope: Scope) -> bool:

@@ -174,7 +174,7 @@ def _refusal(
     if not isinstance(guard, Guard):
         guard = _DEFAULT_GUARD
     if not isinstance(info, KeyInfo):
-        problem = guard.problems.missing
+        problem = guard.pipeline.problems.missing
     else:
         problem = insufficient_scope(guard.pipeline.realm, wanted)
     return problem, render(guard, conn.scope, problem)

@@ -61,7 +61,7 @@ class APIKeyMiddleware(Middleware[WSGIApp]):
             return self.app(environ, start_response)
         if outcome is None and guard.optional:
             return self._let_through(environ, start_response)
-        problem = guard.problems.missing if outcome is None else outcome
+        problem = guard.pipeline.problems.missing if outcome is None else outcome
         return refuse(guard, environ, start_response, problem)
 
     def _is_exempt(self, path: str) -> bool:

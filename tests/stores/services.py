@@ -7,16 +7,29 @@ Every test works in its own namespace or table and removes it afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-from keyguard import CachedStore, KeyStore, MemoryStore, PostgresStore, RedisStore, SQLiteStore
+import pytest
+
+from keyguard import (
+    APIKeyManager,
+    CachedStore,
+    KeyStore,
+    MemoryStore,
+    PostgresStore,
+    RedisStore,
+    SQLiteStore,
+    StoreError,
+)
 from tests.conftest import service_unavailable
 from tests.stores.roundtrips import RoundTripProxy, round_trip_proxy
 
@@ -210,3 +223,30 @@ def _netloc(parts: SplitResult, port: int) -> str:
     """``parts``' netloc pointing at 127.0.0.1:``port`` instead, credentials kept."""
     credentials = parts.netloc.rpartition("@")[0]
     return f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"
+
+
+def check_a_silent_server(store: RedisStore | PostgresStore, key: str, **options: Any) -> None:
+    """Through a proxy that goes silent, a check is a StoreError within the store's 1 s
+    timeout (sync and async), and checks succeed again once the server answers."""
+    with proxied_store(store, **options) as (proxied, proxy):
+        manager = APIKeyManager(proxied, last_used_resolution=None)
+        assert manager.validate_key(key)
+
+        proxy.silent = True  # connected, but the server never answers again
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            manager.verify(key)
+        with pytest.raises(StoreError):
+            asyncio.run(manager.averify(key))
+        assert time.monotonic() - started < 30  # bounded (1 s each), not forever
+
+        proxy.silent = False
+        # A pool replaces the closed connection, after its reconnect back-off.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert manager.validate_key(key)
+                return
+            except StoreError:
+                assert time.monotonic() < deadline, "the store never recovered"
+                time.sleep(0.2)
