@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from .limits import parse_quota, parse_rates
+
 __all__ = ["LATEST", "MAX_METADATA_BYTES", "check_metadata", "deadline_after", "positive", "utc"]
 
 MAX_METADATA_BYTES = 64 * 1024
@@ -52,6 +54,18 @@ def check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         not isinstance(permissions, list) or not all(isinstance(p, str) and p for p in permissions)
     ):
         raise TypeError("metadata field 'permissions' must be a list of non-empty strings")
+    if "rate_limits" in clean:
+        rates = parse_rates(clean["rate_limits"])
+        if rates:
+            clean["rate_limits"] = [str(r) for r in rates]
+        else:
+            del clean["rate_limits"]
+    if clean.get("quota") is not None:
+        quota = parse_quota(clean["quota"])
+        clean["quota"] = quota.count if quota.period is None else str(quota)
+    family = clean.get("family_id")
+    if family is not None and (not isinstance(family, str) or not family):
+        raise TypeError("metadata field 'family_id' must be a non-empty string")
     if len(json.dumps(clean)) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes as JSON")
     return clean

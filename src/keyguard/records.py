@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from ._frozen import freeze
+from .limits import Quota, Rate, parse_quota, parse_rates
 
 __all__ = ["KeyInfo"]
 
@@ -20,7 +21,10 @@ class KeyInfo:
     """Everything known about a key except the key itself.
 
     ``digest`` (the hash the store indexes by) and ``hash_scheme`` say how the key is
-    stored; the repr leaves the digest out. ``scopes`` are the key's ``permissions``.
+    stored; the repr leaves the digest out. ``scopes`` are the key's ``permissions``,
+    ``rate_limits`` and ``quota`` its usage limits, and ``family_id`` names the key and
+    every key rotated from it (they share one budget); all four come from the metadata
+    fields of those names (``family_id`` defaults to the ``key_id``).
     Times are timezone-aware UTC datetimes. A record is shared between requests, so it
     is immutable and its ``metadata`` is read-only (changing it raises ``TypeError``);
     ``get_metadata`` copies.
@@ -38,6 +42,9 @@ class KeyInfo:
     digest: str = field(default="", repr=False)
     hash_scheme: str = "sha256"
     scopes: tuple[str, ...] = field(init=False, compare=False)
+    rate_limits: tuple[Rate, ...] = field(init=False, compare=False)
+    quota: Quota | None = field(init=False, compare=False)
+    family_id: str = field(init=False, compare=False)
     #: The POSIX time until which the key is accepted: ``-inf`` once revoked, ``inf`` if it
     #: never expires. Precomputed so the per-request check of both is one float compare.
     valid_until: float = field(init=False, repr=False, compare=False)
@@ -49,6 +56,11 @@ class KeyInfo:
         metadata = freeze(self.metadata)
         object.__setattr__(self, "metadata", metadata)
         object.__setattr__(self, "scopes", tuple(metadata.get("permissions") or ()))
+        rates = metadata.get("rate_limits")
+        object.__setattr__(self, "rate_limits", parse_rates(rates) if rates else ())
+        quota = metadata.get("quota")
+        object.__setattr__(self, "quota", None if quota is None else parse_quota(quota))
+        object.__setattr__(self, "family_id", metadata.get("family_id") or self.key_id)
         if self.revoked_at is not None:
             valid_until = _NEVER
         else:

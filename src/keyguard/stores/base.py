@@ -7,13 +7,22 @@ judged by the manager, and every record is kept (revoked and expired ones too) f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from .._counting import Bucket
 from ..records import KeyInfo
 
-__all__ = ["AsyncKeyStore", "InvalidationSource", "KeyStore", "Subscription"]
+__all__ = [
+    "AsyncCounterStore",
+    "AsyncKeyStore",
+    "Bucket",
+    "CounterStore",
+    "InvalidationSource",
+    "KeyStore",
+    "Subscription",
+]
 
 
 @runtime_checkable
@@ -95,6 +104,48 @@ class AsyncKeyStore(Protocol):
 
     async def aclose(self) -> None:
         """Async :meth:`KeyStore.close`: also releases connections bound to the event loop."""
+        ...
+
+
+@runtime_checkable
+class CounterStore(Protocol):
+    """Counters shared by every worker that uses the store: rate limits and quotas.
+
+    The store knows buckets, not keys or policies: :class:`~keyguard.limits.Limiter` names
+    the buckets and reads the values back. Values of absent (or forgotten) buckets are 0.0.
+    """
+
+    def consume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
+        """Take one unit from every bucket at POSIX time ``now``, or from none; atomic.
+
+        Returns whether the unit was taken, with the buckets' values: after the charge if
+        it was taken, as they stand if not. Every worker sharing the store sees one count.
+        """
+        ...
+
+    def adjust(self, bucket: Bucket, delta: float) -> float:
+        """Add ``delta`` to a count bucket's value atomically and return the new value."""
+        ...
+
+    def peek(self, names: Sequence[str]) -> list[float]:
+        """The current values of the named buckets, without changing them."""
+        ...
+
+
+@runtime_checkable
+class AsyncCounterStore(Protocol):
+    """The async twin of :class:`CounterStore` that a networked store offers."""
+
+    async def aconsume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
+        """Async :meth:`CounterStore.consume`."""
+        ...
+
+    async def aadjust(self, bucket: Bucket, delta: float) -> float:
+        """Async :meth:`CounterStore.adjust`."""
+        ...
+
+    async def apeek(self, names: Sequence[str]) -> list[float]:
+        """Async :meth:`CounterStore.peek`."""
         ...
 
 

@@ -1,15 +1,23 @@
-"""``MemoryStore``: the default, in-process store (a dict, gone when the process ends)."""
+"""``MemoryStore``: the default, in-process store (a dict, gone when the process ends).
+
+It keeps the rate-limit and quota counters too, shared by the threads of one process.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from .._counting import Bucket, apply, expiry
 from ..records import KeyInfo
 
 __all__ = ["MemoryStore"]
+
+# Forgotten buckets are swept once per this many charges, so the map stays bounded.
+_SWEEP_EVERY = 4096
 
 
 class MemoryStore:
@@ -25,6 +33,10 @@ class MemoryStore:
         self._by_id: dict[str, KeyInfo] = {}
         self._by_user: dict[str, list[str]] = {}
         self._lock = threading.Lock()
+        #: Counter name -> (value, POSIX time after which it may be forgotten, or None).
+        self._counters: dict[str, tuple[float, float | None]] = {}
+        self._counter_lock = threading.Lock()
+        self._charges = 0
 
     def __repr__(self) -> str:
         return f"MemoryStore(<{len(self._records)} keys>)"
@@ -86,6 +98,47 @@ class MemoryStore:
         """Store ``info`` with ``changes`` under both its digest and its key_id; hold the lock."""
         new = dataclasses.replace(info, **changes)
         self._records[new.digest] = self._by_id[new.key_id] = new
+
+    # -- counters ----------------------------------------------------------------------
+
+    def consume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
+        with self._counter_lock:
+            counters = self._counters
+            values = [self._value(b.name, now) for b in buckets]
+            charged = apply(buckets, values, now)
+            if charged is None:
+                return False, values
+            for bucket, value in zip(buckets, charged, strict=True):
+                counters[bucket.name] = (value, expiry(bucket, value))
+            self._charges += 1
+            if self._charges % _SWEEP_EVERY == 0:
+                self._sweep(now)
+            return True, charged
+
+    def adjust(self, bucket: Bucket, delta: float) -> float:
+        with self._counter_lock:
+            # A count bucket's expiry is its period's end; absent means nothing used.
+            entry = self._counters.get(bucket.name)
+            value = (0.0 if entry is None else entry[0]) + delta
+            self._counters[bucket.name] = (value, bucket.expires_at)
+            return value
+
+    def peek(self, names: Sequence[str]) -> list[float]:
+        with self._counter_lock:
+            return [self._counters.get(n, (0.0, None))[0] for n in names]
+
+    def _value(self, name: str, now: float) -> float:
+        entry = self._counters.get(name)
+        if entry is None or (entry[1] is not None and entry[1] <= now):
+            return 0.0
+        return entry[0]
+
+    def _sweep(self, now: float) -> None:
+        self._counters = {
+            name: entry
+            for name, entry in self._counters.items()
+            if entry[1] is None or entry[1] > now
+        }
 
     def close(self) -> None:
         """Nothing to release; kept for the contract."""

@@ -1,0 +1,56 @@
+"""The one atomic step every counter store performs: take a unit from several buckets at once.
+
+A bucket is either a rate bucket (GCRA: its value is the theoretical arrival time, a POSIX
+time) or a count bucket (its value is the units used). An absent bucket has value 0.0,
+which means "full" for both kinds. The step is all or nothing: a request is admitted only
+if every bucket has room, and then every bucket is charged; otherwise nothing changes. The
+Redis script and the PostgreSQL function in the network stores are this function, mirrored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+__all__ = ["EPSILON", "Bucket", "apply", "expiry"]
+
+#: Tolerance for float rounding at a window edge (a microsecond).
+EPSILON = 1e-6
+
+
+class Bucket(NamedTuple):
+    """One counter a request draws on.
+
+    ``interval > 0``: a GCRA bucket emitting one unit every ``interval`` seconds, holding
+    at most ``capacity`` seconds of credit (``capacity / interval`` units). ``interval == 0``:
+    a count bucket of ``capacity`` units. The store may forget the bucket after
+    ``expires_at`` (POSIX time; None: keep it).
+    """
+
+    name: str
+    interval: float
+    capacity: float
+    expires_at: float | None
+
+
+def apply(buckets: Sequence[Bucket], values: Sequence[float], now: float) -> list[float] | None:
+    """The buckets' values after taking one unit at ``now``, or None if any has no room."""
+    charged: list[float] = []
+    for bucket, value in zip(buckets, values, strict=True):
+        if bucket.interval > 0:
+            new = max(value, now) + bucket.interval
+            if new - now > bucket.capacity + EPSILON:
+                return None
+        else:
+            new = value + 1
+            if new > bucket.capacity:
+                return None
+        charged.append(new)
+    return charged
+
+
+def expiry(bucket: Bucket, new_value: float) -> float | None:
+    """When a bucket holding ``new_value`` can be forgotten: a rate bucket once it is full."""
+    if bucket.interval > 0:
+        return new_value
+    return bucket.expires_at

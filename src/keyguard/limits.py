@@ -1,0 +1,299 @@
+"""Per-key rate limits and quotas: how they are written, and how a request is charged.
+
+A **rate limit** (``"10/second"``, ``"1000/hour"``) is enforced with GCRA, the generic cell
+rate algorithm: each key family has a "theoretical arrival time" per limit, pushed forward
+by ``period / count`` on every admitted request. It behaves like a token bucket that holds
+``count`` tokens and refills one every ``period / count`` seconds, continuously: there is
+no window edge at which a client can send ``2 * count`` requests, and a client that keeps
+to the rate is never refused. A burst of ``count`` requests is allowed at once, after which
+requests are admitted one per ``period / count``.
+
+A **quota** (``"10000/month"`` or ``500``) is a number of uses: refilled at the start of each
+calendar period (UTC) or, as a plain number, never refilled. Operators can add credits.
+
+Both are counted per key *family* (a key and every key rotated from it), in buckets that a
+:class:`~keyguard.stores.CounterStore` charges atomically, all or nothing: only admitted
+requests are charged, and a request refused by one limit uses nothing of the others.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from ._counting import EPSILON, Bucket
+
+if TYPE_CHECKING:
+    from .records import KeyInfo
+    from .stores.base import AsyncCounterStore, CounterStore
+
+__all__ = ["Limiter", "Quota", "Rate", "Usage", "parse_quota", "parse_rates"]
+
+#: Seconds in each unit a rate limit may use.
+RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+#: Calendar periods (UTC) a quota may be refilled on.
+QUOTA_PERIODS = ("hour", "day", "month")
+#: The most a count may be, so that every store keeps it exactly (a double holds 2**53).
+MAX_COUNT = 10**12
+MAX_RATES = 8
+
+_RATE_RE = re.compile(r"\s*(\d{1,13})\s*/\s*([a-z]+?)s?\s*")
+_QUOTA_RE = re.compile(r"\s*(\d{1,13})\s*(?:/\s*([a-z]+?)s?)?\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most ``count`` requests per ``unit`` (``second``, ``minute``, ``hour``, ``day``)."""
+
+    count: int
+    unit: str
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.unit}"
+
+    @property
+    def period(self) -> float:
+        """The unit in seconds."""
+        return float(RATE_UNITS[self.unit])
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two requests at the steady rate."""
+        return self.period / self.count
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """``count`` uses, refilled each calendar ``period`` (UTC), or never if it is None."""
+
+    count: int
+    period: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.count) if self.period is None else f"{self.count}/{self.period}"
+
+    def window(self, now: float) -> tuple[str, float | None, float | None]:
+        """The current period's label, start and end (POSIX); the start and end are None
+        for a quota that is never refilled."""
+        if self.period is None:
+            return "total", None, None
+        t = datetime.fromtimestamp(now, timezone.utc)
+        if self.period == "hour":
+            start = t.replace(minute=0, second=0, microsecond=0)
+            label = f"{start:%Y-%m-%dT%H}"
+            end = start.timestamp() + 3600
+        elif self.period == "day":
+            start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+            label = f"{start:%Y-%m-%d}"
+            end = start.timestamp() + 86400
+        else:
+            start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            label = f"{start:%Y-%m}"
+            year, month = divmod(start.year * 12 + start.month, 12)
+            end = start.replace(year=year, month=month + 1).timestamp()
+        return label, start.timestamp(), end
+
+
+def _count(text: str, value: str) -> int:
+    count = int(value)
+    if not 1 <= count <= MAX_COUNT:
+        raise ValueError(f"invalid limit {text!r}: the count must be from 1 to {MAX_COUNT}")
+    return count
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_rate(text: str) -> Rate:
+    match = _RATE_RE.fullmatch(text.lower())
+    if match is None or match[2] not in RATE_UNITS:
+        raise ValueError(f"invalid rate limit {text!r}: write N/second, N/minute, N/hour or N/day")
+    return Rate(_count(text, match[1]), match[2])
+
+
+def parse_rates(values: object) -> tuple[Rate, ...]:
+    """``["10/second", "1000/hour"]`` as :class:`Rate` values, or a one-line ``ValueError``.
+
+    A single string is one limit; repeats are dropped. Every limit is enforced.
+    """
+    if isinstance(values, (str, Rate)):
+        values = [values]
+    if not isinstance(values, Iterable):
+        raise TypeError(f"rate limits must be a list of strings like '10/second', not {values!r}")
+    rates: list[Rate] = []
+    for value in values:
+        if isinstance(value, Rate):
+            rate = value
+        elif isinstance(value, str):
+            rate = _parse_rate(value)
+        else:
+            raise TypeError(f"a rate limit must be a string like '10/second', not {value!r}")
+        if rate not in rates:
+            rates.append(rate)
+    if len(rates) > MAX_RATES:
+        raise ValueError(f"at most {MAX_RATES} rate limits per key, got {len(rates)}")
+    return tuple(rates)
+
+
+def parse_quota(value: object) -> Quota:
+    """``"10000/month"`` or ``500`` as a :class:`Quota`, or a one-line ``ValueError``."""
+    if isinstance(value, Quota):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Quota(_count(str(value), str(value)))
+    if not isinstance(value, str):
+        raise TypeError(f"a quota must be a number or a string like '10000/month', not {value!r}")
+    match = _QUOTA_RE.fullmatch(value.lower())
+    if match is None or (match[2] is not None and match[2] not in QUOTA_PERIODS):
+        raise ValueError(f"invalid quota {value!r}: write N, N/hour, N/day or N/month")
+    return Quota(_count(value, match[1]), match[2])
+
+
+class Usage:
+    """The outcome of charging a request: admitted or not, and the headers to send.
+
+    ``code`` is ``rate_limited`` or ``quota_exceeded`` when the request is refused, and
+    ``retry_after`` the whole seconds (at least 1) until it could succeed (None when a quota
+    is never refilled). ``headers`` are the ``RateLimit-Policy`` and ``RateLimit`` fields
+    of draft-ietf-httpapi-ratelimit-headers-11, sent with every response for the key.
+    """
+
+    __slots__ = ("allowed", "code", "headers", "retry_after")
+
+    def __init__(
+        self,
+        allowed: bool,
+        headers: tuple[tuple[str, str], ...],
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        self.allowed = allowed
+        self.headers = headers
+        self.code = code
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"Usage(allowed={self.allowed}, code={self.code!r}, retry_after={self.retry_after})"
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy(rates: tuple[Rate, ...], quota: Quota | None, quota_seconds: int | None) -> str:
+    """The ``RateLimit-Policy`` value: one item per limit, named as the limit is written."""
+    items = [f'"{r}";q={r.count};w={int(r.period)}' for r in rates]
+    if quota is not None:
+        window = "" if quota_seconds is None else f";w={quota_seconds}"
+        items.append(f'"quota";q={quota.count}{window}')
+    return ", ".join(items)
+
+
+def _whole_seconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds - EPSILON))
+
+
+class Limiter:
+    """Charges admitted requests to their key family's rate limits and quota.
+
+    :param counters: where the counters live (shared by every worker using the store).
+    :param default_rates: limits for keys that have none of their own.
+    """
+
+    def __init__(self, counters: CounterStore, default_rates: Sequence[Rate] = ()) -> None:
+        self.counters = counters
+        self.default_rates = tuple(default_rates)
+
+    def applies_to(self, info: KeyInfo) -> bool:
+        """Whether requests with this key are limited at all."""
+        return bool(info.rate_limits or self.default_rates or info.quota is not None)
+
+    def buckets(self, info: KeyInfo, now: float) -> tuple[list[Bucket], tuple[Rate, ...]]:
+        """The buckets a request with ``info`` draws on at ``now``: one per rate, then quota."""
+        rates = info.rate_limits or self.default_rates
+        family = info.family_id
+        buckets = [Bucket(f"rate:{family}:{r}", r.interval, r.period, None) for r in rates]
+        quota = info.quota
+        if quota is not None:
+            label, _, end = quota.window(now)
+            # A used-up period is kept a day past its end, then forgotten.
+            forget = None if end is None else end + 86400
+            buckets.append(Bucket(f"quota:{family}:{quota}:{label}", 0.0, quota.count, forget))
+        return buckets, rates
+
+    def take(self, info: KeyInfo, now: float) -> Usage:
+        """Charge one request with ``info`` at ``now``; a failing store raises StoreError."""
+        buckets, rates = self.buckets(info, now)
+        taken, values = self.counters.consume(buckets, now)
+        return self.usage(info, rates, taken, values, now)
+
+    async def atake(self, info: KeyInfo, now: float, counters: AsyncCounterStore) -> Usage:
+        """:meth:`take` through the counter store's async twin."""
+        buckets, rates = self.buckets(info, now)
+        taken, values = await counters.aconsume(buckets, now)
+        return self.usage(info, rates, taken, values, now)
+
+    def usage(
+        self,
+        info: KeyInfo,
+        rates: tuple[Rate, ...],
+        taken: bool,
+        values: Sequence[float],
+        now: float,
+    ) -> Usage:
+        """The outcome and headers for counter ``values`` (after the charge, if ``taken``)."""
+        items: list[str] = []
+        code: str | None = None
+        retry = 0.0
+        for rate, tat in zip(rates, values, strict=False):
+            ahead = max(tat - now, 0.0)
+            left = math.floor((rate.period - ahead) / rate.interval + EPSILON)
+            items.append(f'"{rate}";r={max(left, 0)};t={math.ceil(ahead - EPSILON)}')
+            if not taken and ahead + rate.interval > rate.period + EPSILON:
+                code = "rate_limited"
+                retry = max(retry, ahead + rate.interval - rate.period)
+        quota = info.quota
+        quota_seconds: int | None = None
+        refused: int | None = None
+        if quota is not None:
+            _, start, end = quota.window(now)
+            used = values[len(rates)]
+            left = max(int(quota.count - used), 0)
+            if end is None or start is None:
+                items.append(f'"quota";r={left}')
+            else:
+                quota_seconds = round(end - start)
+                items.append(f'"quota";r={left};t={_whole_seconds(end - now)}')
+            if not taken and used + 1 > quota.count:
+                code = "quota_exceeded"
+                refused = None if end is None else _whole_seconds(end - now)
+        headers = (
+            ("ratelimit-policy", _policy(rates, quota, quota_seconds)),
+            ("ratelimit", ", ".join(items)),
+        )
+        if taken:
+            return Usage(True, headers)
+        if code == "quota_exceeded":
+            return Usage(False, headers, code, refused)
+        return Usage(False, headers, code or "rate_limited", _whole_seconds(retry))
+
+    def remaining(self, info: KeyInfo, now: float) -> int | None:
+        """The credits left in the key family's quota now, or None if it has no quota."""
+        quota = info.quota
+        if quota is None:
+            return None
+        bucket = self.buckets(info, now)[0][-1]
+        (used,) = self.counters.peek([bucket.name])
+        return max(int(quota.count - used), 0)
+
+    def add_credits(self, info: KeyInfo, credits: int, now: float) -> int:
+        """Add ``credits`` to the current period of the family's quota; return what is left.
+
+        Credits given to a refilled quota last until the period's refill.
+        """
+        quota = info.quota
+        if quota is None:
+            raise ValueError(f"key {info.key_id} has no quota to add credits to")
+        bucket = self.buckets(info, now)[0][-1]
+        used = self.counters.adjust(bucket, -float(credits))
+        return max(int(quota.count - used), 0)
