@@ -185,6 +185,10 @@ def test_every_worker_accepts_a_new_key_and_refuses_it_once_revoked(
     ]
     late = [(sent, pid) for sent, pid in accepted if sent > allowed]
     assert late == [], f"accepted {allowed}s after the revocation (seconds, worker): {late}"
-    assert after == dict.fromkeys(after, 401), f"first answers after the bound: {after}"
+    # A worker polled long enough throttles the address (429 too_many_failures): it can only
+    # get there by refusing the revoked key twenty times first.
+    assert set(after.values()) <= {401, 429}, f"first answers after the bound: {after}"
+    refused_first = {pid: next(st for _, st in seen if st != 200) for pid, seen in answers.items()}
+    assert set(refused_first.values()) == {401}, f"first refusal per worker: {refused_first}"
     stale = max((sent for sent, _ in accepted), default=0.0)
     print(f"[{kind}: last accepted {stale * 1000:.0f} ms after the revocation]", end=" ")

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .keys import mask_key, redact_keys
-from .pipeline import DEFAULT_HEADER_NAMES, Pipeline
+from .pipeline import DEFAULT_FAILURE_LIMIT, DEFAULT_HEADER_NAMES, Pipeline
 from .problems import ErrorResponder, ErrorResponse, InvalidResponse, Problem, checked_response
 
 if TYPE_CHECKING:
@@ -168,6 +168,10 @@ class Middleware(Generic[_App]):
         realm: str = "api",
         error_responder: ErrorResponder | None = None,
         allow_cors_preflight: bool = False,
+        rate_limits: Iterable[str] = (),
+        failure_limit: str | None = DEFAULT_FAILURE_LIMIT,
+        trusted_proxies: Iterable[str] = (),
+        fail_open: bool = False,
     ) -> None:
         if not callable(getattr(manager, "check", None)):
             raise TypeError(f"manager must be an APIKeyManager, got {manager!r}")
@@ -178,6 +182,10 @@ class Middleware(Generic[_App]):
             query_param=query_param,
             realm=realm,
             required_scopes=required_scopes,
+            rate_limits=rate_limits,
+            failure_limit=failure_limit,
+            trusted_proxies=trusted_proxies,
+            fail_open=fail_open,
         )
         self.guard = Guard(
             self.pipeline,

@@ -13,7 +13,7 @@ from typing import Any
 
 from ._middleware import Guard, Middleware
 from .identity import AnonymousUser, APIKeyUser
-from .pipeline import Pipeline, carries_key
+from .pipeline import Admission, Pipeline, carries_key
 from .problems import ErrorResponder, ErrorResponse, Problem
 from .records import KeyInfo
 
@@ -27,6 +27,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _GUARDED_SCOPES = frozenset({"http", "websocket"})
+_STARTS = frozenset({"http.response.start", "websocket.accept"})
 
 
 def route_path(scope: Scope) -> str:
@@ -90,6 +91,18 @@ class APIKeyMiddleware(Middleware[ASGIApp]):
         without leaking data. The recommended setup instead puts a CORS middleware *outside*
         this one (listed before it): it answers preflights before keyguard sees them and
         adds CORS headers to keyguard's refusals, so browsers can read them.
+    :param rate_limits: usage limits (``["10/second", "1000/hour"]``) for keys that have
+        none of their own. A key over a limit or out of quota gets 429 (``rate_limited``,
+        ``quota_exceeded``) with ``Retry-After``; every response for a limited key carries
+        ``RateLimit-Policy`` and ``RateLimit``. Only admitted requests are charged.
+    :param failure_limit: failed key checks allowed per client address, per process
+        (default ``"20/minute"``); then 429 ``too_many_failures`` without a store lookup.
+        None turns it off.
+    :param trusted_proxies: addresses or CIDRs of your reverse proxies: behind them the
+        client address is the right-most ``X-Forwarded-For`` hop that is not one of them.
+        Without it the header is ignored (anyone can send it).
+    :param fail_open: admit requests (with a logged warning) when the counter store fails,
+        instead of 503 ``store_unavailable``.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -102,11 +115,20 @@ class APIKeyMiddleware(Middleware[ASGIApp]):
         ):
             await self._let_through(scope, receive, send)
             return
-        values, query_values = read_credentials(self.pipeline, scope)
+        pipeline = self.pipeline
+        values, query_values = read_credentials(pipeline, scope)
         client = scope.get("client")
-        outcome = await self.pipeline.aauthenticate(
-            self.manager, values, query_values, client[0] if client else None
+        outcome = await pipeline.aauthenticate(
+            self.manager,
+            values,
+            query_values,
+            client[0] if client else None,
+            forwarded_for(scope) if pipeline.trusted_proxies else (),
         )
+        if isinstance(outcome, Admission):
+            scope["keyguard.headers"] = outcome.headers
+            send = with_response_headers(scope, send)
+            outcome = outcome.key
         if isinstance(outcome, KeyInfo):
             scope["user"] = scope["auth"] = APIKeyUser(outcome)
             scope["keyguard.key"] = outcome
@@ -137,7 +159,8 @@ class APIKeyMiddleware(Middleware[ASGIApp]):
         scope["keyguard.guard"] = self.guard
         if self.guard.strip_credentials:
             self._strip_credentials(scope)
-        await self.app(scope, receive, send)
+        # A framework helper may still admit a key here and leave headers for the response.
+        await self.app(scope, receive, with_response_headers(scope, send))
 
     def _strip_credentials(self, scope: Scope) -> None:
         names = self.pipeline.raw_header_names
@@ -165,6 +188,31 @@ def read_credentials(pipeline: Pipeline, scope: Scope) -> tuple[list[tuple[bool,
         if query:
             query_values, _ = pipeline.split_query(query)
     return values, query_values
+
+
+def forwarded_for(scope: Scope) -> list[str]:
+    """The ``X-Forwarded-For`` values of a scope (read only behind trusted proxies)."""
+    return [v.decode("latin-1") for n, v in scope["headers"] if n == b"x-forwarded-for"]
+
+
+def with_response_headers(scope: Scope, send: Send) -> Send:
+    """``send``, adding ``scope["keyguard.headers"]`` to the response when it starts.
+
+    Whoever admits a key with limits leaves its RateLimit fields there; the first wrapper
+    to see the response start takes them, so nested wrappers never add them twice. A
+    WebSocket handshake gets them on its accept.
+    """
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] in _STARTS:
+            extra = scope.pop("keyguard.headers", None)
+            if extra:
+                headers = list(message.get("headers") or ())
+                headers.extend((n.encode("latin-1"), v.encode("latin-1")) for n, v in extra)
+                message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_headers
 
 
 def render(guard: Guard, scope: Scope, problem: Problem) -> ErrorResponse | None:

@@ -27,9 +27,17 @@ from fastapi.requests import HTTPConnection, Request
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 
-from .asgi import read_credentials
+from .asgi import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    forwarded_for,
+    read_credentials,
+    with_response_headers,
+)
 from .manager import APIKeyManager
-from .pipeline import DEFAULT_HEADER_NAMES, Pipeline
+from .pipeline import DEFAULT_FAILURE_LIMIT, DEFAULT_HEADER_NAMES, Admission, Pipeline
 from .problems import Problem
 from .records import KeyInfo
 
@@ -76,11 +84,25 @@ def install(app: FastAPI, manager: APIKeyManager | None = None) -> None:
     """Send keyguard refusals as ``application/problem+json`` and set the app-wide manager.
 
     ``manager`` is the one :func:`require_api_key` uses when it is given none; it is kept
-    in ``app.state`` under :data:`MANAGER_STATE`.
+    in ``app.state`` under :data:`MANAGER_STATE`. It also adds a small middleware that
+    puts the RateLimit headers of keys the dependency admitted on their responses.
     """
     app.add_exception_handler(APIKeyHTTPException, problem_exception_handler)
+    app.add_middleware(_ResponseHeaders)
     if manager is not None:
         setattr(app.state, MANAGER_STATE, manager)
+
+
+class _ResponseHeaders:
+    """Adds the headers a dependency left in ``scope["keyguard.headers"]`` to the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            send = with_response_headers(scope, send)
+        await self.app(scope, receive, send)
 
 
 def _security_schemes(pipeline: Pipeline) -> list[APIKeyHeader | HTTPBearer]:
@@ -116,6 +138,10 @@ def require_api_key(
     *,
     header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
     realm: str = "api",
+    rate_limits: Iterable[str] = (),
+    failure_limit: str | None = DEFAULT_FAILURE_LIMIT,
+    trusted_proxies: Iterable[str] = (),
+    fail_open: bool = False,
 ) -> Callable[..., Awaitable[KeyInfo]]:
     """Return a dependency that yields the caller's :class:`~keyguard.KeyInfo` or refuses.
 
@@ -130,8 +156,20 @@ def require_api_key(
         messages and the OpenAPI document as given here; ``Authorization`` means
         ``Bearer <key>``. Each becomes a security scheme in the OpenAPI document.
     :param realm: the realm in ``WWW-Authenticate`` challenges.
+    :param rate_limits: ``failure_limit``, ``trusted_proxies``, ``fail_open``: as for
+        :class:`keyguard.asgi.APIKeyMiddleware`, for keys this dependency checks itself (a
+        key the middleware admitted was charged there). A key over a limit is refused with
+        429; the RateLimit headers reach the response through :func:`install`.
     """
-    pipeline = Pipeline(header_names=header_names, realm=realm, required_scopes=scopes)
+    pipeline = Pipeline(
+        header_names=header_names,
+        realm=realm,
+        required_scopes=scopes,
+        rate_limits=rate_limits,
+        failure_limit=failure_limit,
+        trusted_proxies=trusted_proxies,
+        fail_open=fail_open,
+    )
 
     def find_manager(conn: HTTPConnection) -> APIKeyManager:
         if manager is not None:
@@ -149,12 +187,18 @@ def require_api_key(
         client = scope.get("client")
         address = client[0] if client else None
         info = scope.get("keyguard.key")
-        outcome: KeyInfo | Problem | None
+        outcome: KeyInfo | Admission | Problem | None
         if isinstance(info, KeyInfo):
             outcome = pipeline.admit(info, address)
         else:
             values, _ = read_credentials(pipeline, scope)
-            outcome = await pipeline.aauthenticate(find_manager(conn), values, (), address)
+            forwarded = forwarded_for(scope) if pipeline.trusted_proxies else ()
+            outcome = await pipeline.aauthenticate(
+                find_manager(conn), values, (), address, forwarded
+            )
+            if isinstance(outcome, Admission):
+                scope["keyguard.headers"] = outcome.headers
+                outcome = outcome.key
             if isinstance(outcome, KeyInfo):
                 # Later dependencies in the same request reuse the check.
                 scope["keyguard.key"] = outcome

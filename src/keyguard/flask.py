@@ -23,7 +23,7 @@ from flask import Flask, current_app, request
 from flask.wrappers import Response
 
 from .manager import APIKeyManager
-from .pipeline import check_scopes
+from .pipeline import Admission, check_scopes
 from .problems import Problem, insufficient_scope
 from .records import KeyInfo
 from .wsgi import APIKeyMiddleware, read_credentials
@@ -82,17 +82,26 @@ class KeyGuard:
         """Check the request's key where the middleware did not (exempt paths, preflights).
 
         Returns the key's record (also stored as ``environ["keyguard.key"]``) or the problem
-        to answer with, exactly as the middleware would.
+        to answer with, exactly as the middleware would; a key with usage limits is charged
+        and its RateLimit headers are added to the response.
         """
         if self.middleware is None or self.manager is None:
             raise RuntimeError("KeyGuard.init_app(app) has not been called")
         pipeline = self.middleware.pipeline
         values, query_values = read_credentials(pipeline, environ)
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR") if pipeline.trusted_proxies else None
         outcome = pipeline.authenticate(
-            self.manager, values, query_values, environ.get("REMOTE_ADDR")
+            self.manager,
+            values,
+            query_values,
+            environ.get("REMOTE_ADDR"),
+            (forwarded,) if forwarded else (),
         )
         if outcome is None:
             return pipeline.problems.missing
+        if isinstance(outcome, Admission):
+            environ["keyguard.headers"] = outcome.headers
+            outcome = outcome.key
         if isinstance(outcome, KeyInfo):
             environ["keyguard.key"] = outcome
             environ["REMOTE_USER"] = outcome.user_id

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from .records import KeyInfo
     from .stores.base import AsyncCounterStore, CounterStore
 
-__all__ = ["Limiter", "Quota", "Rate", "Usage", "parse_quota", "parse_rates"]
+__all__ = ["FailureThrottle", "Limiter", "Quota", "Rate", "Usage", "parse_quota", "parse_rates"]
 
 #: Seconds in each unit a rate limit may use.
 RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -197,20 +198,18 @@ class Limiter:
     """Charges admitted requests to their key family's rate limits and quota.
 
     :param counters: where the counters live (shared by every worker using the store).
-    :param default_rates: limits for keys that have none of their own.
+
+    ``default_rates`` (a middleware's ``rate_limits``) apply to keys without their own.
     """
 
-    def __init__(self, counters: CounterStore, default_rates: Sequence[Rate] = ()) -> None:
+    def __init__(self, counters: CounterStore) -> None:
         self.counters = counters
-        self.default_rates = tuple(default_rates)
 
-    def applies_to(self, info: KeyInfo) -> bool:
-        """Whether requests with this key are limited at all."""
-        return bool(info.rate_limits or self.default_rates or info.quota is not None)
-
-    def buckets(self, info: KeyInfo, now: float) -> tuple[list[Bucket], tuple[Rate, ...]]:
+    def buckets(
+        self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()
+    ) -> tuple[list[Bucket], tuple[Rate, ...]]:
         """The buckets a request with ``info`` draws on at ``now``: one per rate, then quota."""
-        rates = info.rate_limits or self.default_rates
+        rates = info.rate_limits or default_rates
         family = info.family_id
         buckets = [Bucket(f"rate:{family}:{r}", r.interval, r.period, None) for r in rates]
         quota = info.quota
@@ -221,15 +220,21 @@ class Limiter:
             buckets.append(Bucket(f"quota:{family}:{quota}:{label}", 0.0, quota.count, forget))
         return buckets, rates
 
-    def take(self, info: KeyInfo, now: float) -> Usage:
+    def take(self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()) -> Usage:
         """Charge one request with ``info`` at ``now``; a failing store raises StoreError."""
-        buckets, rates = self.buckets(info, now)
+        buckets, rates = self.buckets(info, now, default_rates)
         taken, values = self.counters.consume(buckets, now)
         return self.usage(info, rates, taken, values, now)
 
-    async def atake(self, info: KeyInfo, now: float, counters: AsyncCounterStore) -> Usage:
+    async def atake(
+        self,
+        info: KeyInfo,
+        now: float,
+        counters: AsyncCounterStore,
+        default_rates: tuple[Rate, ...] = (),
+    ) -> Usage:
         """:meth:`take` through the counter store's async twin."""
-        buckets, rates = self.buckets(info, now)
+        buckets, rates = self.buckets(info, now, default_rates)
         taken, values = await counters.aconsume(buckets, now)
         return self.usage(info, rates, taken, values, now)
 
@@ -297,3 +302,39 @@ class Limiter:
         bucket = self.buckets(info, now)[0][-1]
         used = self.counters.adjust(bucket, -float(credits))
         return max(int(quota.count - used), 0)
+
+
+class FailureThrottle:
+    """Failed key checks per client address, counted in this process (GCRA, like a rate).
+
+    An address that has failed ``rate.count`` checks in a burst is refused (429
+    ``too_many_failures``) before any store lookup, then allowed one more failure every
+    ``rate.interval`` seconds. Counting in the process keeps a flood of invented keys off
+    the shared store; with N workers an address gets up to N times the budget. At most
+    ``max_addresses`` are tracked: when full, addresses whose budget is whole again are
+    forgotten, and if none are, all are.
+    """
+
+    def __init__(self, rate: Rate, max_addresses: int = 100_000) -> None:
+        self.rate = rate
+        self.max_addresses = max_addresses
+        self._tats: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, address: str, now: float) -> int:
+        """Seconds until ``address`` may fail a check again; 0 if it is not throttled."""
+        tat = self._tats.get(address)
+        if tat is None:
+            return 0
+        wait = tat - now - (self.rate.period - self.rate.interval)
+        return _whole_seconds(wait) if wait > EPSILON else 0
+
+    def failed(self, address: str, now: float) -> None:
+        """Count one failed check from ``address`` at ``now``."""
+        with self._lock:
+            tats = self._tats
+            if address not in tats and len(tats) >= self.max_addresses:
+                self._tats = tats = {a: t for a, t in tats.items() if t > now}
+                if len(tats) >= self.max_addresses:
+                    tats.clear()
+            tats[address] = max(tats.get(address, now), now) + self.rate.interval

@@ -31,16 +31,19 @@ from .keys import (
     mask_key,
     validate_prefix,
 )
+from .limits import Limiter, Rate, Usage
 from .records import KeyInfo
-from .stores.base import AsyncKeyStore, KeyStore
+from .stores.base import AsyncCounterStore, AsyncKeyStore, CounterStore, KeyStore
 from .stores.memory import MemoryStore
 from .verification import Reason, Verification
 
-__all__ = ["PEPPER_ENV", "APIKeyManager"]
+__all__ = ["COUNTERS_ENV", "PEPPER_ENV", "APIKeyManager"]
 
 logger = logging.getLogger("keyguard")
 
 PEPPER_ENV = "KEYGUARD_PEPPER"
+#: The environment variable naming a separate store for rate-limit and quota counters.
+COUNTERS_ENV = "KEYGUARD_COUNTERS"
 _MAX_ATTEMPTS = 8
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
 _TOUCH_CACHE_LIMIT = 100_000
@@ -71,6 +74,9 @@ class APIKeyManager:
         SHA-256. Default: ``$KEYGUARD_PEPPER`` if set. Changing it invalidates every key.
     :param last_used_resolution: how often a key's ``last_used_at`` is written, at most
         (one store write per key per interval, not per request); None disables it.
+    :param counters: where rate-limit and quota counters live; default the key store
+        itself (every store keeps counters). Give another store to keep keys in one place
+        and counters in another (keys in PostgreSQL, counters in Redis).
     :param clock: returns the current POSIX time; for tests.
     """
 
@@ -83,6 +89,7 @@ class APIKeyManager:
         checksum: bool = False,
         pepper: str | bytes | None = None,
         last_used_resolution: timedelta | None = timedelta(minutes=1),
+        counters: CounterStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store: KeyStore = MemoryStore() if store is None else store
@@ -113,6 +120,15 @@ class APIKeyManager:
         )
         self._touched: dict[str, float] = {}
         self._clock = clock
+        #: The manager's clock (POSIX time), shared with the request pipeline.
+        self.clock = clock
+        if counters is None and isinstance(self.store, CounterStore):
+            counters = self.store
+        if counters is not None and not isinstance(counters, CounterStore):
+            raise TypeError(f"counters must follow the CounterStore contract, got {counters!r}")
+        #: Charges requests to rate limits and quotas; None if there is no counter store.
+        self.limiter = None if counters is None else Limiter(counters)
+        self._async_counters = counters if isinstance(counters, AsyncCounterStore) else None
         # Asked once: a Protocol isinstance check costs more than a whole key check.
         self._async_store = self.store if isinstance(self.store, AsyncKeyStore) else None
 
@@ -120,11 +136,21 @@ class APIKeyManager:
         return f"APIKeyManager(store={self.store!r}, prefix={self.format.prefix!r})"
 
     @classmethod
-    def from_url(cls, url: str | None = None, **options: Any) -> APIKeyManager:
-        """Build a manager over ``store_from_url(url)`` (default ``$KEYGUARD_STORE``)."""
+    def from_url(
+        cls, url: str | None = None, *, counters: str | None = None, **options: Any
+    ) -> APIKeyManager:
+        """Build a manager over ``store_from_url(url)`` (default ``$KEYGUARD_STORE``).
+
+        ``counters`` is the URL of a separate counter store (default
+        ``$KEYGUARD_COUNTERS``; unset: the key store keeps the counters).
+        """
         from .stores import store_from_url
 
-        return cls(store_from_url(url), **options)
+        counters = counters or os.environ.get(COUNTERS_ENV) or None
+        counter_store = None if counters is None else store_from_url(counters)
+        if counter_store is not None and not isinstance(counter_store, CounterStore):
+            raise ValueError(f"the store at {COUNTERS_ENV} cannot keep counters")
+        return cls(store_from_url(url), counters=counter_store, **options)
 
     def digest(self, key: str) -> str:
         """Return the digest the store keeps for ``key`` under this manager's scheme."""
@@ -374,7 +400,8 @@ class APIKeyManager:
     ) -> str:
         """Issue a replacement for an active ``key``; the old key stops working after ``grace``.
 
-        The new key has the same metadata. Its lifetime is ``expires_in`` if given, else the
+        The new key has the same metadata and family (so it draws on the old key's rate
+        limits and quota). Its lifetime is ``expires_in`` if given, else the
         old key's original lifetime (none if it had none). ``grace=timedelta(0)`` revokes the
         old key at once. An invalid ``key`` raises :class:`~keyguard.InvalidKeyError`.
         """
@@ -409,10 +436,73 @@ class APIKeyManager:
         deadline = None if grace == timedelta(0) else deadline_after("grace", self._clock(), grace)
         accepted = any(f.prefix == old.prefix for f in self.formats)
         prefix = old.prefix if accepted else None
-        new_key, new = self.create_key(old.metadata, expires_in=expires_in, prefix=prefix)
+        # The family carries the key's rate-limit and quota budget across rotations.
+        metadata = {**thaw(old.metadata), "family_id": old.family_id}
+        new_key, new = self.create_key(metadata, expires_in=expires_in, prefix=prefix)
         if deadline is None:
             self.store.revoke(old.digest, utc(self._clock()))
         elif old.expires_at is None or deadline < old.expires_at:
             self.store.set_expiry(old.digest, deadline)
         logger.info("rotated key %s into %s", old.key_id, new.key_id)
         return new_key
+
+    # -- usage limits ------------------------------------------------------------------
+
+    def charge(self, info: KeyInfo, default_rates: tuple[Rate, ...] = ()) -> Usage | None:
+        """Charge one admitted request to the key's rate limits and quota.
+
+        Returns None when no limit applies (the key has none and ``default_rates`` is
+        empty), else the :class:`~keyguard.limits.Usage` saying whether the request is
+        within its limits. A failing counter store raises :class:`~keyguard.StoreError`.
+        """
+        limiter = self.limiter
+        if limiter is None or not (info.rate_limits or default_rates or info.quota):
+            return None
+        return limiter.take(info, self._clock(), default_rates)
+
+    async def acharge(self, info: KeyInfo, default_rates: tuple[Rate, ...] = ()) -> Usage | None:
+        """:meth:`charge` for event loops: awaits the counter store's async twin if it has one."""
+        limiter = self.limiter
+        counters = self._async_counters
+        if counters is None or limiter is None:
+            return self.charge(info, default_rates)
+        if not (info.rate_limits or default_rates or info.quota):
+            return None
+        return await limiter.atake(info, self._clock(), counters, default_rates)
+
+    def _limited_record(self, key_or_id: object) -> tuple[Limiter, KeyInfo]:
+        """The record named by a key or a key_id, with the limiter; or a clear error."""
+        if self.limiter is None:
+            raise KeyguardError("this manager has no counter store")
+        info: KeyInfo | None
+        if isinstance(key_or_id, str) and _KEY_ID.fullmatch(key_or_id):
+            info = self.get_key_info(key_or_id)
+        else:
+            info = (
+                self.store.get(self.digest(key_or_id)) if self.is_well_formed(key_or_id) else None
+            )
+        if info is None:
+            shown = key_or_id if _KEY_ID.fullmatch(str(key_or_id)) else mask_key(key_or_id)
+            raise KeyError(f"no key {shown!r}")
+        return self.limiter, info
+
+    def remaining(self, key: object) -> int | None:
+        """The credits left in the quota of a key (the key itself or its ``key_id``).
+
+        None if the key has no quota. The count is shared by every key of the family
+        (rotated keys) and every worker using the counter store.
+        """
+        limiter, info = self._limited_record(key)
+        return limiter.remaining(info, self._clock())
+
+    def add_credits(self, key_id: str, credits: int) -> int:
+        """Top up the quota of the key with ``key_id`` by ``credits``; return the credits left.
+
+        For a quota refilled each period, the credits last until the next refill.
+        """
+        if not isinstance(credits, int) or isinstance(credits, bool) or credits <= 0:
+            raise ValueError(f"credits must be a positive whole number, got {credits!r}")
+        limiter, info = self._limited_record(key_id)
+        left = limiter.add_credits(info, credits, self._clock())
+        logger.info("added %d credits to %s; %d left", credits, info.key_id, left)
+        return left

@@ -13,13 +13,18 @@ The steps, in order:
 1. **read**: exactly one key among the credential headers and the query parameter;
 2. **check** (:meth:`APIKeyManager.check <keyguard.APIKeyManager.check>`): form, digest,
    one store lookup, revoked or expired;
-3. **per-key policy**, in order: the scopes the API requires.
+3. **per-key policy**, in order: the scopes the API requires;
+4. **usage limits**: the request is charged to the key's rate limits and quota (only
+   admitted requests are charged; over a limit is a 429).
 
-The synchronous and asynchronous variants differ only in how they ask the manager.
+Before step 1, a client address that failed too many checks is refused (429
+``too_many_failures``) without a store lookup. The synchronous and asynchronous variants
+differ only in how they ask the manager and the counter store.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -29,7 +34,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote_plus
 
-from .exceptions import InvalidKeyError, KeyguardError
+from .exceptions import InvalidKeyError, KeyguardError, StoreError
+from .limits import FailureThrottle, Rate, Usage, parse_rates
 from .problems import MAX_CREDENTIAL_LENGTH, Problem, Problems
 from .records import KeyInfo
 from .verification import Reason
@@ -37,12 +43,25 @@ from .verification import Reason
 if TYPE_CHECKING:
     from .manager import APIKeyManager
 
-__all__ = ["DEFAULT_HEADER_NAMES", "Pipeline", "Step", "check_scopes", "how_to_send"]
+__all__ = [
+    "DEFAULT_FAILURE_LIMIT",
+    "DEFAULT_HEADER_NAMES",
+    "Admission",
+    "Pipeline",
+    "Step",
+    "check_scopes",
+    "how_to_send",
+]
 
 logger = logging.getLogger("keyguard")
 
 #: The headers read by default, spelled as messages show them.
 DEFAULT_HEADER_NAMES = ("Authorization", "X-API-Key")
+
+#: Failed key checks allowed per client address (per process) before it gets 429s.
+DEFAULT_FAILURE_LIMIT = "20/minute"
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: A per-key policy step: ``step(key, client_address)`` returns a refusal or None to go on.
 Step = Callable[[KeyInfo, "str | None"], "Problem | None"]
@@ -93,6 +112,71 @@ def caller_outside_keyguard() -> int:
     return level
 
 
+class Admission:
+    """An admitted key with the headers its response must carry (the RateLimit fields).
+
+    The pipeline returns the bare :class:`~keyguard.KeyInfo` when there are none, so a
+    key without limits costs nothing more.
+    """
+
+    __slots__ = ("headers", "key")
+
+    def __init__(self, key: KeyInfo, headers: tuple[tuple[str, str], ...]) -> None:
+        self.key = key
+        self.headers = headers
+
+    def __repr__(self) -> str:
+        return f"Admission({self.key.key_id})"
+
+
+def _networks(trusted_proxies: Iterable[str]) -> tuple[_Network, ...]:
+    if isinstance(trusted_proxies, str):
+        raise TypeError("trusted_proxies takes a list of addresses or CIDRs, not a string")
+    networks = []
+    for value in trusted_proxies:
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"invalid trusted proxy {value!r}: give an IP address or CIDR"
+            ) from None
+    return tuple(networks)
+
+
+def _trusted(address: str, networks: tuple[_Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def client_address(
+    peer: str | None, forwarded: Sequence[str], networks: tuple[_Network, ...]
+) -> str | None:
+    """The caller's address: ``peer``, or behind trusted proxies the right-most
+    ``X-Forwarded-For`` hop that is not a trusted proxy.
+
+    ``X-Forwarded-For`` is read only when ``peer`` itself is a trusted proxy, so a client
+    that sends the header directly cannot choose its address. An unparseable hop ends
+    the walk at the last trusted one.
+    """
+    if peer is None or not forwarded or not _trusted(peer, networks):
+        return peer
+    address = peer
+    for value in reversed(forwarded):
+        for hop in reversed(value.split(",")):
+            hop = hop.strip()
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                return address
+            address = hop
+            if not _trusted(hop, networks):
+                return hop
+    return address
+
+
 class Pipeline:
     """Where a request's credential is read and judged, for every transport and framework.
 
@@ -103,6 +187,15 @@ class Pipeline:
         leak into logs); setting it warns once, naming the line that set it.
     :param realm: the realm in ``WWW-Authenticate`` challenges.
     :param required_scopes: scopes every key must hold (else 403 ``insufficient_scope``).
+    :param rate_limits: limits (``["10/second", "1000/hour"]``) for keys without their own.
+    :param failure_limit: failed checks allowed per client address in this process, as a
+        rate (default ``"20/minute"``); beyond it the address gets 429
+        ``too_many_failures`` without a store lookup. None turns it off.
+    :param trusted_proxies: addresses or CIDRs of reverse proxies whose
+        ``X-Forwarded-For`` is believed (the right-most hop that is not one of them is
+        the client); nothing else reads that header.
+    :param fail_open: when the counter store fails, admit the request with a logged
+        warning instead of answering 503 ``store_unavailable``.
     """
 
     def __init__(
@@ -112,6 +205,10 @@ class Pipeline:
         query_param: str | None = None,
         realm: str = "api",
         required_scopes: Iterable[str] = (),
+        rate_limits: Iterable[str] = (),
+        failure_limit: str | None = DEFAULT_FAILURE_LIMIT,
+        trusted_proxies: Iterable[str] = (),
+        fail_open: bool = False,
     ) -> None:
         if isinstance(header_names, str):
             raise TypeError("header_names takes a list of names, not a single string")
@@ -166,6 +263,14 @@ class Pipeline:
             steps.append(self._check_scopes)
         #: The per-key policy steps, run in order on every admitted key.
         self.steps: tuple[Step, ...] = tuple(steps)
+        self.rate_limits: tuple[Rate, ...] = parse_rates(rate_limits)
+        if failure_limit is None:
+            self.throttle: FailureThrottle | None = None
+        else:
+            (rate,) = parse_rates([failure_limit])
+            self.throttle = FailureThrottle(rate)
+        self.trusted_proxies = _networks(trusted_proxies)
+        self.fail_open = bool(fail_open)
 
     def __repr__(self) -> str:
         return f"Pipeline(header_names={list(self.display_names.values())!r})"
@@ -178,17 +283,35 @@ class Pipeline:
         values: Sequence[tuple[bool, str]],
         query_values: Sequence[str] = (),
         client: str | None = None,
-    ) -> KeyInfo | Problem | None:
+        forwarded: Sequence[str] = (),
+    ) -> KeyInfo | Admission | Problem | None:
         """Read, check and judge a request's credential with ``manager.check``.
 
         ``values`` pairs each credential header value (latin-1 text) with whether its
-        header uses the Bearer scheme; ``client`` is the caller's address, if known.
+        header uses the Bearer scheme; ``client`` is the peer's address, if known, and
+        ``forwarded`` the ``X-Forwarded-For`` values (read only from trusted proxies).
+        Returns the key (an :class:`Admission` when its response needs headers), the
+        problem to answer with, or None when the request carries no credential.
         """
+        address = client_address(client, forwarded, self.trusted_proxies)
         key = self.read(values, query_values)
+        if not isinstance(key, str):
+            return key
+        now = manager.clock()
+        throttled = self._throttled(address, now)
+        if throttled is not None:
+            return throttled
         try:
-            return self.admit(manager.check(key), client) if isinstance(key, str) else key
+            info = manager.check(key)
         except KeyguardError as e:
-            return self.refused(e)
+            return self._failed(e, address, now)
+        outcome = self.admit(info, address)
+        if outcome is not info:
+            return outcome
+        try:
+            return self._charged(info, manager.charge(info, self.rate_limits))
+        except StoreError as e:
+            return self._counters_failed(info, e)
 
     async def aauthenticate(
         self,
@@ -196,13 +319,62 @@ class Pipeline:
         values: Sequence[tuple[bool, str]],
         query_values: Sequence[str] = (),
         client: str | None = None,
-    ) -> KeyInfo | Problem | None:
+        forwarded: Sequence[str] = (),
+    ) -> KeyInfo | Admission | Problem | None:
         """:meth:`authenticate` for event loops, with ``await manager.acheck``."""
+        address = client_address(client, forwarded, self.trusted_proxies)
         key = self.read(values, query_values)
+        if not isinstance(key, str):
+            return key
+        now = manager.clock()
+        throttled = self._throttled(address, now)
+        if throttled is not None:
+            return throttled
         try:
-            return self.admit(await manager.acheck(key), client) if isinstance(key, str) else key
+            info = await manager.acheck(key)
         except KeyguardError as e:
-            return self.refused(e)
+            return self._failed(e, address, now)
+        outcome = self.admit(info, address)
+        if outcome is not info:
+            return outcome
+        try:
+            return self._charged(info, await manager.acharge(info, self.rate_limits))
+        except StoreError as e:
+            return self._counters_failed(info, e)
+
+    def _throttled(self, address: str | None, now: float) -> Problem | None:
+        """The 429 for an address that failed too many checks, before any lookup."""
+        throttle = self.throttle
+        if throttle is None or address is None:
+            return None
+        wait = throttle.retry_after(address, now)
+        return self.problems.too_many_failures(wait) if wait else None
+
+    def _failed(self, error: KeyguardError, address: str | None, now: float) -> Problem:
+        """The refusal of a failed check, counted against the client's address."""
+        if isinstance(error, InvalidKeyError) and self.throttle is not None and address:
+            self.throttle.failed(address, now)
+        return self.refused(error)
+
+    def _charged(self, info: KeyInfo, usage: Usage | None) -> KeyInfo | Admission | Problem:
+        if usage is None:
+            return info
+        if usage.allowed:
+            return Admission(info, usage.headers)
+        return self.problems.limited(
+            usage.code or "rate_limited", usage.retry_after, usage.headers
+        )
+
+    def _counters_failed(self, info: KeyInfo, error: StoreError) -> KeyInfo | Problem:
+        if self.fail_open:
+            logger.warning(
+                "admitting %s without its usage limits, the counter store failed: %s",
+                info.key_id,
+                error,
+            )
+            return info
+        logger.error("cannot apply usage limits, the counter store failed: %s", error)
+        return self.problems.store_unavailable
 
     # -- the steps ---------------------------------------------------------------------
 

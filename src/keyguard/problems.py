@@ -61,13 +61,15 @@ class Problem:
     """One way a request can be refused, with its response precomputed.
 
     ``code`` is the stable machine-readable name (``missing_api_key``, ``invalid_api_key``,
-    ...); ``www_authenticate`` is the RFC 6750 challenge sent with it, if any.
+    ...); ``www_authenticate`` is the RFC 6750 challenge sent with it, if any, and
+    ``extra_headers`` further headers (``Retry-After`` and the RateLimit fields of a 429).
     """
 
     status: int
     code: str
     detail: str
     www_authenticate: str | None = None
+    extra_headers: tuple[tuple[str, str], ...] = ()
     title: str = field(init=False)
     #: The RFC 9457 ``application/problem+json`` body.
     body: bytes = field(init=False, repr=False)
@@ -82,13 +84,15 @@ class Problem:
         headers = [("content-type", PROBLEM_CONTENT_TYPE), ("content-length", str(len(body)))]
         if self.www_authenticate is not None:
             headers.append(("www-authenticate", self.www_authenticate))
+        headers.extend(self.extra_headers)
         setattr_ = object.__setattr__
         setattr_(self, "title", phrase)
         setattr_(self, "body", body)
         setattr_(self, "headers", tuple(headers))
         setattr_(self, "status_line", f"{self.status} {phrase}")
         setattr_(self, "raw_headers", tuple((n.encode(), v.encode()) for n, v in headers))
-        close = CLOSE_TRY_AGAIN_LATER if self.status >= 500 else CLOSE_POLICY_VIOLATION
+        later = self.status >= 500 or self.status == 429
+        close = CLOSE_TRY_AGAIN_LATER if later else CLOSE_POLICY_VIOLATION
         setattr_(self, "close_code", close)
 
     def as_dict(self, title: str | None = None) -> dict[str, Any]:
@@ -153,6 +157,30 @@ class Problems:
 
     def __iter__(self) -> Iterator[Problem]:
         return (p for p in vars(self).values() if isinstance(p, Problem))
+
+    def too_many_failures(self, retry_after: int) -> Problem:
+        """The 429 for a client address that failed too many key checks."""
+        return Problem(
+            429,
+            "too_many_failures",
+            f"Too many failed API key checks from this address; retry in {retry_after} s.",
+            extra_headers=(("retry-after", str(retry_after)),),
+        )
+
+    @staticmethod
+    def limited(
+        code: str, retry_after: int | None, headers: tuple[tuple[str, str], ...]
+    ) -> Problem:
+        """The 429 for a key over a rate limit (``rate_limited``) or out of quota
+        (``quota_exceeded``); ``headers`` are its RateLimit fields."""
+        if code == "quota_exceeded":
+            detail = "The API key's quota is used up"
+            detail += "." if retry_after is None else f"; it is refilled in {retry_after} s."
+        else:
+            detail = f"The API key's rate limit is exceeded; retry in {retry_after} s."
+        if retry_after is not None:
+            headers = (("retry-after", str(retry_after)), *headers)
+        return Problem(429, code, detail, extra_headers=headers)
 
 
 @functools.lru_cache(maxsize=256)

@@ -39,9 +39,15 @@ from starlette.websockets import WebSocket
 
 from . import identity
 from ._middleware import Guard
-from .asgi import read_credentials, render, send_refusal
+from .asgi import forwarded_for, read_credentials, render, send_refusal, with_response_headers
 from .manager import APIKeyManager
-from .pipeline import DEFAULT_HEADER_NAMES, Pipeline, check_scopes
+from .pipeline import (
+    DEFAULT_FAILURE_LIMIT,
+    DEFAULT_HEADER_NAMES,
+    Admission,
+    Pipeline,
+    check_scopes,
+)
 from .problems import CLOSE_POLICY_VIOLATION, ErrorResponse, Problem, insufficient_scope
 from .records import KeyInfo
 
@@ -88,6 +94,9 @@ class APIKeyBackend(AuthenticationBackend):
         messages as given here; ``Authorization`` means ``Bearer <key>``, any other name
         carries the bare key.
     :param realm: the realm in ``WWW-Authenticate`` challenges.
+    :param rate_limits: ``failure_limit``, ``trusted_proxies``, ``fail_open``: as for
+        :class:`keyguard.asgi.APIKeyMiddleware`. The RateLimit response headers are added
+        by :class:`APIKeyAuthenticationMiddleware` (not by Starlette's own middleware).
     """
 
     def __init__(
@@ -96,22 +105,42 @@ class APIKeyBackend(AuthenticationBackend):
         *,
         header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
         realm: str = "api",
+        rate_limits: Iterable[str] = (),
+        failure_limit: str | None = DEFAULT_FAILURE_LIMIT,
+        trusted_proxies: Iterable[str] = (),
+        fail_open: bool = False,
     ) -> None:
         self.manager = manager
-        self.guard = Guard(Pipeline(header_names=header_names, realm=realm), optional=True)
+        pipeline = Pipeline(
+            header_names=header_names,
+            realm=realm,
+            rate_limits=rate_limits,
+            failure_limit=failure_limit,
+            trusted_proxies=trusted_proxies,
+            fail_open=fail_open,
+        )
+        self.guard = Guard(pipeline, optional=True)
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         scope = conn.scope
         scope["keyguard.guard"] = self.guard
-        values, _ = read_credentials(self.guard.pipeline, scope)
+        pipeline = self.guard.pipeline
+        values, _ = read_credentials(pipeline, scope)
         client = scope.get("client")
-        outcome = await self.guard.pipeline.aauthenticate(
-            self.manager, values, (), client[0] if client else None
+        outcome = await pipeline.aauthenticate(
+            self.manager,
+            values,
+            (),
+            client[0] if client else None,
+            forwarded_for(scope) if pipeline.trusted_proxies else (),
         )
         if outcome is None:
             return None
         if isinstance(outcome, Problem):
             raise APIKeyAuthenticationError(outcome)
+        if isinstance(outcome, Admission):
+            scope["keyguard.headers"] = outcome.headers
+            outcome = outcome.key
         scope["keyguard.key"] = outcome
         return AuthCredentials(list(outcome.scopes)), APIKeyUser(outcome)
 
@@ -147,8 +176,9 @@ class APIKeyAuthenticationMiddleware(AuthenticationMiddleware):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "websocket":
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, with_response_headers(scope, send))
             return
+        send = with_response_headers(scope, send)
         try:
             result = await self.backend.authenticate(HTTPConnection(scope))
         except APIKeyAuthenticationError as exc:

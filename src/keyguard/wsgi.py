@@ -12,7 +12,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from ._middleware import Guard, Middleware
-from .pipeline import Pipeline, carries_key
+from .pipeline import Admission, Pipeline, carries_key
 from .problems import ErrorResponder, ErrorResponse, Problem
 from .records import KeyInfo
 
@@ -48,10 +48,20 @@ class APIKeyMiddleware(Middleware[WSGIApp]):
             and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
         ):
             return self._let_through(environ, start_response)
-        values, query_values = read_credentials(self.pipeline, environ)
-        outcome = self.pipeline.authenticate(
-            self.manager, values, query_values, environ.get("REMOTE_ADDR")
+        pipeline = self.pipeline
+        values, query_values = read_credentials(pipeline, environ)
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR") if pipeline.trusted_proxies else None
+        outcome = pipeline.authenticate(
+            self.manager,
+            values,
+            query_values,
+            environ.get("REMOTE_ADDR"),
+            (forwarded,) if forwarded else (),
         )
+        if isinstance(outcome, Admission):
+            environ["keyguard.headers"] = outcome.headers
+            start_response = with_response_headers(environ, start_response)
+            outcome = outcome.key
         if isinstance(outcome, KeyInfo):
             environ["keyguard.key"] = outcome
             environ["keyguard.guard"] = guard
@@ -83,7 +93,8 @@ class APIKeyMiddleware(Middleware[WSGIApp]):
         environ["keyguard.guard"] = self.guard
         if self.guard.strip_credentials:
             self._strip_credentials(environ)
-        return self.app(environ, start_response)
+        # A framework helper may still admit a key here and leave headers for the response.
+        return self.app(environ, with_response_headers(environ, start_response))
 
     def _strip_credentials(self, environ: WSGIEnvironment) -> None:
         for name, bearer in self.pipeline.environ_names:
@@ -114,6 +125,24 @@ def read_credentials(
     if pipeline.query_param is not None and environ.get("QUERY_STRING"):
         query_values, _ = pipeline.split_query(environ["QUERY_STRING"])
     return values, query_values
+
+
+def with_response_headers(
+    environ: WSGIEnvironment, start_response: StartResponse
+) -> StartResponse:
+    """``start_response``, adding ``environ["keyguard.headers"]`` (RateLimit fields) if set.
+
+    They are added at every call, so an error response started after a failed one keeps
+    them too.
+    """
+
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        extra = environ.get("keyguard.headers")
+        if extra:
+            headers = [*headers, *extra]
+        return start_response(status, headers, exc_info)
+
+    return start
 
 
 def refuse(
