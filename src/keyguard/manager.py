@@ -470,21 +470,24 @@ class APIKeyManager:
             return None
         return await limiter.atake(info, self._clock(), counters, default_rates)
 
-    def _limited_record(self, key_or_id: object) -> tuple[Limiter, KeyInfo]:
-        """The record named by a key or a key_id, with the limiter; or a clear error."""
-        if self.limiter is None:
-            raise KeyguardError("this manager has no counter store")
+    def _record(self, key_or_id: object) -> KeyInfo:
+        """The record named by a key or a key_id (any status), or a KeyError."""
         info: KeyInfo | None
         if isinstance(key_or_id, str) and _KEY_ID.fullmatch(key_or_id):
             info = self.get_key_info(key_or_id)
         else:
-            info = (
-                self.store.get(self.digest(key_or_id)) if self.is_well_formed(key_or_id) else None
-            )
+            info = None
+            if self.is_well_formed(key_or_id):
+                info = self.store.get(self.digest(key_or_id))
         if info is None:
             shown = key_or_id if _KEY_ID.fullmatch(str(key_or_id)) else mask_key(key_or_id)
             raise KeyError(f"no key {shown!r}")
-        return self.limiter, info
+        return info
+
+    def _limiter(self) -> Limiter:
+        if self.limiter is None:
+            raise KeyguardError("this manager has no counter store")
+        return self.limiter
 
     def remaining(self, key: object) -> int | None:
         """The credits left in the quota of a key (the key itself or its ``key_id``).
@@ -492,8 +495,10 @@ class APIKeyManager:
         None if the key has no quota. The count is shared by every key of the family
         (rotated keys) and every worker using the counter store.
         """
-        limiter, info = self._limited_record(key)
-        return limiter.remaining(info, self._clock())
+        info = self._record(key)
+        if info.quota is None:
+            return None
+        return self._limiter().remaining(info, self._clock())
 
     def add_credits(self, key_id: str, credits: int) -> int:
         """Top up the quota of the key with ``key_id`` by ``credits``; return the credits left.
@@ -502,7 +507,7 @@ class APIKeyManager:
         """
         if not isinstance(credits, int) or isinstance(credits, bool) or credits <= 0:
             raise ValueError(f"credits must be a positive whole number, got {credits!r}")
-        limiter, info = self._limited_record(key_id)
-        left = limiter.add_credits(info, credits, self._clock())
+        info = self._record(key_id)
+        left = self._limiter().add_credits(info, credits, self._clock())
         logger.info("added %d credits to %s; %d left", credits, info.key_id, left)
         return left

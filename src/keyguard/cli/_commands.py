@@ -1,4 +1,5 @@
-"""The key commands: ``create``, ``list``, ``show``, ``revoke``, ``rotate`` and ``verify``.
+"""The key commands: ``create``, ``list``, ``show``, ``revoke``, ``rotate``, ``credits``
+and ``verify``.
 
 Each takes the :class:`Session` and returns the exit code; a failure is a :class:`CLIError`.
 """
@@ -30,13 +31,24 @@ from ._session import (
     resolve,
 )
 
-__all__ = ["cmd_create", "cmd_list", "cmd_revoke", "cmd_rotate", "cmd_show", "cmd_verify"]
+__all__ = [
+    "cmd_create",
+    "cmd_credits",
+    "cmd_list",
+    "cmd_revoke",
+    "cmd_rotate",
+    "cmd_show",
+    "cmd_verify",
+]
 
 _RESERVED_META = {
     "user_id": "--user",
     "email": "--email",
     "permissions": "--scope",
     "name": "--name",
+    "rate_limits": "--rate-limit",
+    "quota": "--quota",
+    "family_id": "rotate",
 }
 
 
@@ -53,6 +65,10 @@ def cmd_create(session: Session) -> int:
         metadata["name"] = args.name
     if args.scope:
         metadata["permissions"] = list(dict.fromkeys(args.scope))
+    if args.rate_limit:
+        metadata["rate_limits"] = args.rate_limit
+    if args.quota is not None:
+        metadata["quota"] = args.quota
     manager = session.manager(args.prefix or DEFAULT_PREFIX, create=True)
     try:
         key, info = manager.create_key(metadata, expires_in=args.expires)
@@ -84,11 +100,13 @@ def cmd_list(session: Session) -> int:
 
 
 def cmd_show(session: Session) -> int:
-    _, info = resolve(session, session.args.ref)
+    manager, info = resolve(session, session.args.ref)
     now = session.now
+    remaining = manager.remaining(info.key_id)
     if session.args.json:
-        print_json(key_info_json(info, now))
+        print_json({**key_info_json(info, now), "remaining": remaining})
         return EXIT_OK
+    quota = "-" if info.quota is None else f"{info.quota} ({remaining} left)"
     extra = {k: v for k, v in info.metadata.items() if k not in _RESERVED_META}
     fields = [
         ("key_id", info.key_id),
@@ -97,6 +115,8 @@ def cmd_show(session: Session) -> int:
         ("email", info.metadata.get("email") or "-"),
         ("name", info.metadata.get("name") or "-"),
         ("scopes", ", ".join(info.scopes) or "-"),
+        ("limits", ", ".join(map(str, info.rate_limits)) or "-"),
+        ("quota", quota),
         ("metadata", json.dumps(extra, ensure_ascii=False) if extra else "-"),
         ("created", format_time(info.created_at)),
         ("expires", format_time(info.expires_at)),
@@ -151,6 +171,20 @@ def cmd_rotate(session: Session) -> int:
     else:
         print(f"The old key {old.hint} keeps working until {format_time(after.expires_at)}.")
     print_new_key(key)
+    return EXIT_OK
+
+
+def cmd_credits(session: Session) -> int:
+    manager, info = resolve(session, session.args.ref)
+    credits: int = session.args.credits
+    try:
+        left = manager.add_credits(info.key_id, credits)
+    except ValueError as e:  # the key has no quota
+        raise CLIError(str(e)) from None
+    if session.args.json:
+        print_json({"key_id": info.key_id, "added": credits, "remaining": left})
+    else:
+        print(f"Added {credits} credits to {info.key_id}; {left} left.")
     return EXIT_OK
 
 

@@ -63,6 +63,8 @@ def key_info_json(info: KeyInfo, now: float) -> dict[str, Any]:
         "prefix": info.prefix,
         "user_id": info.user_id,
         "scopes": list(info.scopes),
+        "rate_limits": [str(r) for r in info.rate_limits],
+        "quota": None if info.quota is None else str(info.quota),
         "metadata": info.metadata,
         "created_at": _iso(info.created_at),
         "expires_at": _iso(info.expires_at),

@@ -12,6 +12,7 @@ from typing import Any, NoReturn, TypeVar
 
 from .. import __version__
 from ..keys import DEFAULT_PREFIX, validate_prefix
+from ..limits import parse_quota, parse_rates
 from ..scan import DEFAULT_MAX_FILE_SIZE
 from ..stores import DEFAULT_STORE_URL, STORE_URL_ENV
 from . import _commands, _scan
@@ -47,6 +48,15 @@ def _duration_arg(allow_zero: bool) -> Callable[[str], timedelta]:
 
 
 _prefix_arg = _argument_type(validate_prefix)
+_rate_arg = _argument_type(lambda text: str(parse_rates([text])[0]))
+_quota_arg = _argument_type(lambda text: str(parse_quota(text)))
+
+
+def _credits_arg(text: str) -> int:
+    digits = text[1:] if text.startswith("+") else text
+    if not digits.isdigit() or not 0 < int(digits) <= 10**12:
+        raise argparse.ArgumentTypeError(f"expected +N, a positive whole number, got {text!r}")
+    return int(digits)
 
 
 def _meta_arg(text: str) -> tuple[str, str]:
@@ -114,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix", type=_prefix_arg, help=f"key prefix (default {DEFAULT_PREFIX})"
     )
     create.add_argument("--checksum", action="store_true", help=checksum_help)
+    create.add_argument(
+        "--rate-limit",
+        action="append",
+        type=_rate_arg,
+        metavar="N/UNIT",
+        help="e.g. 10/second, 1000/hour (unit: second, minute, hour, day); repeat for more",
+    )
+    create.add_argument(
+        "--quota",
+        type=_quota_arg,
+        metavar="N[/PERIOD]",
+        help="uses allowed: N/hour, N/day or N/month (refilled each period, UTC), or N in all",
+    )
 
     listing = command("list", _commands.cmd_list, "list keys in an aligned table")
     listing.add_argument("--user", help="only this user's keys")
@@ -146,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the new key has a checksum; a KEY given in full keeps its own, but a KEY_ID"
         f" cannot tell, so pass this (or set {CHECKSUM_ENV}=1) if your servers use checksum=True",
     )
+
+    credits = command("credits", _commands.cmd_credits, "add credits to a key's quota")
+    credits.add_argument("ref", metavar="KEY_ID", help="a key_id, or a key ('-' reads stdin)")
+    credits.add_argument("credits", type=_credits_arg, metavar="+N", help="credits to add")
 
     verify = command("verify", _commands.cmd_verify, "check a key; exit 0 if valid, 1 if not")
     verify.add_argument("key", metavar="KEY", help="the key ('-' reads it from stdin)")

@@ -14,9 +14,10 @@ import time
 from urllib.parse import unquote, urlsplit
 
 from ..keys import DEFAULT_PREFIX, KEY_BODY_LENGTH, KeyFormat, mask_key
-from ..manager import APIKeyManager
+from ..manager import COUNTERS_ENV, APIKeyManager
 from ..records import KeyInfo
 from ..stores import DEFAULT_STORE_URL, STORE_URL_ENV, KeyStore, store_from_url
+from ..stores.base import CounterStore
 
 __all__ = [
     "CHECKSUM_ENV",
@@ -61,6 +62,7 @@ class Session:
         self.args = args
         self.url: str = args.store or os.environ.get(STORE_URL_ENV) or DEFAULT_STORE_URL
         self._store: KeyStore | None = None
+        self._counters: CounterStore | None = None
         self.now = time.time()
         #: The deployment's keys carry a checksum: ``--checksum`` or ``$KEYGUARD_CHECKSUM=1``.
         self.checksum = bool(getattr(args, "checksum", False)) or _env_flag(CHECKSUM_ENV)
@@ -90,6 +92,21 @@ class Session:
                 raise CLIError(str(e), EXIT_USAGE) from None
         return self._store
 
+    def counters(self) -> CounterStore | None:
+        """The separate counter store named by ``$KEYGUARD_COUNTERS``, or None (the key store
+        keeps the counters), so ``show`` and ``credits`` read what the servers count."""
+        url = os.environ.get(COUNTERS_ENV)
+        if url and self._counters is None:
+            try:
+                counters = store_from_url(url)
+            except (ValueError, TypeError, ImportError) as e:
+                raise CLIError(f"{COUNTERS_ENV}: {e}", EXIT_USAGE) from None
+            if not isinstance(counters, CounterStore):
+                counters.close()
+                raise CLIError(f"{COUNTERS_ENV}: that store cannot keep counters", EXIT_USAGE)
+            self._counters = counters
+        return self._counters
+
     def manager(
         self, prefix: str = DEFAULT_PREFIX, *, create: bool = False, checksum: bool | None = None
     ) -> APIKeyManager:
@@ -101,7 +118,11 @@ class Session:
         store = self.store(create=create)
         try:
             return APIKeyManager(
-                store, prefix=prefix, checksum=checksum, last_used_resolution=None
+                store,
+                prefix=prefix,
+                checksum=checksum,
+                last_used_resolution=None,
+                counters=self.counters(),
             )
         except ValueError as e:
             raise CLIError(f"{e} (check KEYGUARD_PEPPER)", EXIT_USAGE) from None
@@ -109,6 +130,8 @@ class Session:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+        if isinstance(self._counters, KeyStore):
+            self._counters.close()
 
 
 def read_key(ref: str) -> str:
