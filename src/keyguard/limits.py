@@ -23,7 +23,7 @@ import math
 import re
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -53,19 +53,21 @@ class Rate:
 
     count: int
     unit: str
+    #: The unit in seconds.
+    period: float = field(init=False, repr=False, compare=False)
+    #: Seconds between two requests at the steady rate.
+    interval: float = field(init=False, repr=False, compare=False)
+    #: How the limit is written (``"10/second"``), which also names its counter.
+    text: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        period = float(RATE_UNITS[self.unit])
+        object.__setattr__(self, "period", period)
+        object.__setattr__(self, "interval", period / self.count)
+        object.__setattr__(self, "text", f"{self.count}/{self.unit}")
 
     def __str__(self) -> str:
-        return f"{self.count}/{self.unit}"
-
-    @property
-    def period(self) -> float:
-        """The unit in seconds."""
-        return float(RATE_UNITS[self.unit])
-
-    @property
-    def interval(self) -> float:
-        """Seconds between two requests at the steady rate."""
-        return self.period / self.count
+        return self.text
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +192,12 @@ def _policy(rates: tuple[Rate, ...], quota: Quota | None, quota_seconds: int | N
     return ", ".join(items)
 
 
+@functools.lru_cache(maxsize=65536)
+def _rate_buckets(family: str, rates: tuple[Rate, ...]) -> tuple[Bucket, ...]:
+    """A family's rate buckets: named once per family and set of limits, not per request."""
+    return tuple(Bucket(f"rate:{family}:{r.text}", r.interval, r.period, None) for r in rates)
+
+
 def _whole_seconds(seconds: float) -> int:
     return max(1, math.ceil(seconds - EPSILON))
 
@@ -210,14 +218,14 @@ class Limiter:
     ) -> tuple[list[Bucket], tuple[Rate, ...]]:
         """The buckets a request with ``info`` draws on at ``now``: one per rate, then quota."""
         rates = info.rate_limits or default_rates
-        family = info.family_id
-        buckets = [Bucket(f"rate:{family}:{r}", r.interval, r.period, None) for r in rates]
+        buckets = list(_rate_buckets(info.family_id, rates))
         quota = info.quota
         if quota is not None:
             label, _, end = quota.window(now)
             # A used-up period is kept a day past its end, then forgotten.
             forget = None if end is None else end + 86400
-            buckets.append(Bucket(f"quota:{family}:{quota}:{label}", 0.0, quota.count, forget))
+            name = f"quota:{info.family_id}:{quota}:{label}"
+            buckets.append(Bucket(name, 0.0, quota.count, forget))
         return buckets, rates
 
     def take(self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()) -> Usage:
@@ -253,7 +261,7 @@ class Limiter:
         for rate, tat in zip(rates, values, strict=False):
             ahead = max(tat - now, 0.0)
             left = math.floor((rate.period - ahead) / rate.interval + EPSILON)
-            items.append(f'"{rate}";r={max(left, 0)};t={math.ceil(ahead - EPSILON)}')
+            items.append(f'"{rate.text}";r={max(left, 0)};t={math.ceil(ahead - EPSILON)}')
             if not taken and ahead + rate.interval > rate.period + EPSILON:
                 code = "rate_limited"
                 retry = max(retry, ahead + rate.interval - rate.period)

@@ -104,7 +104,11 @@ class MemoryStore:
     def consume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
         with self._counter_lock:
             counters = self._counters
-            values = [self._value(b.name, now) for b in buckets]
+            values = []
+            for bucket in buckets:
+                entry = counters.get(bucket.name)
+                forgotten = entry is None or (entry[1] is not None and entry[1] <= now)
+                values.append(0.0 if forgotten else entry[0])  # type: ignore[index]
             charged = apply(buckets, values, now)
             if charged is None:
                 return False, values
@@ -126,12 +130,6 @@ class MemoryStore:
     def peek(self, names: Sequence[str]) -> list[float]:
         with self._counter_lock:
             return [self._counters.get(n, (0.0, None))[0] for n in names]
-
-    def _value(self, name: str, now: float) -> float:
-        entry = self._counters.get(name)
-        if entry is None or (entry[1] is not None and entry[1] <= now):
-            return 0.0
-        return entry[0]
 
     def _sweep(self, now: float) -> None:
         self._counters = {
