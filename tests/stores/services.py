@@ -101,19 +101,26 @@ def drop_redis_namespace(namespace: str) -> None:
 
 
 def drop_postgres_table(table: str, schema: str = "public") -> None:
-    """Drop a test table with its meta table and trigger function (and the schema if ours)."""
+    """Drop a test table with its meta and counters tables and functions (and our schema)."""
     import psycopg
     from psycopg import sql
 
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
         conn.execute(
-            sql.SQL("DROP TABLE IF EXISTS {}, {}").format(
-                sql.Identifier(schema, table), sql.Identifier(schema, f"{table}_meta")
+            sql.SQL("DROP TABLE IF EXISTS {}, {}, {}").format(
+                sql.Identifier(schema, table),
+                sql.Identifier(schema, f"{table}_meta"),
+                sql.Identifier(schema, f"{table}_counters"),
             )
         )
         conn.execute(
             sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
                 sql.Identifier(schema, f"{table}_notify")
+            )
+        )
+        conn.execute(
+            sql.SQL("DROP FUNCTION IF EXISTS {}").format(
+                sql.Identifier(schema, f"{table}_consume")
             )
         )
         if schema != "public":

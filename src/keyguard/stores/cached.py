@@ -14,12 +14,20 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from ..records import KeyInfo
 from ._fork import reset_after_fork
-from .base import AsyncKeyStore, InvalidationSource, KeyStore, Subscription
+from .base import (
+    AsyncCounterStore,
+    AsyncKeyStore,
+    Bucket,
+    CounterStore,
+    InvalidationSource,
+    KeyStore,
+    Subscription,
+)
 
 __all__ = ["CachedStore"]
 
@@ -42,6 +50,9 @@ class CachedStore:
     :param clock: monotonic seconds; for tests.
 
     Listing and lookups by ``key_id`` are operator paths and always go to the inner store.
+    Counters (rate limits and quotas) are never cached: every call goes to ``inner``, so
+    workers share one count. A ``CachedStore`` has the :class:`CounterStore` methods whatever
+    its inner store; they raise TypeError if ``inner`` keeps no counters.
     """
 
     def __init__(
@@ -64,6 +75,8 @@ class CachedStore:
         self.max_entries = max_entries
         self._clock = clock
         self._ainner = inner if isinstance(inner, AsyncKeyStore) else None
+        self._counters = inner if isinstance(inner, CounterStore) else None
+        self._acounters = inner if isinstance(inner, AsyncCounterStore) else None
         self._found: OrderedDict[str, tuple[float, KeyInfo]] = OrderedDict()
         self._missing: OrderedDict[str, float] = OrderedDict()
         # Bound once for the lock-free hit path (these dicts are cleared, never replaced).
@@ -263,6 +276,25 @@ class CachedStore:
             if entry is not None:
                 self._found[digest] = (entry[0], dataclasses.replace(entry[1], last_used_at=at))
 
+    # -- counters go through, never cached ---------------------------------------------
+
+    def consume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
+        return self._counter_store().consume(buckets, now)
+
+    def adjust(self, bucket: Bucket, delta: float) -> float:
+        return self._counter_store().adjust(bucket, delta)
+
+    def peek(self, names: Sequence[str]) -> list[float]:
+        return self._counter_store().peek(names)
+
+    def _counter_store(self) -> CounterStore:
+        if self._counters is None:
+            raise TypeError(
+                f"{self.inner!r} keeps no counters (it does not follow CounterStore),"
+                " so rate limits and quotas cannot be kept in it"
+            )
+        return self._counters
+
     def _stop_listening(self) -> Subscription | None:
         with self._lock:
             self._closed = True
@@ -320,6 +352,21 @@ class CachedStore:
         else:
             self.inner.touch(digest, at)
         self._touched(digest, at)
+
+    async def aconsume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
+        if self._acounters is not None:
+            return await self._acounters.aconsume(buckets, now)
+        return self._counter_store().consume(buckets, now)  # a local store answers inline
+
+    async def aadjust(self, bucket: Bucket, delta: float) -> float:
+        if self._acounters is not None:
+            return await self._acounters.aadjust(bucket, delta)
+        return self._counter_store().adjust(bucket, delta)
+
+    async def apeek(self, names: Sequence[str]) -> list[float]:
+        if self._acounters is not None:
+            return await self._acounters.apeek(names)
+        return self._counter_store().peek(names)
 
     async def aclose(self) -> None:
         """:meth:`close` for event loops: the listener thread is joined off the loop."""

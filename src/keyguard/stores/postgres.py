@@ -8,6 +8,8 @@ workers starting together do not race) and never altered or dropped automaticall
   ``metadata_json`` keeps the exact JSON text only for the rare metadata jsonb would alter
   (a NUL character, a float like ``1e300``);
 - ``<schema>.<table>_meta``: a ``schema_version`` row;
+- ``<schema>.<table>_counters``: rate-limit and quota counters (name, value, expires_at),
+  charged by the function ``<table>_consume`` in one statement per request;
 - a trigger that sends ``NOTIFY`` with the digest whenever a row is added, deleted, revoked
   or given a new expiry, by keyguard or by hand, so caches elsewhere can drop it at once.
 
@@ -25,11 +27,12 @@ import json
 import math
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from .._counting import Bucket
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._aio import PerLoop
@@ -48,7 +51,7 @@ DEFAULT_TABLE = "keyguard_keys"
 DEFAULT_SCHEMA = "public"
 # Lower case only: a quoted mixed-case name would need quoting in every hand-written query.
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
-_MAX_TABLE = 48  # leaves room for the _meta, _user_idx and _notify suffixes within 63 bytes
+_MAX_TABLE = 48  # leaves room for the _meta, _counters_pkey, … suffixes within 63 bytes
 _COLUMNS = (
     "digest",
     "key_id",
@@ -65,6 +68,67 @@ _COLUMNS = (
 )
 # Our own pools run in autocommit without server-side prepared statements: every read is
 # then exactly one round trip, and PgBouncer in transaction mode works.
+# keyguard._counting.apply and expiry, mirrored in one function call per request. Missing
+# rows are inserted as placeholders (value 0, already expired), then every row is locked in
+# name order, so two requests sharing buckets wait for each other and never deadlock. A
+# sweep (once per 4096 calls of a store) deletes forgotten rows no one holds; a row it took
+# between another call's insert and lock is inserted and locked again.
+_CONSUME = """CREATE OR REPLACE FUNCTION {function}(
+    names text[], intervals float8[], capacities float8[], forgets float8[], at float8,
+    sweep boolean, OUT taken boolean, OUT vals float8[]
+) LANGUAGE plpgsql AS $$
+DECLARE
+  wanted int := cardinality(ARRAY(SELECT DISTINCT unnest(names)));
+  locked int;
+  v float8;
+  x float8;
+  charged float8[] := ARRAY[]::float8[];
+BEGIN
+  LOOP
+    INSERT INTO {counters} (name, value, expires_at)
+      SELECT DISTINCT u, 0, at FROM unnest(names) u ORDER BY 1
+      ON CONFLICT (name) DO NOTHING;
+    PERFORM 1 FROM {counters} WHERE name = ANY(names) ORDER BY name FOR UPDATE;
+    GET DIAGNOSTICS locked = ROW_COUNT;
+    EXIT WHEN locked = wanted;
+  END LOOP;
+  taken := true;
+  vals := ARRAY[]::float8[];
+  FOR i IN 1 .. cardinality(names) LOOP
+    SELECT c.value, c.expires_at INTO v, x FROM {counters} c WHERE c.name = names[i];
+    IF x IS NOT NULL AND x <= at THEN
+      v := 0;
+    END IF;
+    vals[i] := v;
+    IF intervals[i] > 0 THEN
+      charged[i] := greatest(v, at) + intervals[i];
+      IF charged[i] - at > capacities[i] + 1e-6::float8 THEN
+        taken := false;
+      END IF;
+    ELSE
+      charged[i] := v + 1;
+      IF charged[i] > capacities[i] THEN
+        taken := false;
+      END IF;
+    END IF;
+  END LOOP;
+  IF taken THEN
+    FOR i IN 1 .. cardinality(names) LOOP
+      UPDATE {counters} SET value = charged[i],
+        expires_at = CASE WHEN intervals[i] > 0 THEN charged[i] ELSE forgets[i] END
+        WHERE name = names[i];
+    END LOOP;
+    vals := charged;
+  END IF;
+  IF sweep THEN
+    DELETE FROM {counters} WHERE name IN (
+      SELECT name FROM {counters} WHERE expires_at <= at AND name <> ALL(names)
+      LIMIT 1000 FOR UPDATE SKIP LOCKED);
+  END IF;
+END $$"""
+_CONSUME_ARGUMENTS = "(text[], float8[], float8[], float8[], float8, boolean)"
+# Forgotten counters are deleted once per this many charges by a store, not on every call.
+_SWEEP_EVERY = 4096
 _CONNECTION_KWARGS: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
 _LISTEN_KWARGS: dict[str, Any] = {
     "autocommit": True,
@@ -232,6 +296,7 @@ class PostgresStore:
         self._async = PerLoop(self._new_async_pool, self._close_async_pool)
         self._lock = threading.Lock()
         self._closed = False
+        self._charges = 0
         #: the NOTIFY channel this table's trigger signals on (an identifier, at most 63 bytes).
         self.channel = (
             "keyguard_" + hashlib.sha256(f"{self.schema}.{self.table}".encode()).hexdigest()[:20]
@@ -291,6 +356,25 @@ class PostgresStore:
             ).format(table)
         )
 
+        counters = sql.Identifier(self.schema, f"{self.table}_counters")
+        self._q_consume = render(
+            sql.SQL(
+                "SELECT taken, vals FROM {}(%s::text[], %s::float8[], %s::float8[],"
+                " %s::float8[], %s::float8, %s)"
+            ).format(sql.Identifier(self.schema, f"{self.table}_consume"))
+        )
+        self._q_adjust = render(
+            sql.SQL(
+                "INSERT INTO {} AS c (name, value, expires_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (name) DO UPDATE"
+                " SET value = c.value + excluded.value, expires_at = excluded.expires_at"
+                " RETURNING value"
+            ).format(counters)
+        )
+        self._q_peek = render(
+            sql.SQL("SELECT name, value FROM {} WHERE name = ANY(%s::text[])").format(counters)
+        )
+
     def _setup(self, create_schema: bool) -> None:
         sql = self._psycopg.sql
         name = f"{self.schema}.{self.table}"
@@ -305,15 +389,18 @@ class PostgresStore:
                     "SELECT to_regnamespace(%(s)s) IS NOT NULL,"
                     " to_regclass(%(t)s) IS NOT NULL, to_regclass(%(m)s) IS NOT NULL,"
                     " EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = %(g)s"
-                    "   AND tgrelid = to_regclass(%(t)s))",
+                    "   AND tgrelid = to_regclass(%(t)s)),"
+                    " to_regclass(%(c)s) IS NOT NULL AND to_regprocedure(%(f)s) IS NOT NULL",
                     {
                         "s": f'"{self.schema}"',
                         "t": f'"{self.schema}"."{self.table}"',
                         "m": f'"{self.schema}"."{self.table}_meta"',
                         "g": f"{self.table}_notify",
+                        "c": f'"{self.schema}"."{self.table}_counters"',
+                        "f": f'"{self.schema}"."{self.table}_consume"{_CONSUME_ARGUMENTS}',
                     },
                 ).fetchone()
-                has_schema, has_table, has_meta, has_trigger = state
+                has_schema, has_table, has_meta, has_trigger, has_counters = state
                 version = None
                 if has_meta:
                     row = conn.execute(
@@ -330,7 +417,10 @@ class PostgresStore:
                         f"{name!r} has keyguard schema version {version!r};"
                         f" this keyguard supports {SCHEMA_VERSION}"
                     )
-                if has_table and version is not None and has_trigger:
+                # A store made before counters opens for a role without DDL rights too: its
+                # keys work, and counting raises a StoreError that says why.
+                complete = has_table and version is not None and has_trigger
+                if complete and (has_counters or not create_schema):
                     return
                 if not create_schema:
                     raise StoreError(
@@ -344,6 +434,7 @@ class PostgresStore:
                         )
                     )
                 self._create(conn, table, meta, function, has_trigger)
+                self._create_counters(conn)
         except self._psycopg.Error as e:
             raise StoreError(f"cannot prepare PostgreSQL key store {self!r}: {e}") from e
 
@@ -411,6 +502,21 @@ class PostgresStore:
                 " ON CONFLICT (name) DO NOTHING"
             ).format(meta),
             (str(SCHEMA_VERSION),),
+        )
+
+    def _create_counters(self, conn: Any) -> None:
+        sql = self._psycopg.sql
+        counters = sql.Identifier(self.schema, f"{self.table}_counters")
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, value float8 NOT NULL,"
+                " expires_at float8)"
+            ).format(counters)
+        )
+        conn.execute(
+            sql.SQL(_CONSUME).format(
+                function=sql.Identifier(self.schema, f"{self.table}_consume"), counters=counters
+            )
         )
 
     # -- connections -------------------------------------------------------------------
@@ -552,6 +658,54 @@ class PostgresStore:
     def touch(self, digest: str, at: datetime) -> None:
         self._write(self._q_touch, (at, digest), "record a key's use")
 
+    # -- counters ----------------------------------------------------------------------
+
+    def consume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
+        try:
+            with self._connection() as conn:
+                row = conn.execute(self._q_consume, self._consume_params(buckets, now)).fetchone()
+        except self._psycopg.Error as e:
+            raise self._counter_fail("charge counters", e) from e
+        return bool(row[0]), list(row[1])
+
+    def adjust(self, bucket: Bucket, delta: float) -> float:
+        params = (bucket.name, float(delta), bucket.expires_at)
+        try:
+            with self._connection() as conn:
+                row = conn.execute(self._q_adjust, params).fetchone()
+        except self._psycopg.Error as e:
+            raise self._counter_fail("adjust a counter", e) from e
+        return float(row[0])
+
+    def peek(self, names: Sequence[str]) -> list[float]:
+        try:
+            with self._connection() as conn:
+                found = dict(conn.execute(self._q_peek, (list(names),)).fetchall())
+        except self._psycopg.Error as e:
+            raise self._counter_fail("read counters", e) from e
+        return [float(found.get(n, 0.0)) for n in names]
+
+    def _consume_params(self, buckets: Sequence[Bucket], now: float) -> tuple[Any, ...]:
+        self._charges += 1
+        return (
+            [b.name for b in buckets],
+            [float(b.interval) for b in buckets],
+            [float(b.capacity) for b in buckets],
+            [None if b.expires_at is None else float(b.expires_at) for b in buckets],
+            float(now),
+            self._charges % _SWEEP_EVERY == 0,
+        )
+
+    def _counter_fail(self, action: str, e: Exception) -> StoreError:
+        errors = self._psycopg.errors
+        if isinstance(e, (errors.UndefinedTable, errors.UndefinedFunction)):
+            return StoreError(
+                f"PostgreSQL key store {self!r} has no counters: its tables were made by an"
+                " older keyguard; open it once with create_schema=True (and DDL rights)"
+                " to add them"
+            )
+        return self._fail(action, e)
+
     def close(self) -> None:
         """Close the pools this store opened (a pool passed in stays open)."""
         self._async.close()
@@ -663,6 +817,34 @@ class PostgresStore:
 
     async def atouch(self, digest: str, at: datetime) -> None:
         await self._awrite(self._q_touch, (at, digest), "record a key's use")
+
+    async def aconsume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
+        try:
+            async with (await self._apool()).connection() as conn:
+                cursor = await conn.execute(self._q_consume, self._consume_params(buckets, now))
+                row = await cursor.fetchone()
+        except self._psycopg.Error as e:
+            raise self._counter_fail("charge counters", e) from e
+        return bool(row[0]), list(row[1])
+
+    async def aadjust(self, bucket: Bucket, delta: float) -> float:
+        params = (bucket.name, float(delta), bucket.expires_at)
+        try:
+            async with (await self._apool()).connection() as conn:
+                cursor = await conn.execute(self._q_adjust, params)
+                row = await cursor.fetchone()
+        except self._psycopg.Error as e:
+            raise self._counter_fail("adjust a counter", e) from e
+        return float(row[0])
+
+    async def apeek(self, names: Sequence[str]) -> list[float]:
+        try:
+            async with (await self._apool()).connection() as conn:
+                cursor = await conn.execute(self._q_peek, (list(names),))
+                found = dict(await cursor.fetchall())
+        except self._psycopg.Error as e:
+            raise self._counter_fail("read counters", e) from e
+        return [float(found.get(n, 0.0)) for n in names]
 
     async def aclose(self) -> None:
         """Close this loop's async pool, then the rest (see :meth:`close`)."""

@@ -6,6 +6,8 @@ Layout under a namespace ``ns`` (so two apps can share one Redis):
   metadata as JSON); never given a TTL, so an expired key still answers ``expired``;
 - ``ns:ids``: a hash ``key_id -> digest``;
 - ``ns:user:<user_id>`` and ``ns:all``: sorted sets of digests scored by creation time;
+- ``ns:counter:<name>``: a rate-limit or quota counter, a decimal string given a TTL
+  when it may be forgotten (see :mod:`keyguard._counting`);
 - ``ns:meta``: ``schema_version``; and the pub/sub channel ``ns:changes``, which carries
   the digest of every record that is added, revoked or given a new expiry.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +31,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
+from .._counting import Bucket
 from .._frozen import loads
 from ..exceptions import StoreError
 from ..records import KeyInfo
@@ -87,7 +91,68 @@ end
 return 0
 """
 
-_SCRIPTS = (("add", _ADD), ("revoke", _REVOKE), ("set_expiry", _SET_EXPIRY), ("touch", _TOUCH))
+# keyguard._counting.apply and expiry, mirrored: take one unit from every bucket or none.
+# Values are written and returned as strings of 17 digits: Lua would truncate a returned
+# number to an integer. Expiry is relative to the caller's clock (PX), as ``now`` is.
+# KEYS: the buckets.  ARGV: now, then interval, capacity, expires_at ('' for none) of each.
+_CONSUME = """
+local now = tonumber(ARGV[1])
+local values, charged, taken = {}, {}, 1
+for i = 1, #KEYS do
+  local interval, capacity = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
+  local forget = tonumber(ARGV[3 * i + 1])
+  local v = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
+  local new
+  if interval > 0 then
+    if v <= now then v = 0 end
+    new = math.max(v, now) + interval
+    if new - now > capacity + 1e-6 then taken = 0 end
+  else
+    if forget ~= nil and forget <= now then v = 0 end
+    new = v + 1
+    if new > capacity then taken = 0 end
+  end
+  values[i], charged[i] = v, new
+end
+if taken == 1 then values = charged end
+local reply = {taken}
+for i = 1, #KEYS do
+  local text = string.format('%.17g', values[i])
+  if taken == 1 then
+    local forget = tonumber(ARGV[3 * i + 1])
+    if tonumber(ARGV[3 * i - 1]) > 0 then forget = values[i] end
+    if forget == nil then
+      redis.call('SET', KEYS[i], text)
+    elseif forget > now then
+      local ms = string.format('%d', math.ceil((forget - now) * 1000))
+      redis.call('SET', KEYS[i], text, 'PX', ms)
+    else
+      redis.call('DEL', KEYS[i])
+    end
+  end
+  reply[i + 1] = text
+end
+return reply
+"""
+# KEYS: the bucket.  ARGV: delta, expires_at in milliseconds ('' for none).
+_ADJUST = """
+local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+if ARGV[2] == '' then
+  redis.call('PERSIST', KEYS[1])
+else
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+end
+return value
+"""
+
+_SCRIPTS = (
+    ("add", _ADD),
+    ("revoke", _REVOKE),
+    ("set_expiry", _SET_EXPIRY),
+    ("touch", _TOUCH),
+    ("consume", _CONSUME),
+    ("adjust", _ADJUST),
+)
 
 #: Query parameters redis-py understands in a URL; any other one is refused, not ignored.
 CLIENT_URL_PARAMETERS = frozenset(
@@ -209,6 +274,11 @@ def _decode_values(digest: str, values: tuple[Any, ...]) -> KeyInfo:
         raise StoreError(f"Redis record for key {text[0]!r} is corrupt: {e}") from e
 
 
+def _charged(reply: Any) -> tuple[bool, list[float]]:
+    """The consume script's reply: ``[taken, value, …]``, the values as strings."""
+    return bool(reply[0]), [float(v) for v in reply[1:]]
+
+
 class _AsyncClient(NamedTuple):
     client: redis.asyncio.Redis
     scripts: dict[str, Any]
@@ -264,6 +334,8 @@ class RedisStore:
         self._revoke = client.register_script(_REVOKE)
         self._set_expiry = client.register_script(_SET_EXPIRY)
         self._touch = client.register_script(_TOUCH)
+        self._consume = client.register_script(_CONSUME)
+        self._adjust = client.register_script(_ADJUST)
         self._hmget = client.hmget
 
     def _pool_options(self) -> dict[str, Any]:
@@ -287,6 +359,21 @@ class RedisStore:
     def user_key(self, user_id: str) -> str:
         """The Redis key of the sorted set of ``user_id``'s digests."""
         return f"{self.namespace}:user:{user_id}"
+
+    def counter_key(self, name: str) -> str:
+        """The Redis key of the string holding the counter (bucket) ``name``."""
+        return f"{self.namespace}:counter:{name}"
+
+    def _consume_call(self, buckets: Sequence[Bucket], now: float) -> tuple[list[str], list[str]]:
+        args = [repr(float(now))]
+        for bucket in buckets:
+            forget = "" if bucket.expires_at is None else repr(float(bucket.expires_at))
+            args += [repr(float(bucket.interval)), repr(float(bucket.capacity)), forget]
+        return [self.counter_key(b.name) for b in buckets], args
+
+    def _adjust_call(self, bucket: Bucket, delta: float) -> tuple[list[str], list[str]]:
+        forget = "" if bucket.expires_at is None else str(math.ceil(bucket.expires_at * 1000))
+        return [self.counter_key(bucket.name)], [repr(float(delta)), forget]
 
     def _add_call(self, info: KeyInfo) -> tuple[list[str], list[str]]:
         keys = [
@@ -353,6 +440,26 @@ class RedisStore:
     def touch(self, digest: str, at: datetime) -> None:
         with self._failing("record a key's use"):
             self._touch(keys=[self.record_key(digest)], args=[_us(at)])
+
+    # -- counters ----------------------------------------------------------------------
+
+    def consume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
+        keys, args = self._consume_call(buckets, now)
+        with self._failing("charge counters"):
+            reply = self._consume(keys=keys, args=args)
+        return _charged(reply)
+
+    def adjust(self, bucket: Bucket, delta: float) -> float:
+        keys, args = self._adjust_call(bucket, delta)
+        with self._failing("adjust a counter"):
+            return float(self._adjust(keys=keys, args=args))
+
+    def peek(self, names: Sequence[str]) -> list[float]:
+        if not names:
+            return []
+        with self._failing("read counters"):
+            values = self._client.mget([self.counter_key(n) for n in names])
+        return [0.0 if v is None else float(v) for v in cast("list[Any]", values)]
 
     def close(self) -> None:
         """Close the connections this store opened (a client passed in stays open)."""
@@ -469,6 +576,27 @@ class RedisStore:
         scripts = self._aclient().scripts
         with self._failing("record a key's use"):
             await scripts["touch"](keys=[self.record_key(digest)], args=[_us(at)])
+
+    async def aconsume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
+        scripts = self._aclient().scripts
+        keys, args = self._consume_call(buckets, now)
+        with self._failing("charge counters"):
+            reply = await scripts["consume"](keys=keys, args=args)
+        return _charged(reply)
+
+    async def aadjust(self, bucket: Bucket, delta: float) -> float:
+        scripts = self._aclient().scripts
+        keys, args = self._adjust_call(bucket, delta)
+        with self._failing("adjust a counter"):
+            return float(await scripts["adjust"](keys=keys, args=args))
+
+    async def apeek(self, names: Sequence[str]) -> list[float]:
+        if not names:
+            return []
+        client = self._aclient().client
+        with self._failing("read counters"):
+            values = await client.mget([self.counter_key(n) for n in names])
+        return [0.0 if v is None else float(v) for v in values]
 
     async def aclose(self) -> None:
         """Close this loop's async connections, then the rest (see :meth:`close`)."""

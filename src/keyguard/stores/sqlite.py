@@ -17,10 +17,13 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .._counting import Bucket, apply, expiry
 from .._frozen import loads
 from ..exceptions import StoreError
 from ..records import KeyInfo
@@ -34,6 +37,12 @@ _COLUMNS = (
     "digest, key_id, hash_scheme, prefix, hint, user_id, metadata,"
     " created_at, expires_at, revoked_at, last_used_at"
 )
+# Rate-limit and quota counters (see keyguard._counting); added to version 1 files in place.
+_COUNTERS_TABLE = """CREATE TABLE IF NOT EXISTS keyguard_counters (
+    name TEXT PRIMARY KEY,
+    value REAL NOT NULL,
+    expires_at REAL
+) WITHOUT ROWID"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS keyguard_meta (
     name TEXT PRIMARY KEY,
@@ -53,12 +62,15 @@ CREATE TABLE IF NOT EXISTS keyguard_keys (
     last_used_at REAL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS keyguard_keys_user ON keyguard_keys (user_id, created_at);
+{_COUNTERS_TABLE};
 INSERT OR IGNORE INTO keyguard_meta (name, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
 """
 _SELECT = f"SELECT {_COLUMNS} FROM keyguard_keys"
 _GET = f"{_SELECT} WHERE digest = ?"
 _GET_BY_ID = f"{_SELECT} WHERE key_id = ?"
 _DECODE_CACHE = 4096
+# Forgotten counters are deleted once per this many charges by a process, not on every call.
+_SWEEP_EVERY = 4096
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -67,6 +79,10 @@ def _ts(value: datetime | None) -> float | None:
 
 def _dt(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, timezone.utc)
+
+
+def _expired(expires_at: float | None, now: float) -> bool:
+    return expires_at is not None and expires_at <= now
 
 
 def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
@@ -136,7 +152,8 @@ class SQLiteStore:
         # would otherwise cost more than the query on every check of a hot key.
         self._decode = functools.lru_cache(maxsize=_DECODE_CACHE)(_row_to_info)
         self._prepare_file(create_schema)
-        self._check_and_migrate()
+        self._charges = 0
+        self._check_and_migrate(create_schema)
         reset_after_fork(self, type(self)._forget)
 
     def __repr__(self) -> str:
@@ -172,7 +189,7 @@ class SQLiteStore:
                 f"{str(self.path)!r} is not a SQLite database; refusing to use it as a key store"
             )
 
-    def _check_and_migrate(self) -> None:
+    def _check_and_migrate(self, create: bool) -> None:
         conn = self._conn()
         try:
             # One read of the schema: another process may be creating it right now.
@@ -203,6 +220,8 @@ class SQLiteStore:
                     )
             current = version == SCHEMA_VERSION
             if current and self._journal_mode(conn) == "wal":
+                if "keyguard_counters" not in tables and create:
+                    self._add_counters_table(conn)
                 return  # nothing to write: a read-only store file stays readable
             # WAL lets readers in other processes see commits at once, without blocking writers.
             self._enable_wal(conn)
@@ -230,6 +249,17 @@ class SQLiteStore:
         except BaseException:
             self.close()
             raise
+
+    def _add_counters_table(self, conn: sqlite3.Connection) -> None:
+        """Give a store made before counters existed their table, if the file is writable.
+
+        A read-only file still opens: its keys are checked, and counting on it is an error.
+        """
+        try:
+            conn.execute(_COUNTERS_TABLE)
+        except sqlite3.OperationalError as e:
+            if "readonly" not in str(e):
+                raise
 
     @staticmethod
     def _journal_mode(conn: sqlite3.Connection) -> str:
@@ -363,6 +393,95 @@ class SQLiteStore:
                 raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
         except sqlite3.Error as e:
             raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
+
+    # -- counters ----------------------------------------------------------------------
+
+    def consume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
+        """Charge the buckets in one write transaction, exact across every process.
+
+        ``BEGIN IMMEDIATE`` takes the file's write lock before reading, so no other
+        process can read the same values and charge them too.
+        """
+        with self._counting() as conn:
+            found = self._counters(conn, [b.name for b in buckets])
+            values = [
+                0.0 if name not in found or _expired(found[name][1], now) else found[name][0]
+                for name in (b.name for b in buckets)
+            ]
+            charged = apply(buckets, values, now)
+            if charged is None:
+                return False, values
+            conn.executemany(
+                "INSERT INTO keyguard_counters (name, value, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                " value = excluded.value, expires_at = excluded.expires_at",
+                [(b.name, v, expiry(b, v)) for b, v in zip(buckets, charged, strict=True)],
+            )
+            self._charges += 1
+            if self._charges % _SWEEP_EVERY == 0:
+                conn.execute("DELETE FROM keyguard_counters WHERE expires_at <= ?", (now,))
+            return True, charged
+
+    def adjust(self, bucket: Bucket, delta: float) -> float:
+        with self._counting() as conn:
+            # An upsert then a read, not RETURNING: that needs SQLite 3.35.
+            conn.execute(
+                "INSERT INTO keyguard_counters (name, value, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                " value = value + excluded.value, expires_at = excluded.expires_at",
+                (bucket.name, delta, bucket.expires_at),
+            )
+            return float(self._counters(conn, [bucket.name])[bucket.name][0])
+
+    def peek(self, names: Sequence[str]) -> list[float]:
+        try:
+            found = self._counters(self._conn(), names)
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return [0.0] * len(names)  # a read-only store from before counters
+            raise self._counter_error(e) from e
+        except sqlite3.Error as e:
+            raise self._counter_error(e) from e
+        return [found[n][0] if n in found else 0.0 for n in names]
+
+    @staticmethod
+    def _counters(
+        conn: sqlite3.Connection, names: Sequence[str]
+    ) -> dict[str, tuple[float, float | None]]:
+        """The stored ``(value, expires_at)`` of each named counter that has a row."""
+        rows = conn.execute(
+            "SELECT name, value, expires_at FROM keyguard_counters"
+            f" WHERE name IN ({','.join('?' * len(names))})",
+            tuple(names),
+        )
+        return {name: (value, expires) for name, value, expires in rows}
+
+    @contextmanager
+    def _counting(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on the counters, committed at the end of the block."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise self._counter_error(e) from e
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise self._counter_error(e) from e
+            raise
+
+    def _counter_error(self, e: sqlite3.Error) -> StoreError:
+        if "no such table" in str(e):
+            return StoreError(
+                f"SQLite key store {str(self.path)!r} has no counters table: it was made by an"
+                " older keyguard and opened read-only or with create_schema=False; open it"
+                " once with write access to add the table"
+            )
+        return StoreError(f"SQLite key store {str(self.path)!r}: {e}")
 
     def close(self) -> None:
         with self._lock:
