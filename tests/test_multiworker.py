@@ -43,8 +43,8 @@ WORKER_CLASS = (
 
 
 @contextmanager
-def gunicorn(store_url: str, log: Path, *options: str) -> Iterator[str]:
-    """Serve tests/multiworker_app.py with 3 uvicorn workers; yield its base URL."""
+def gunicorn(store_url: str, log: Path, *options: str, workers: int = WORKERS) -> Iterator[str]:
+    """Serve tests/multiworker_app.py with uvicorn workers (3 by default); yield its URL."""
     env = {**os.environ, "KEYGUARD_STORE": store_url, "PYTHONPATH": str(ROOT)}
     # Recent gunicorn opens a control socket at one fixed path that parallel runs would share.
     control_socket = ["--no-control-socket"] if _has_control_socket() else []
@@ -55,7 +55,7 @@ def gunicorn(store_url: str, log: Path, *options: str) -> Iterator[str]:
                 "--worker-class",
                 WORKER_CLASS,
                 "--workers",
-                str(WORKERS),
+                str(workers),
                 "--bind",
                 "127.0.0.1:0",
                 "--graceful-timeout",
@@ -192,3 +192,30 @@ def test_every_worker_accepts_a_new_key_and_refuses_it_once_revoked(
     assert set(refused_first.values()) == {401}, f"first refusal per worker: {refused_first}"
     stale = max((sent for sent, _ in accepted), default=0.0)
     print(f"[{kind}: last accepted {stale * 1000:.0f} ms after the revocation]", end=" ")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
+def test_workers_share_one_budget_and_an_exact_quota(kind: str, tmp_path: Path) -> None:
+    """4 workers x 50 concurrent requests against quota=100: exactly 100 are admitted; a
+    30/hour rate limit admits exactly 30 of 60, whichever workers answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with deployment(kind, tmp_path) as (url, admin_url, _):
+        admin = APIKeyManager.from_url(admin_url)
+        quota_key = admin.generate_key(user_id="q", permissions=["read"], quota=100)
+        rate_key = admin.generate_key(user_id="r", permissions=["read"], rate_limits=["30/hour"])
+        with gunicorn(url, tmp_path / "gunicorn.log", workers=4) as base:
+            assert ask(base, "/health")[1] == 200
+            with ThreadPoolExecutor(max_workers=50) as pool:
+                quota_answers = list(
+                    pool.map(lambda _: ask(base, "/whoami", quota_key), range(200))
+                )
+                rate_answers = list(pool.map(lambda _: ask(base, "/whoami", rate_key), range(60)))
+        assert admin.remaining(quota_key) == 0
+        admin.store.close()
+
+    statuses = [status for _, status in quota_answers]
+    assert statuses.count(200) == 100 and statuses.count(429) == 100, sorted(set(statuses))
+    assert len({pid for pid, _ in quota_answers}) > 1, "one worker answered everything"
+    rated = [status for _, status in rate_answers]
+    assert rated.count(200) == 30 and rated.count(429) == 30, sorted(set(rated))
