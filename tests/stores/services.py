@@ -101,14 +101,16 @@ def drop_redis_namespace(namespace: str) -> None:
 
 
 def drop_postgres_table(table: str, schema: str = "public") -> None:
-    """Drop a test table with its meta table and trigger function (and the schema if ours)."""
+    """Drop a test table, its meta and usage tables and trigger function (and our schema)."""
     import psycopg
     from psycopg import sql
 
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
         conn.execute(
-            sql.SQL("DROP TABLE IF EXISTS {}, {}").format(
-                sql.Identifier(schema, table), sql.Identifier(schema, f"{table}_meta")
+            sql.SQL("DROP TABLE IF EXISTS {}, {}, {}").format(
+                sql.Identifier(schema, table),
+                sql.Identifier(schema, f"{table}_meta"),
+                sql.Identifier(schema, f"{table}_usage"),
             )
         )
         conn.execute(

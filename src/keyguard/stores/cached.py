@@ -14,12 +14,19 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from ..records import KeyInfo
 from ._fork import reset_after_fork
-from .base import AsyncKeyStore, InvalidationSource, KeyStore, Subscription
+from .base import (
+    AsyncKeyStore,
+    InvalidationSource,
+    KeyStore,
+    Subscription,
+    UsageRow,
+    UsageStore,
+)
 
 __all__ = ["CachedStore"]
 
@@ -262,6 +269,20 @@ class CachedStore:
             entry = self._found.get(digest)
             if entry is not None:
                 self._found[digest] = (entry[0], dataclasses.replace(entry[1], last_used_at=at))
+
+    # -- usage counts are not cached: they go to the inner store -------------------------
+
+    def _usage_store(self) -> UsageStore:
+        inner = self.inner
+        if not isinstance(inner, UsageStore):
+            raise TypeError(f"{inner!r} does not keep usage counts")
+        return inner
+
+    def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        self._usage_store().add_usage(rows)
+
+    def read_usage(self, key_id: str, step: str, start: int, end: int) -> list[UsageRow]:
+        return self._usage_store().read_usage(key_id, step, start, end)
 
     def _stop_listening(self) -> Subscription | None:
         with self._lock:
