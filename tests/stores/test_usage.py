@@ -9,7 +9,6 @@ import sqlite3
 import threading
 from contextlib import closing
 from pathlib import Path
-from typing import cast
 
 import pytest
 
@@ -180,8 +179,8 @@ def test_redis_buckets_expire_after_their_retention() -> None:
         store.add_usage([(KEY, "minute", T, "ok", 1), (KEY, "day", T, "ok", 1)])
 
         client = store._client
-        minute_ttl = cast(int, client.ttl(store.usage_key(KEY, "minute", T)))
-        day_ttl = cast(int, client.ttl(store.usage_key(KEY, "day", T)))
+        minute_ttl = client.ttl(store.usage_key(KEY, "minute", T))
+        day_ttl = client.ttl(store.usage_key(KEY, "day", T))
         assert USAGE_RETENTION["minute"] < minute_ttl <= USAGE_RETENTION["minute"] + 60
         assert USAGE_RETENTION["day"] < day_ttl <= USAGE_RETENTION["day"] + DAY
 
