@@ -121,6 +121,18 @@ def test_usage_defaults_to_the_last_24_hours(cli: CLI) -> None:
     assert len(result.json()["points"]) == 24
 
 
+def test_usage_until_a_duration_ago(cli: CLI) -> None:
+    _, info = cli.create("--user", "bob")
+    started = datetime.now(timezone.utc)
+
+    points = cli("usage", info["key_id"], "--since", "2d", "--until", "1d", "--step", "day",
+                 "--json").json()["points"]  # fmt: skip
+
+    assert len(points) == 2
+    yesterday = datetime.fromisoformat(points[-1]["start"])
+    assert timedelta(0) < started - yesterday <= timedelta(days=2)
+
+
 def test_usage_of_an_unknown_key_exits_1(cli: CLI) -> None:
     cli.create("--user", "bob")
 

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
@@ -40,13 +40,18 @@ def series(points: Sequence[UsagePoint]) -> list[tuple[str, int, dict[str, int]]
 
 
 class FlakyStore(MemoryStore):
-    """A MemoryStore whose usage writes fail while ``error`` is set."""
+    """A MemoryStore whose usage writes fail while ``error`` is set.
+
+    ``during_write`` runs inside each write, as requests served meanwhile would.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.error: Exception | None = StoreError("usage table is locked")
+        self.during_write: Callable[[], None] = lambda: None
 
     def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        self.during_write()
         if self.error is not None:
             raise self.error
         super().add_usage(rows)
@@ -177,13 +182,15 @@ def test_datetimes_widen_to_whole_steps_in_any_timezone(store: CountingStore) ->
             id="too many points",
         ),
         pytest.param({"since": "7d"}, TypeError, "must be a datetime", id="since as text"),
+        pytest.param({"key_id": 7}, TypeError, "key_id must be a str", id="key_id not a str"),
     ],
 )
 def test_bad_queries_raise_clear_errors(
     store: CountingStore, clock: Clock, options: dict[str, Any], error: type, message: str
 ) -> None:
+    options = {"key_id": KEY, **options}
     with pytest.raises(error, match=message):
-        usage(store, KEY, clock=clock, **options)
+        usage(store, clock=clock, **options)
 
 
 def test_the_most_points_allowed_are_returned(store: CountingStore, clock: Clock) -> None:
@@ -291,6 +298,22 @@ def test_a_failed_write_keeps_the_counts_for_the_next_flush(
     assert (point.requests, point.refused) == (2, {"ip_not_allowed": 1})
 
 
+def test_counts_recorded_during_a_failed_write_are_merged_with_the_kept_ones(
+    clock: Clock,
+) -> None:
+    store = FlakyStore()
+    recorder = recorder_for(store, clock)
+    recorder.record(KEY)
+    store.during_write = lambda: recorder.record(KEY)
+
+    assert recorder.flush() is False
+
+    store.error = None
+    store.during_write = lambda: None
+    recorder.close()
+    assert usage(store, KEY, since=at(10), until=at(11))[0].requests == 2
+
+
 def test_a_store_bug_is_logged_with_its_traceback_and_the_counts_kept(
     clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -366,6 +389,36 @@ def test_a_recorder_dropped_without_close_ends_its_thread(clock: Clock) -> None:
 
     assert ref() is None
     assert not thread.is_alive()
+
+
+def test_a_forked_child_writes_only_its_own_counts(tmp_path: Path) -> None:
+    script = f"""
+import os
+from keyguard import SQLiteStore
+from keyguard.usage import UsageRecorder, usage
+
+recorder = UsageRecorder(SQLiteStore({str(tmp_path / "keys.db")!r}), flush_every=3600)
+for _ in range(5):
+    recorder.record({KEY!r})
+pid = os.fork()
+if pid == 0:
+    recorder.record({KEY!r}, "rate_limited")
+    recorder.close()
+    os._exit(0)
+os.waitpid(pid, 0)
+recorder.close()
+point = usage(recorder.store, {KEY!r}, step="day")[-1]
+print(point.requests, point.refused)
+"""
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+    assert done.stdout == "5 {'rate_limited': 1}\n"
 
 
 def test_a_clean_exit_writes_what_is_left(tmp_path: Path) -> None:
