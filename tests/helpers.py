@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from keyguard import KeyInfo, MemoryStore, StoreError
+from keyguard.stores.base import UsageRow
 
 START = 1_700_000_000.0
 
@@ -60,6 +62,14 @@ class CountingStore(MemoryStore):
     def touch(self, digest: str, at: datetime) -> None:
         self.calls["touch"] += 1
         super().touch(digest, at)
+
+    def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        self.calls["add_usage"] += 1
+        super().add_usage(rows)
+
+    def read_usage(self, key_id: str, step: str, start: int, end: int) -> list[UsageRow]:
+        self.calls["read_usage"] += 1
+        return super().read_usage(key_id, step, start, end)
 
 
 class BrokenStore(MemoryStore):

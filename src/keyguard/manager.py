@@ -35,6 +35,7 @@ from .limits import Limiter, Rate, Usage
 from .records import KeyInfo
 from .stores.base import AsyncCounterStore, AsyncKeyStore, CounterStore, KeyStore
 from .stores.memory import MemoryStore
+from .usage import UsagePoint, usage
 from .verification import Reason, Verification
 
 __all__ = ["COUNTERS_ENV", "PEPPER_ENV", "APIKeyManager"]
@@ -511,3 +512,27 @@ class APIKeyManager:
         left = self._limiter().add_credits(info, credits, self._clock())
         logger.info("added %d credits to %s; %d left", credits, info.key_id, left)
         return left
+
+    # -- usage counts ------------------------------------------------------------------
+
+    def usage(
+        self,
+        key_id: str,
+        *,
+        since: datetime | timedelta | None = None,
+        until: datetime | None = None,
+        step: str = "hour",
+    ) -> list[UsagePoint]:
+        """The usage of the key with this ``key_id``: one point per ``step``, zeros included.
+
+        See :func:`keyguard.usage.usage` for ``since``, ``until`` and ``step``. An unknown
+        ``key_id`` raises :class:`ValueError`; a store that keeps no counts, ``TypeError``.
+        """
+        from .stores.base import UsageStore
+
+        if not isinstance(self.store, UsageStore):
+            raise TypeError(f"{self.store!r} keeps no usage counts")
+        if self.get_key_info(key_id) is None:
+            shown = key_id if _KEY_ID.fullmatch(str(key_id)) else mask_key(key_id)
+            raise ValueError(f"no key with id {shown!r}")
+        return usage(self.store, key_id, since=since, until=until, step=step, clock=self._clock)

@@ -102,6 +102,7 @@ def drop_redis_namespace(namespace: str) -> None:
 
 def drop_postgres_table(table: str, schema: str = "public") -> None:
     """Drop a test table with its meta and counters tables and functions (and our schema)."""
+    """Drop a test table, its meta and usage tables and trigger function (and our schema)."""
     import psycopg
     from psycopg import sql
 
@@ -111,6 +112,7 @@ def drop_postgres_table(table: str, schema: str = "public") -> None:
                 sql.Identifier(schema, table),
                 sql.Identifier(schema, f"{table}_meta"),
                 sql.Identifier(schema, f"{table}_counters"),
+                sql.Identifier(schema, f"{table}_usage"),
             )
         )
         conn.execute(

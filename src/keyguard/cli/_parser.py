@@ -15,7 +15,7 @@ from ..keys import DEFAULT_PREFIX, validate_prefix
 from ..limits import parse_quota, parse_rates
 from ..scan import DEFAULT_MAX_FILE_SIZE
 from ..stores import DEFAULT_STORE_URL, STORE_URL_ENV
-from . import _commands, _scan
+from . import _commands, _scan, _usage
 from ._durations import parse_duration
 from ._session import CHECKSUM_ENV, EXIT_USAGE, CLIError, Session
 
@@ -177,6 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     verify = command("verify", _commands.cmd_verify, "check a key; exit 0 if valid, 1 if not")
     verify.add_argument("key", metavar="KEY", help="the key ('-' reads it from stdin)")
     verify.add_argument("--checksum", action="store_true", help="require a valid checksum")
+
+    usage = command("usage", _usage.cmd_usage, "show a key's requests and refusals over time")
+    usage.add_argument("ref", metavar="KEY_ID|KEY", help="'-' reads the key from stdin")
+    usage.add_argument(
+        "--since",
+        type=_argument_type(_usage.parse_since),
+        metavar="WHEN",
+        help="how far back from --until (e.g. 7d), or a UTC date/time"
+        " (default: 60 minutes, 24 hours or 30 days)",
+    )
+    usage.add_argument(
+        "--until",
+        type=_argument_type(_usage.parse_until),
+        metavar="WHEN",
+        help="how long ago (e.g. 1d), or a UTC date/time (default: now)",
+    )
+    usage.add_argument(
+        "--step", choices=("minute", "hour", "day"), default="hour", help="default: hour"
+    )
 
     scan = command(
         "scan", _scan.cmd_scan, "find leaked keys in files; exit 1 if a live one is found"

@@ -15,6 +15,8 @@ from .._counting import Bucket
 from ..records import KeyInfo
 
 __all__ = [
+    "USAGE_RETENTION",
+    "USAGE_STEPS",
     "AsyncCounterStore",
     "AsyncKeyStore",
     "Bucket",
@@ -22,6 +24,9 @@ __all__ = [
     "InvalidationSource",
     "KeyStore",
     "Subscription",
+    "UsageRow",
+    "UsageStore",
+    "usage_cutoffs",
 ]
 
 
@@ -146,6 +151,44 @@ class AsyncCounterStore(Protocol):
 
     async def apeek(self, names: Sequence[str]) -> list[float]:
         """Async :meth:`CounterStore.peek`."""
+        ...
+
+
+#: Seconds in each step of the usage counts.
+USAGE_STEPS = {"minute": 60, "hour": 3600, "day": 86400}
+#: How long a store keeps each step's buckets, in seconds: minutes for 48 hours, hours for
+#: 90 days, days for two years (see :mod:`keyguard.usage`).
+USAGE_RETENTION = {"minute": 48 * 3600, "hour": 90 * 86400, "day": 731 * 86400}
+
+#: One usage count: ``(key_id, step, bucket start as POSIX seconds, code, count)``.
+UsageRow = tuple[str, str, int, str, int]
+
+
+def usage_cutoffs(newest: int) -> dict[str, int]:
+    """Per step, the bucket start before which counts are past their retention.
+
+    ``newest`` is the newest bucket start a store has been given: stores measure retention
+    against the recorder's clock, never their own, so that tests with a fake clock agree.
+    """
+    return {step: newest - keep for step, keep in USAGE_RETENTION.items()}
+
+
+@runtime_checkable
+class UsageStore(Protocol):
+    """Per-key usage counts in time buckets (see :mod:`keyguard.usage`).
+
+    Synchronous only: counts are written by the recorder's background thread and read by
+    operators (``manager.usage``, the CLI), never on a request's path. A bucket's start is
+    a multiple of its step's seconds (:data:`USAGE_STEPS`), and a store may forget buckets
+    older than :data:`USAGE_RETENTION`.
+    """
+
+    def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        """Add each row's count to its bucket (created at 0), all rows in one write."""
+        ...
+
+    def read_usage(self, key_id: str, step: str, start: int, end: int) -> list[UsageRow]:
+        """The non-zero counts of ``key_id`` for ``step`` buckets starting in [start, end)."""
         ...
 
 

@@ -27,6 +27,8 @@ from .base import (
     InvalidationSource,
     KeyStore,
     Subscription,
+    UsageRow,
+    UsageStore,
 )
 
 __all__ = ["CachedStore"]
@@ -294,6 +296,20 @@ class CachedStore:
                 " so rate limits and quotas cannot be kept in it"
             )
         return self._counters
+
+    # -- usage counts are not cached: they go to the inner store -------------------------
+
+    def _usage_store(self) -> UsageStore:
+        inner = self.inner
+        if not isinstance(inner, UsageStore):
+            raise TypeError(f"{inner!r} does not keep usage counts")
+        return inner
+
+    def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        self._usage_store().add_usage(rows)
+
+    def read_usage(self, key_id: str, step: str, start: int, end: int) -> list[UsageRow]:
+        return self._usage_store().read_usage(key_id, step, start, end)
 
     def _stop_listening(self) -> Subscription | None:
         with self._lock:

@@ -1,6 +1,7 @@
 """``MemoryStore``: the default, in-process store (a dict, gone when the process ends).
 
-It keeps the rate-limit and quota counters too, shared by the threads of one process.
+It keeps the rate-limit and quota counters and the usage counts too, shared by the threads
+of one process.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from .._counting import Bucket, apply, expiry
 from ..records import KeyInfo
+from .base import UsageRow, usage_cutoffs
 
 __all__ = ["MemoryStore"]
 
@@ -33,6 +35,10 @@ class MemoryStore:
         self._by_id: dict[str, KeyInfo] = {}
         self._by_user: dict[str, list[str]] = {}
         self._lock = threading.Lock()
+        #: Usage counts: (key_id, step) -> bucket start -> code -> count.
+        self._usage: dict[tuple[str, str], dict[int, dict[str, int]]] = {}
+        self._usage_lock = threading.Lock()
+        self._usage_newest = 0
         #: Counter name -> (value, POSIX time after which it may be forgotten, or None).
         self._counters: dict[str, tuple[float, float | None]] = {}
         self._counter_lock = threading.Lock()
@@ -137,6 +143,41 @@ class MemoryStore:
             for name, entry in self._counters.items()
             if entry[1] is None or entry[1] > now
         }
+
+    # -- usage counts ------------------------------------------------------------------
+
+    def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        with self._usage_lock:
+            usage = self._usage
+            newest = self._usage_newest
+            for key_id, step, start, code, count in rows:
+                codes = usage.setdefault((key_id, step), {}).setdefault(start, {})
+                codes[code] = codes.get(code, 0) + count
+                newest = max(newest, start)
+            # Sweep once per hour of bucket time: a pass over every series is not cheap.
+            if newest // 3600 > self._usage_newest // 3600:
+                self._sweep_usage(newest)
+            self._usage_newest = newest
+
+    def _sweep_usage(self, newest: int) -> None:
+        """Drop the buckets past their retention; hold the usage lock."""
+        cutoffs = usage_cutoffs(newest)
+        for (key_id, step), buckets in list(self._usage.items()):
+            kept = {start: codes for start, codes in buckets.items() if start >= cutoffs[step]}
+            if kept:
+                self._usage[key_id, step] = kept
+            else:
+                del self._usage[key_id, step]
+
+    def read_usage(self, key_id: str, step: str, start: int, end: int) -> list[UsageRow]:
+        with self._usage_lock:
+            buckets = self._usage.get((key_id, step), {})
+            return [
+                (key_id, step, at, code, count)
+                for at, codes in sorted(buckets.items())
+                if start <= at < end
+                for code, count in codes.items()
+            ]
 
     def close(self) -> None:
         """Nothing to release; kept for the contract."""

@@ -10,6 +10,9 @@ workers starting together do not race) and never altered or dropped automaticall
 - ``<schema>.<table>_meta``: a ``schema_version`` row;
 - ``<schema>.<table>_counters``: rate-limit and quota counters (name, value, expires_at),
   charged by the function ``<table>_consume`` in one statement per request;
+- ``<schema>.<table>_usage``: usage counts, primary key ``(key_id, step, start, code)``,
+  made on the first write of counts (an additive table: the schema version is unchanged,
+  so the tables of an earlier keyguard work as before);
 - a trigger that sends ``NOTIFY`` with the digest whenever a row is added, deleted, revoked
   or given a new expiry, by keyguard or by hand, so caches elsewhere can drop it at once.
 
@@ -22,6 +25,7 @@ psycopg is imported only when a store is built (``pip install 'keyguard[postgres
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -30,7 +34,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._counting import Bucket
 from ..exceptions import StoreError
@@ -40,6 +44,7 @@ from ._fork import reset_after_fork
 from ._listener import POLL_SECONDS, Listener
 from ._pgwait import bounded_classes
 from ._redact import redact_url
+from .base import UsageRow, usage_cutoffs
 
 if TYPE_CHECKING:
     import psycopg_pool
@@ -208,6 +213,14 @@ def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
         digest=digest,
         hash_scheme=scheme,
     )
+
+
+class _UsageSQL(NamedTuple):
+    create: bytes
+    add: bytes
+    read: bytes
+    claim_prune: bytes
+    prune: bytes
 
 
 @dataclass
@@ -705,6 +718,119 @@ class PostgresStore:
                 " to add them"
             )
         return self._fail(action, e)
+
+    # -- usage counts ------------------------------------------------------------------
+
+    #: The newest hour of buckets this process has forgotten the expired counts for.
+    _usage_pruned_hour = -1
+
+    @functools.cached_property
+    def _usage_sql(self) -> _UsageSQL:
+        sql = self._psycopg.sql
+        usage = sql.Identifier(self.schema, f"{self.table}_usage")
+        meta = sql.Identifier(self.schema, f"{self.table}_meta")
+
+        def render(text: str, *args: Any) -> bytes:
+            return bytes(sql.SQL(text).format(*args).as_bytes(None))
+
+        return _UsageSQL(
+            create=render(
+                """CREATE TABLE IF NOT EXISTS {} (
+                    key_id text NOT NULL,
+                    step text NOT NULL,
+                    start bigint NOT NULL,
+                    code text NOT NULL,
+                    count bigint NOT NULL,
+                    PRIMARY KEY (key_id, step, start, code)
+                )""",
+                usage,
+            ),
+            add=render(
+                "INSERT INTO {} AS u (key_id, step, start, code, count)"
+                " SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[],"
+                " %s::bigint[]) ON CONFLICT (key_id, step, start, code)"
+                " DO UPDATE SET count = u.count + excluded.count",
+                usage,
+            ),
+            read=render(
+                "SELECT key_id, step, start, code, count FROM {}"
+                " WHERE key_id = %s AND step = %s AND start >= %s AND start < %s"
+                " ORDER BY start, code",
+                usage,
+            ),
+            # One process per hour wins the claim and forgets the expired buckets.
+            claim_prune=render(
+                "INSERT INTO {} AS m (name, value) VALUES ('usage_pruned_hour', %s)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+                " WHERE m.value::bigint < excluded.value::bigint RETURNING 1",
+                meta,
+            ),
+            prune=render(
+                "DELETE FROM {} WHERE (step = 'minute' AND start < %s)"
+                " OR (step = 'hour' AND start < %s) OR (step = 'day' AND start < %s)",
+                usage,
+            ),
+        )
+
+    def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        """Add the counts with one statement; the table is made on the first write.
+
+        Rows go in primary-key order, so workers adding to the same buckets at once take
+        their row locks in the same order and cannot deadlock.
+        """
+        if not rows:
+            return
+        totals: dict[tuple[str, str, int, str], int] = {}
+        for key_id, step, start, code, count in rows:
+            bucket = (key_id, step, start, code)
+            totals[bucket] = totals.get(bucket, 0) + count
+        ordered = sorted(totals.items())
+        params = (
+            [b[0] for b, _ in ordered],
+            [b[1] for b, _ in ordered],
+            [b[2] for b, _ in ordered],
+            [b[3] for b, _ in ordered],
+            [n for _, n in ordered],
+        )
+        statements = self._usage_sql
+        try:
+            with self._connection() as conn:
+                try:
+                    conn.execute(statements.add, params)
+                except self._psycopg.errors.UndefinedTable:
+                    conn.rollback()  # a pool without autocommit is in a failed transaction
+                    self._create_usage_table(conn)
+                    conn.execute(statements.add, params)
+                self._prune_usage(conn, max(b[2] for b in totals))
+        except self._psycopg.Error as e:
+            raise self._fail("record usage", e) from e
+
+    def _create_usage_table(self, conn: Any) -> None:
+        name = f"keyguard:{self.schema}.{self.table}"
+        with conn.transaction():
+            # Workers flushing their first counts together would race on CREATE TABLE.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
+            conn.execute(self._usage_sql.create)
+
+    def _prune_usage(self, conn: Any, newest: int) -> None:
+        hour = newest // 3600
+        if hour <= self._usage_pruned_hour:
+            return
+        self._usage_pruned_hour = hour
+        if conn.execute(self._usage_sql.claim_prune, (str(hour),)).fetchone() is None:
+            return  # another process has done this hour
+        cutoffs = usage_cutoffs(newest)
+        conn.execute(self._usage_sql.prune, (cutoffs["minute"], cutoffs["hour"], cutoffs["day"]))
+
+    def read_usage(self, key_id: str, step: str, start: int, end: int) -> list[UsageRow]:
+        try:
+            with self._connection() as conn:
+                rows = conn.execute(self._usage_sql.read, (key_id, step, start, end)).fetchall()
+        except self._psycopg.errors.UndefinedTable:
+            return []  # no counts written yet, or tables of an earlier version
+        except self._psycopg.Error as e:
+            raise self._fail("read usage", e) from e
+        return [(k, s, int(b), c, int(n)) for k, s, b, c, n in rows]
 
     def close(self) -> None:
         """Close the pools this store opened (a pool passed in stays open)."""

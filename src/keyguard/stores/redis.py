@@ -8,6 +8,8 @@ Layout under a namespace ``ns`` (so two apps can share one Redis):
 - ``ns:user:<user_id>`` and ``ns:all``: sorted sets of digests scored by creation time;
 - ``ns:counter:<name>``: a rate-limit or quota counter, a decimal string given a TTL
   when it may be forgotten (see :mod:`keyguard._counting`);
+- ``ns:usage:<step>:<start>:<key_id>``: one hash of usage counts per bucket, ``code ->
+  count``, expiring its step's retention (and one step) after its last write;
 - ``ns:meta``: ``schema_version``; and the pub/sub channel ``ns:changes``, which carries
   the digest of every record that is added, revoked or given a new expiry.
 
@@ -38,6 +40,7 @@ from ..records import KeyInfo
 from ._aio import PerLoop
 from ._listener import POLL_SECONDS, Listener
 from ._redact import redact_url
+from .base import USAGE_RETENTION, USAGE_STEPS, UsageRow
 
 if TYPE_CHECKING:
     import redis
@@ -460,6 +463,43 @@ class RedisStore:
         with self._failing("read counters"):
             values = self._client.mget([self.counter_key(n) for n in names])
         return [0.0 if v is None else float(v) for v in cast("list[Any]", values)]
+
+    # -- usage counts ------------------------------------------------------------------
+
+    def usage_key(self, key_id: str, step: str, start: int) -> str:
+        """The Redis key of the hash of ``key_id``'s counts in one bucket."""
+        return f"{self.namespace}:usage:{step}:{start}:{key_id}"
+
+    def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        """Add the counts with one pipeline (one round trip, not a transaction)."""
+        if not rows:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        buckets: dict[str, int] = {}
+        for key_id, step, start, code, count in rows:
+            name = self.usage_key(key_id, step, start)
+            pipe.hincrby(name, code, count)
+            buckets[name] = USAGE_RETENTION[step] + USAGE_STEPS[step]
+        for name, ttl in buckets.items():
+            pipe.expire(name, ttl)
+        with self._failing("record usage"):
+            pipe.execute()
+
+    def read_usage(self, key_id: str, step: str, start: int, end: int) -> list[UsageRow]:
+        size = USAGE_STEPS.get(step)
+        if size is None:
+            return []
+        starts = range(start + -start % size, end, size)
+        pipe = self._client.pipeline(transaction=False)
+        for at in starts:
+            pipe.hgetall(self.usage_key(key_id, step, at))
+        with self._failing("read usage"):
+            hashes = pipe.execute() if starts else []
+        return [
+            (key_id, step, at, _text(code), int(count))
+            for at, counts in zip(starts, hashes, strict=True)
+            for code, count in sorted(counts.items())
+        ]
 
     def close(self) -> None:
         """Close the connections this store opened (a client passed in stays open)."""

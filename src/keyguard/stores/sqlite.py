@@ -4,6 +4,10 @@ Several processes (server workers, the CLI) share one file: WAL mode lets reader
 processes see each commit at once, and every statement runs in autocommit so a key created
 or revoked elsewhere is seen on the next check.
 
+Usage counts live in a ``keyguard_usage`` table made on the first write of counts: the table
+is additive (the schema version is unchanged), so a file of an earlier keyguard opens as
+before, and a store without the table reads as having no counts.
+
 The module also holds what decides whether a file is a keyguard store at all (header,
 schema, foreign files refused untouched), so it runs a little over the house size.
 """
@@ -28,6 +32,7 @@ from .._frozen import loads
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._fork import reset_after_fork
+from .base import UsageRow, usage_cutoffs
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -71,6 +76,24 @@ _GET_BY_ID = f"{_SELECT} WHERE key_id = ?"
 _DECODE_CACHE = 4096
 # Forgotten counters are deleted once per this many charges by a process, not on every call.
 _SWEEP_EVERY = 4096
+_USAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keyguard_usage (
+    key_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    start INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (key_id, step, start, code)
+) WITHOUT ROWID
+"""
+_ADD_USAGE = (
+    "INSERT INTO keyguard_usage (key_id, step, start, code, count) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (key_id, step, start, code) DO UPDATE SET count = count + excluded.count"
+)
+_READ_USAGE = (
+    "SELECT key_id, step, start, code, count FROM keyguard_usage"
+    " WHERE key_id = ? AND step = ? AND start >= ? AND start < ? ORDER BY start, code"
+)
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -482,6 +505,60 @@ class SQLiteStore:
                 " once with write access to add the table"
             )
         return StoreError(f"SQLite key store {str(self.path)!r}: {e}")
+
+    # -- usage counts ------------------------------------------------------------------
+
+    def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        """Add the counts in one transaction, and forget buckets past their retention.
+
+        The forgetting scans the table, so it runs once per hour of bucket time for all the
+        processes sharing the file: the hour last done is kept in ``keyguard_meta``.
+        """
+        if not rows:
+            return
+        newest = max(row[2] for row in rows)
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(_USAGE_SCHEMA)
+                conn.executemany(_ADD_USAGE, rows)
+                self._prune_usage(conn, newest)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(
+                f"SQLite key store {str(self.path)!r} could not record usage: {e}"
+            ) from e
+
+    @staticmethod
+    def _prune_usage(conn: sqlite3.Connection, newest: int) -> None:
+        row = conn.execute(
+            "SELECT value FROM keyguard_meta WHERE name = 'usage_pruned_hour'"
+        ).fetchone()
+        hour = newest // 3600
+        if row is not None and str(row[0]).isdigit() and int(row[0]) >= hour:
+            return
+        for step, cutoff in usage_cutoffs(newest).items():
+            conn.execute("DELETE FROM keyguard_usage WHERE step = ? AND start < ?", (step, cutoff))
+        conn.execute(
+            "INSERT INTO keyguard_meta (name, value) VALUES ('usage_pruned_hour', ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (str(hour),),
+        )
+
+    def read_usage(self, key_id: str, step: str, start: int, end: int) -> list[UsageRow]:
+        try:
+            rows = self._conn().execute(_READ_USAGE, (key_id, step, start, end)).fetchall()
+        except sqlite3.OperationalError as e:
+            if "no such table: keyguard_usage" in str(e):
+                return []  # no counts written yet, or a store of an earlier version
+            raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
+        except sqlite3.Error as e:
+            raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
+        return [(k, s, int(b), c, int(n)) for k, s, b, c, n in rows]
 
     def close(self) -> None:
         with self._lock:
