@@ -657,3 +657,33 @@ def test_flask_extension_passes_limits_to_its_middleware(manager: APIKeyManager)
     third = client.get("/me", headers=auth)
     assert third.status_code == 429
     assert third.json is not None and third.json["code"] == "rate_limited"
+
+
+# -- usage counts ------------------------------------------------------------------------------
+
+
+def test_every_request_of_a_known_key_is_counted_by_outcome(
+    kind: str, manager: APIKeyManager, clock: Clock
+) -> None:
+    key, info = manager.create_key(user_id="u", quota=2, permissions=["read"])
+    Client(kind, manager, required_scopes=["write"]).get(key)  # insufficient_scope
+    client = Client(kind, manager)
+    assert [client.get(key).status_code for _ in range(3)] == [200, 200, 429]
+    manager.revoke_key(key)
+    assert client.get(key).status_code == 401
+    assert client.get("sk_" + "0" * 32).status_code == 401  # unknown: no key to count for
+    points = manager.usage(info.key_id, step="minute", since=timedelta(minutes=1))
+    assert sum(p.requests for p in points) == 2
+    refused: dict[str, int] = {}
+    for point in points:
+        for code, count in point.refused.items():
+            refused[code] = refused.get(code, 0) + count
+    assert refused == {"insufficient_scope": 1, "quota_exceeded": 1, "revoked_api_key": 1}
+
+
+def test_usage_recording_can_be_turned_off(clock: Clock) -> None:
+    manager = APIKeyManager(clock=clock, record_usage=False)
+    key, info = manager.create_key(user_id="u")
+    assert manager.usage_recorder is None
+    assert Client("wsgi", manager).get(key).status_code == 200
+    assert sum(p.requests for p in manager.usage(info.key_id)) == 0

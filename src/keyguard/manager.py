@@ -33,9 +33,9 @@ from .keys import (
 )
 from .limits import Limiter, Rate, Usage
 from .records import KeyInfo
-from .stores.base import AsyncCounterStore, AsyncKeyStore, CounterStore, KeyStore
+from .stores.base import AsyncCounterStore, AsyncKeyStore, CounterStore, KeyStore, UsageStore
 from .stores.memory import MemoryStore
-from .usage import UsagePoint, usage
+from .usage import UsagePoint, UsageRecorder, usage
 from .verification import Reason, Verification
 
 __all__ = ["COUNTERS_ENV", "PEPPER_ENV", "APIKeyManager"]
@@ -78,6 +78,9 @@ class APIKeyManager:
     :param counters: where rate-limit and quota counters live; default the key store
         itself (every store keeps counters). Give another store to keep keys in one place
         and counters in another (keys in PostgreSQL, counters in Redis).
+    :param record_usage: count every request per key (admitted, or refused by code) in
+        the store's usage buckets, batched: at most one store write per second per process,
+        from a background thread. See :mod:`keyguard.usage`.
     :param clock: returns the current POSIX time; for tests.
     """
 
@@ -91,6 +94,7 @@ class APIKeyManager:
         pepper: str | bytes | None = None,
         last_used_resolution: timedelta | None = timedelta(minutes=1),
         counters: CounterStore | None = None,
+        record_usage: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store: KeyStore = MemoryStore() if store is None else store
@@ -130,6 +134,12 @@ class APIKeyManager:
         #: Charges requests to rate limits and quotas; None if there is no counter store.
         self.limiter = None if counters is None else Limiter(counters)
         self._async_counters = counters if isinstance(counters, AsyncCounterStore) else None
+        #: Counts requests per key for :meth:`usage`; None if off or the store keeps no counts.
+        self.usage_recorder = (
+            UsageRecorder(self.store, clock=clock)
+            if record_usage and isinstance(self.store, UsageStore)
+            else None
+        )
         # Asked once: a Protocol isinstance check costs more than a whole key check.
         self._async_store = self.store if isinstance(self.store, AsyncKeyStore) else None
 
@@ -527,12 +537,13 @@ class APIKeyManager:
 
         See :func:`keyguard.usage.usage` for ``since``, ``until`` and ``step``. An unknown
         ``key_id`` raises :class:`ValueError`; a store that keeps no counts, ``TypeError``.
+        Counts recorded by other processes appear within a second (their next flush).
         """
-        from .stores.base import UsageStore
-
         if not isinstance(self.store, UsageStore):
             raise TypeError(f"{self.store!r} keeps no usage counts")
         if self.get_key_info(key_id) is None:
             shown = key_id if _KEY_ID.fullmatch(str(key_id)) else mask_key(key_id)
             raise ValueError(f"no key with id {shown!r}")
+        if self.usage_recorder is not None:
+            self.usage_recorder.flush()  # this process's latest counts are included
         return usage(self.store, key_id, since=since, until=until, step=step, clock=self._clock)

@@ -304,14 +304,14 @@ class Pipeline:
         try:
             info = manager.check(key)
         except KeyguardError as e:
-            return self._failed(e, address, now)
-        outcome = self.admit(info, address)
-        if outcome is not info:
-            return outcome
-        try:
-            return self._charged(info, manager.charge(info, self.rate_limits))
-        except StoreError as e:
-            return self._counters_failed(info, e)
+            return self._failed(manager, e, address, now)
+        outcome: KeyInfo | Admission | Problem = self.admit(info, address)
+        if outcome is info:
+            try:
+                outcome = self._charged(info, manager.charge(info, self.rate_limits))
+            except StoreError as e:
+                outcome = self._counters_failed(info, e)
+        return _counted(manager, info, outcome)
 
     async def aauthenticate(
         self,
@@ -333,14 +333,14 @@ class Pipeline:
         try:
             info = await manager.acheck(key)
         except KeyguardError as e:
-            return self._failed(e, address, now)
-        outcome = self.admit(info, address)
-        if outcome is not info:
-            return outcome
-        try:
-            return self._charged(info, await manager.acharge(info, self.rate_limits))
-        except StoreError as e:
-            return self._counters_failed(info, e)
+            return self._failed(manager, e, address, now)
+        outcome: KeyInfo | Admission | Problem = self.admit(info, address)
+        if outcome is info:
+            try:
+                outcome = self._charged(info, await manager.acharge(info, self.rate_limits))
+            except StoreError as e:
+                outcome = self._counters_failed(info, e)
+        return _counted(manager, info, outcome)
 
     def _throttled(self, address: str | None, now: float) -> Problem | None:
         """The 429 for an address that failed too many checks, before any lookup."""
@@ -350,11 +350,18 @@ class Pipeline:
         wait = throttle.retry_after(address, now)
         return self.problems.too_many_failures(wait) if wait else None
 
-    def _failed(self, error: KeyguardError, address: str | None, now: float) -> Problem:
-        """The refusal of a failed check, counted against the client's address."""
-        if isinstance(error, InvalidKeyError) and self.throttle is not None and address:
-            self.throttle.failed(address, now)
-        return self.refused(error)
+    def _failed(
+        self, manager: APIKeyManager, error: KeyguardError, address: str | None, now: float
+    ) -> Problem:
+        """The refusal of a failed check, counted against the client's address (and, for a
+        revoked or expired key, in the key's usage)."""
+        problem = self.refused(error)
+        if isinstance(error, InvalidKeyError):
+            if self.throttle is not None and address:
+                self.throttle.failed(address, now)
+            if error.info is not None and manager.usage_recorder is not None:
+                manager.usage_recorder.record(error.info.key_id, problem.code)
+        return problem
 
     def _charged(self, info: KeyInfo, usage: Usage | None) -> KeyInfo | Admission | Problem:
         if usage is None:
@@ -481,6 +488,16 @@ class Pipeline:
             else:
                 kept.append(part)
         return values, "&".join(kept)
+
+
+def _counted(
+    manager: APIKeyManager, info: KeyInfo, outcome: KeyInfo | Admission | Problem
+) -> KeyInfo | Admission | Problem:
+    """``outcome``, counted in the key's usage: ``ok`` when admitted, else the refusal code."""
+    recorder = manager.usage_recorder
+    if recorder is not None:
+        recorder.record(info.key_id, outcome.code if isinstance(outcome, Problem) else "ok")
+    return outcome
 
 
 def carries_key(bearer: bool, value: str) -> bool:
