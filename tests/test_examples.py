@@ -43,7 +43,7 @@ def load_example(filename: str) -> Iterator[ModuleType]:
     finally:
         del sys.modules[name]
         if isinstance(getattr(module, "manager", None), APIKeyManager):
-            module.manager.store.close()
+            module.manager.close()
 
 
 @pytest.fixture(params=NAMES)
@@ -61,7 +61,7 @@ def issuer(store_url: str) -> Iterator[APIKeyManager]:
     """Another manager on the same file, as the CLI would be."""
     manager = APIKeyManager.from_url(store_url)
     yield manager
-    manager.store.close()
+    manager.close()
 
 
 async def call(

@@ -182,24 +182,113 @@ class Usage:
         return f"Usage(allowed={self.allowed}, code={self.code!r}, retry_after={self.retry_after})"
 
 
-@functools.lru_cache(maxsize=1024)
-def _policy(rates: tuple[Rate, ...], quota: Quota | None, quota_seconds: int | None) -> str:
-    """The ``RateLimit-Policy`` value: one item per limit, named as the limit is written."""
-    items = [f'"{r}";q={r.count};w={int(r.period)}' for r in rates]
-    if quota is not None:
-        window = "" if quota_seconds is None else f";w={quota_seconds}"
-        items.append(f'"quota";q={quota.count}{window}')
-    return ", ".join(items)
-
-
-@functools.lru_cache(maxsize=65536)
-def _rate_buckets(family: str, rates: tuple[Rate, ...]) -> tuple[Bucket, ...]:
-    """A family's rate buckets: named once per family and set of limits, not per request."""
-    return tuple(Bucket(f"rate:{family}:{r.text}", r.interval, r.period, None) for r in rates)
-
-
 def _whole_seconds(seconds: float) -> int:
     return max(1, math.ceil(seconds - EPSILON))
+
+
+#: Plans kept per limiter; past this many keys the cache starts afresh.
+_PLAN_LIMIT = 100_000
+
+
+class Plan:
+    """What requests with one key are charged to, worked out once per record.
+
+    The bucket names, the ``RateLimit-Policy`` value and the header item prefixes depend
+    only on the record and the default rates; the quota's bucket changes with its period,
+    and is worked out again when a new period starts.
+    """
+
+    __slots__ = (
+        "_buckets",
+        "_window",
+        "default_rates",
+        "family",
+        "info",
+        "policy",
+        "prefixes",
+        "quota",
+        "rate_buckets",
+        "rates",
+    )
+
+    def __init__(self, info: KeyInfo, default_rates: tuple[Rate, ...]) -> None:
+        self.info = info
+        self.default_rates = default_rates
+        self.rates = rates = info.rate_limits or default_rates
+        self.family = info.family_id
+        self.quota = info.quota
+        self.rate_buckets = tuple(
+            Bucket(f"rate:{self.family}:{r.text}", r.interval, r.period, None) for r in rates
+        )
+        self.prefixes = tuple(f'"{r.text}";r=' for r in rates)
+        #: The current quota period: (start, end, label), as POSIX times (inf if none).
+        self._window = (math.inf, -math.inf, "")
+        self._buckets = self.rate_buckets
+        self.policy = self._policy(None)
+
+    def _policy(self, quota_seconds: int | None) -> str:
+        items = [f'"{r.text}";q={r.count};w={int(r.period)}' for r in self.rates]
+        if self.quota is not None:
+            window = "" if quota_seconds is None else f";w={quota_seconds}"
+            items.append(f'"quota";q={self.quota.count}{window}')
+        return ", ".join(items)
+
+    def window(self, now: float) -> tuple[float, float, str]:
+        """The quota's period at ``now``: start, end (inf if never refilled) and label."""
+        start, end, _ = window = self._window
+        quota = self.quota
+        if quota is not None and not start <= now < end:
+            label, first, last = quota.window(now)
+            if first is None or last is None:
+                window = (-math.inf, math.inf, label)
+                forget = None
+                self.policy = self._policy(None)
+            else:
+                window = (first, last, label)
+                forget = last + 86400  # a used-up period is kept a day, then forgotten
+                self.policy = self._policy(round(last - first))
+            name = f"quota:{self.family}:{quota}:{label}"
+            self._buckets = (*self.rate_buckets, Bucket(name, 0.0, quota.count, forget))
+            self._window = window
+        return window
+
+    def buckets(self, now: float) -> tuple[Bucket, ...]:
+        """The buckets a request at ``now`` draws on: one per rate, then the quota's."""
+        if self.quota is not None:
+            self.window(now)
+        return self._buckets
+
+    def usage(self, taken: bool, values: Sequence[float], now: float) -> Usage:
+        """The outcome and headers for counter ``values`` (after the charge, if ``taken``)."""
+        items: list[str] = []
+        code: str | None = None
+        retry = 0.0
+        for rate, prefix, tat in zip(self.rates, self.prefixes, values, strict=False):
+            ahead = tat - now if tat > now else 0.0
+            left = int((rate.period - ahead) / rate.interval + EPSILON)
+            items.append(f"{prefix}{left if left > 0 else 0};t={math.ceil(ahead - EPSILON)}")
+            if not taken and ahead + rate.interval > rate.period + EPSILON:
+                code = "rate_limited"
+                retry = max(retry, ahead + rate.interval - rate.period)
+        quota = self.quota
+        refill: int | None = None
+        if quota is not None:
+            _, end, _ = self.window(now)
+            used = values[len(self.rates)]
+            left = max(int(quota.count - used), 0)
+            if end == math.inf:
+                items.append(f'"quota";r={left}')
+            else:
+                refill = _whole_seconds(end - now)
+                items.append(f'"quota";r={left};t={refill}')
+            if not taken and used + 1 > quota.count:
+                code = "quota_exceeded"
+        headers = (("ratelimit-policy", self.policy), ("ratelimit", ", ".join(items)))
+        if taken:
+            return Usage(True, headers)
+        if code == "quota_exceeded":
+            return Usage(False, headers, code, refill)
+        return Usage(False, headers, code or "rate_limited", _whole_seconds(retry))
 
 
 class Limiter:
@@ -212,27 +301,22 @@ class Limiter:
 
     def __init__(self, counters: CounterStore) -> None:
         self.counters = counters
+        self._plans: dict[str, Plan] = {}
 
-    def buckets(
-        self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()
-    ) -> tuple[list[Bucket], tuple[Rate, ...]]:
-        """The buckets a request with ``info`` draws on at ``now``: one per rate, then quota."""
-        rates = info.rate_limits or default_rates
-        buckets = list(_rate_buckets(info.family_id, rates))
-        quota = info.quota
-        if quota is not None:
-            label, _, end = quota.window(now)
-            # A used-up period is kept a day past its end, then forgotten.
-            forget = None if end is None else end + 86400
-            name = f"quota:{info.family_id}:{quota}:{label}"
-            buckets.append(Bucket(name, 0.0, quota.count, forget))
-        return buckets, rates
+    def plan(self, info: KeyInfo, default_rates: tuple[Rate, ...] = ()) -> Plan:
+        """The charging plan of ``info``, made once and reused while the record is the same."""
+        plan = self._plans.get(info.key_id)
+        if plan is None or plan.info is not info or plan.default_rates is not default_rates:
+            if len(self._plans) >= _PLAN_LIMIT:
+                self._plans = {}
+            plan = self._plans[info.key_id] = Plan(info, default_rates)
+        return plan
 
     def take(self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()) -> Usage:
         """Charge one request with ``info`` at ``now``; a failing store raises StoreError."""
-        buckets, rates = self.buckets(info, now, default_rates)
-        taken, values = self.counters.consume(buckets, now)
-        return self.usage(info, rates, taken, values, now)
+        plan = self.plan(info, default_rates)
+        taken, values = self.counters.consume(plan.buckets(now), now)
+        return plan.usage(taken, values, now)
 
     async def atake(
         self,
@@ -242,60 +326,16 @@ class Limiter:
         default_rates: tuple[Rate, ...] = (),
     ) -> Usage:
         """:meth:`take` through the counter store's async twin."""
-        buckets, rates = self.buckets(info, now, default_rates)
-        taken, values = await counters.aconsume(buckets, now)
-        return self.usage(info, rates, taken, values, now)
-
-    def usage(
-        self,
-        info: KeyInfo,
-        rates: tuple[Rate, ...],
-        taken: bool,
-        values: Sequence[float],
-        now: float,
-    ) -> Usage:
-        """The outcome and headers for counter ``values`` (after the charge, if ``taken``)."""
-        items: list[str] = []
-        code: str | None = None
-        retry = 0.0
-        for rate, tat in zip(rates, values, strict=False):
-            ahead = max(tat - now, 0.0)
-            left = math.floor((rate.period - ahead) / rate.interval + EPSILON)
-            items.append(f'"{rate.text}";r={max(left, 0)};t={math.ceil(ahead - EPSILON)}')
-            if not taken and ahead + rate.interval > rate.period + EPSILON:
-                code = "rate_limited"
-                retry = max(retry, ahead + rate.interval - rate.period)
-        quota = info.quota
-        quota_seconds: int | None = None
-        refused: int | None = None
-        if quota is not None:
-            _, start, end = quota.window(now)
-            used = values[len(rates)]
-            left = max(int(quota.count - used), 0)
-            if end is None or start is None:
-                items.append(f'"quota";r={left}')
-            else:
-                quota_seconds = round(end - start)
-                items.append(f'"quota";r={left};t={_whole_seconds(end - now)}')
-            if not taken and used + 1 > quota.count:
-                code = "quota_exceeded"
-                refused = None if end is None else _whole_seconds(end - now)
-        headers = (
-            ("ratelimit-policy", _policy(rates, quota, quota_seconds)),
-            ("ratelimit", ", ".join(items)),
-        )
-        if taken:
-            return Usage(True, headers)
-        if code == "quota_exceeded":
-            return Usage(False, headers, code, refused)
-        return Usage(False, headers, code or "rate_limited", _whole_seconds(retry))
+        plan = self.plan(info, default_rates)
+        taken, values = await counters.aconsume(plan.buckets(now), now)
+        return plan.usage(taken, values, now)
 
     def remaining(self, info: KeyInfo, now: float) -> int | None:
         """The credits left in the key family's quota now, or None if it has no quota."""
         quota = info.quota
         if quota is None:
             return None
-        bucket = self.buckets(info, now)[0][-1]
+        bucket = self.plan(info).buckets(now)[-1]
         (used,) = self.counters.peek([bucket.name])
         return max(int(quota.count - used), 0)
 
@@ -307,7 +347,7 @@ class Limiter:
         quota = info.quota
         if quota is None:
             raise ValueError(f"key {info.key_id} has no quota to add credits to")
-        bucket = self.buckets(info, now)[0][-1]
+        bucket = self.plan(info).buckets(now)[-1]
         used = self.counters.adjust(bucket, -float(credits))
         return max(int(quota.count - used), 0)
 

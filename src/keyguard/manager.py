@@ -134,6 +134,7 @@ class APIKeyManager:
         #: Charges requests to rate limits and quotas; None if there is no counter store.
         self.limiter = None if counters is None else Limiter(counters)
         self._async_counters = counters if isinstance(counters, AsyncCounterStore) else None
+        self._own_counters: KeyStore | None = None
         #: Counts requests per key for :meth:`usage`; None if off or the store keeps no counts.
         self.usage_recorder = (
             UsageRecorder(self.store, clock=clock)
@@ -161,7 +162,21 @@ class APIKeyManager:
         counter_store = None if counters is None else store_from_url(counters)
         if counter_store is not None and not isinstance(counter_store, CounterStore):
             raise ValueError(f"the store at {COUNTERS_ENV} cannot keep counters")
-        return cls(store_from_url(url), counters=counter_store, **options)
+        manager = cls(store_from_url(url), counters=counter_store, **options)
+        manager._own_counters = counter_store
+        return manager
+
+    def close(self) -> None:
+        """Write the usage counts still buffered, then close the store.
+
+        A counter store the manager opened itself (``from_url(counters=...)``) is closed
+        too; one passed in is the caller's to close.
+        """
+        if self.usage_recorder is not None:
+            self.usage_recorder.close()
+        self.store.close()
+        if self._own_counters is not None:
+            self._own_counters.close()
 
     def digest(self, key: str) -> str:
         """Return the digest the store keeps for ``key`` under this manager's scheme."""
