@@ -47,6 +47,8 @@ _JSON = json.JSONEncoder(indent=2, ensure_ascii=False)
 
 def printable(text: str) -> str:
     """Neutralise control characters so stored data cannot rewrite the operator's terminal."""
+    if text.isprintable():  # nearly always, and checked in C
+        return text
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
@@ -118,6 +120,8 @@ def _display_width(text: str) -> int:
     """The number of terminal columns ``text`` takes (CJK and emoji count 2, accents 0)."""
     # Every ASCII character left after printable() takes one column: only the rest (the
     # "…" of each hint, mostly) is looked up, which keeps a million-row table quick.
+    if text.isascii():
+        return len(text)
     others = _NON_ASCII.findall(text)
     return len(text) - len(others) + sum(_char_width(c) for c in others)
 
@@ -168,13 +172,15 @@ class _Columns:
 
     def _cell(self, i: int, text: str) -> str:
         size = self.widths[i]
-        if _display_width(text) > size:
+        used = _display_width(text)
+        if used > size:
             tail = text[-4:] if i in self.keep_tail else ""
             if _display_width(tail) >= size:
                 tail = ""
             text = _cut(text, size - 1 - _display_width(tail)) + "…" + tail
+            used = _display_width(text)
         # Pad by columns, not characters, so wide characters do not push the next column.
-        return text + " " * (size - _display_width(text))
+        return text + " " * (size - used)
 
     def line(self, row: Sequence[str]) -> str:
         return self.gap.join(self._cell(i, text) for i, text in enumerate(row)).rstrip()
