@@ -40,7 +40,7 @@ async def create_item(key: WriteKey) -> dict[str, Any]:
 
 def print_demo_key(base_url: str) -> None:
     """Create and print a demo key if the store has no active key; it is shown only here."""
-    if manager.list_keys():
+    if manager.list_keys(limit=1):
         print("The store has keys; create another with: keyguard create --user you --scope read")
         return
     key = manager.generate_key(user_id="demo", permissions=["read", "write"])

@@ -47,9 +47,11 @@ class CountingStore(MemoryStore):
         self.calls["get_by_id"] += 1
         return super().get_by_id(key_id)
 
-    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+    def list_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
         self.calls["list_keys"] += 1
-        return super().list_keys(user_id)
+        return super().list_keys(user_id, limit=limit, after=after)
 
     def revoke(self, digest: str, at: datetime) -> bool:
         self.calls["revoke"] += 1

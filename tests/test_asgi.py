@@ -605,8 +605,10 @@ class AsyncStore(MemoryStore):
     async def aget_by_id(self, key_id: str) -> KeyInfo | None:
         return self.get_by_id(key_id)
 
-    async def alist_keys(self, user_id: str | None = None) -> list[KeyInfo]:
-        return self.list_keys(user_id)
+    async def alist_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
+        return self.list_keys(user_id, limit=limit, after=after)
 
     async def arevoke(self, digest: str, at: datetime) -> bool:
         return self.revoke(digest, at)

@@ -266,6 +266,7 @@ def test_inactive_keys_are_refused_hidden_and_kept(
     manager: APIKeyManager, clock: Clock, inactive: str
 ) -> None:
     key, info = manager.create_key(user_id="u1", expires_in=timedelta(days=1))
+    clock.advance(timedelta(seconds=1))  # keys made at one instant are listed by key_id
     other, other_info = manager.create_key(user_id="u1")
     if inactive == "revoked":
         assert manager.revoke_key(key) is True
@@ -296,6 +297,72 @@ def test_list_keys_is_per_user_and_oldest_first(manager: APIKeyManager, clock: C
     assert manager.list_keys("nobody") == []
     with pytest.raises(TypeError, match="user_id must be a str"):
         manager.list_keys(5)  # type: ignore[arg-type]
+
+
+def created_in_turn(manager: APIKeyManager, clock: Clock, users: list[str]) -> list[str]:
+    """The key_ids of keys created a second apart, one for each of ``users``."""
+    key_ids = []
+    for user in users:
+        key_ids.append(manager.create_key(user_id=user)[1].key_id)
+        clock.advance(timedelta(seconds=1))
+    return key_ids
+
+
+def test_a_page_of_active_keys_reads_past_inactive_ones(
+    manager: APIKeyManager, clock: Clock
+) -> None:
+    keys = created_in_turn(manager, clock, ["u1"] * 7)
+    for key_id in keys[1:5]:
+        manager.revoke_by_id(key_id)
+
+    page = manager.list_keys("u1", limit=2)
+    rest = manager.list_keys("u1", limit=2, after=page[-1].key_id)
+
+    assert [k.key_id for k in page] == [keys[0], keys[5]]
+    assert [k.key_id for k in rest] == [keys[6]]
+    assert [k.key_id for k in manager.list_keys("u1", limit=3, include_inactive=True)] == keys[:3]
+    assert manager.list_keys("u1", after=keys[4]) == manager.list_keys("u1", limit=9)[1:]
+
+
+def test_iter_keys_reads_the_store_a_page_at_a_time(
+    manager: APIKeyManager, store: CountingStore, clock: Clock
+) -> None:
+    keys = created_in_turn(manager, clock, ["u0", "u1"] * 5)
+    manager.revoke_by_id(keys[0])
+    store.calls.clear()
+
+    walked = manager.iter_keys(page_size=3)
+
+    assert store.calls["list_keys"] == 0  # nothing is read before the first key is asked for
+    assert [k.key_id for k in walked] == keys[1:]
+    assert store.calls["list_keys"] == 4  # pages of 3, 3, 3 and 1
+    assert [k.key_id for k in manager.iter_keys("u0", include_inactive=True)] == keys[::2]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        pytest.param({"limit": 0}, ValueError, "limit must be at least 1", id="zero limit"),
+        pytest.param({"limit": -1}, ValueError, "at least 1", id="negative limit"),
+        pytest.param({"limit": True}, TypeError, "limit must be an int", id="bool limit"),
+        pytest.param({"limit": 2.0}, TypeError, "limit must be an int", id="float limit"),
+        pytest.param({"after": 5}, TypeError, "after must be a key_id", id="int cursor"),
+        pytest.param({"after": "key_missing"}, ValueError, "key_missing", id="unknown cursor"),
+    ],
+)
+def test_bad_listing_arguments_are_refused(
+    manager: APIKeyManager, options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    manager.create_key(user_id="u1")
+
+    with pytest.raises(error, match=message):
+        manager.list_keys(**options)
+
+
+@pytest.mark.parametrize("page_size", [0, None, "10"])
+def test_a_bad_page_size_is_refused_at_once(manager: APIKeyManager, page_size: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="page_size"):
+        manager.iter_keys(page_size=page_size)
 
 
 def test_get_metadata_returns_a_copy(manager: APIKeyManager) -> None:
@@ -350,7 +417,8 @@ def test_revoke_key_once(manager: APIKeyManager, clock: Clock) -> None:
 def test_revoke_by_id_from_a_listing(manager: APIKeyManager) -> None:
     key = manager.generate_key(user_id="u1")
     keep = manager.generate_key(user_id="u1")
-    [listed, _] = manager.list_keys("u1")
+    # Made at one instant, the two keys are listed in key_id order: find the first one.
+    [listed] = [k for k in manager.list_keys("u1") if k.digest == manager.digest(key)]
 
     assert manager.revoke_by_id(listed.key_id) is True
     assert manager.revoke_by_id(listed.key_id) is False

@@ -520,9 +520,16 @@ def scan_in_process(monkeypatch: pytest.MonkeyPatch, cli: CLI, *args: str) -> tu
     listings = []
     list_keys = SQLiteStore.list_keys
 
-    def counting(self: SQLiteStore, user_id: str | None = None) -> list[KeyInfo]:
-        listings.append(user_id)
-        return list_keys(self, user_id)
+    def counting(
+        self: SQLiteStore,
+        user_id: str | None = None,
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[KeyInfo]:
+        if after is None:  # the first page of a walk through the store
+            listings.append(user_id)
+        return list_keys(self, user_id, limit=limit, after=after)
 
     monkeypatch.setattr(SQLiteStore, "list_keys", counting)
     monkeypatch.chdir(cli.cwd)

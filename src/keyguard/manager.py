@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeGuard
 
@@ -48,6 +48,7 @@ COUNTERS_ENV = "KEYGUARD_COUNTERS"
 _MAX_ATTEMPTS = 8
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
 _TOUCH_CACHE_LIMIT = 100_000
+DEFAULT_PAGE_SIZE = 1000
 
 
 def _refusal(info: KeyInfo | None) -> InvalidKeyError:
@@ -62,6 +63,22 @@ def _refusal(info: KeyInfo | None) -> InvalidKeyError:
 def _touch_failed(info: KeyInfo, error: StoreError) -> None:
     """Log a failed ``last_used_at`` write: it is best effort and never fails a check."""
     logger.warning("could not record last use of %s: %s", info.key_id, error)
+
+
+def _check_listing(user_id: object, after: object = None) -> None:
+    if user_id is not None and not isinstance(user_id, str):
+        raise TypeError(f"user_id must be a str, not {type(user_id).__name__}")
+    if after is not None and not isinstance(after, str):
+        raise TypeError(f"after must be a key_id (str), not {type(after).__name__}")
+
+
+def _page_size(name: str, value: object) -> int:
+    """``value`` if it is a positive int: stores read -1 or 0 as "no limit" or "nothing"."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
 
 
 class APIKeyManager:
@@ -383,17 +400,67 @@ class APIKeyManager:
         return self.store.get_by_id(key_id)
 
     def list_keys(
-        self, user_id: str | None = None, *, include_inactive: bool = False
+        self,
+        user_id: str | None = None,
+        *,
+        include_inactive: bool = False,
+        limit: int | None = None,
+        after: str | None = None,
     ) -> list[KeyInfo]:
         """Return a user's active keys (or every user's, with ``user_id=None``), oldest first.
 
-        ``include_inactive=True`` adds revoked and expired keys, whose records are kept.
+        Keys are ordered by ``(created_at, key_id)``. ``include_inactive=True`` adds revoked
+        and expired keys, whose records are kept.
+
+        :param limit: return at most this many keys (a page); None returns every one, which
+            for a large store holds them all in memory: prefer :meth:`iter_keys` then.
+        :param after: a page's cursor, the ``key_id`` of the last key of the previous page;
+            a walk that passes it on never skips or repeats a key, even while keys are
+            added or revoked. A ``key_id`` the store does not hold raises ``ValueError``.
         """
-        if user_id is not None and not isinstance(user_id, str):
-            raise TypeError(f"user_id must be a str, not {type(user_id).__name__}")
-        records = self.store.list_keys(user_id)
-        if include_inactive:
-            return records
+        _check_listing(user_id, after)
+        if limit is None:
+            page = self.store.list_keys(user_id, after=after)
+            return page if include_inactive else self._active(page)
+        # A page of the store may hold few active keys: read on until the page is full.
+        limit = _page_size("limit", limit)
+        found: list[KeyInfo] = []
+        while len(found) < limit:
+            page = self.store.list_keys(user_id, limit=limit, after=after)
+            found += page if include_inactive else self._active(page)
+            if len(page) < limit:
+                break
+            after = page[-1].key_id
+        return found[:limit]
+
+    def iter_keys(
+        self,
+        user_id: str | None = None,
+        *,
+        include_inactive: bool = False,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> Iterator[KeyInfo]:
+        """Yield the keys :meth:`list_keys` returns, reading the store a page at a time.
+
+        Memory stays bounded by ``page_size`` however many keys there are, and each key is
+        yielded once even while keys are added or revoked meanwhile (a key added during
+        the walk is yielded if it sorts after the page being read).
+        """
+        _check_listing(user_id)
+        return self._walk(user_id, include_inactive, _page_size("page_size", page_size))
+
+    def _walk(
+        self, user_id: str | None, include_inactive: bool, page_size: int
+    ) -> Iterator[KeyInfo]:
+        after: str | None = None
+        while True:
+            page = self.store.list_keys(user_id, limit=page_size, after=after)
+            yield from page if include_inactive else self._active(page)
+            if len(page) < page_size:
+                return
+            after = page[-1].key_id
+
+    def _active(self, records: list[KeyInfo]) -> list[KeyInfo]:
         now = self._clock()
         return [r for r in records if r.status(now) == "active"]
 

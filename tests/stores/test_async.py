@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -110,3 +111,32 @@ def test_each_event_loop_gets_connections_of_its_own(name: str, tmp_path: Path) 
         finally:
             for loop in loops:
                 loop.close()
+
+
+@pytest.mark.parametrize("name", ASYNC_STORES)
+def test_async_pages_match_the_sync_listing(name: str, tmp_path: Path) -> None:
+    with open_store(name, tmp_path) as store:
+        assert isinstance(store, AsyncKeyStore)
+        manager = APIKeyManager(store)
+        for n in range(7):
+            _, info = new_key(manager, n % 3)  # keys 0, 3, 6 share one creation time
+            store.add(dataclasses.replace(info, user_id="u1"))
+
+        async def walk(limit: int) -> list[KeyInfo]:
+            seen: list[KeyInfo] = []
+            after = None
+            while page := await store.alist_keys("u1", limit=limit, after=after):
+                seen += page
+                after = page[-1].key_id
+            return seen
+
+        async def main() -> None:
+            try:
+                for limit in (1, 2, 5):
+                    assert await walk(limit) == store.list_keys("u1")
+                with pytest.raises(ValueError, match="key_missing"):
+                    await store.alist_keys(after="key_missing")
+            finally:
+                await store.aclose()
+
+        asyncio.run(main())

@@ -140,6 +140,92 @@ def test_list_keys_keeps_revoked_and_expired_records(store: KeyStore) -> None:
     assert [r.key_id for r in store.list_keys("u1")] == [revoked.key_id, expired.key_id]
 
 
+def walk(store: KeyStore, user_id: str | None = None, *, limit: int) -> list[KeyInfo]:
+    """Every record, read ``limit`` at a time, each page after the last one's key_id."""
+    seen: list[KeyInfo] = []
+    after = None
+    while True:
+        page = store.list_keys(user_id, limit=limit, after=after)
+        assert len(page) <= limit
+        seen += page
+        if len(page) < limit:
+            return seen
+        after = page[-1].key_id
+
+
+def in_listing_order(records: list[KeyInfo]) -> list[KeyInfo]:
+    return sorted(records, key=lambda info: (info.created_at, info.key_id))
+
+
+def test_pages_list_every_record_once_in_created_then_key_id_order(store: KeyStore) -> None:
+    # Five keys made in the same microsecond must still have one order: by key_id, compared
+    # as code points in every store ("key_B" before "key_a", whatever a locale says).
+    same_time = [record("u1", key_id=f"key_{c}") for c in "bABa0"]
+    plan = [("u2", 3), ("u1", 2), ("u1", -1), ("u2", 0), ("u1", 1)]
+    records = same_time + [record(user, minutes=minutes) for user, minutes in plan]
+    for info in records:
+        assert store.add(info)
+
+    for limit in (1, 2, 3, 4, 100):
+        assert walk(store, limit=limit) == in_listing_order(records), limit
+        assert walk(store, "u1", limit=limit) == in_listing_order(
+            [r for r in records if r.user_id == "u1"]
+        ), limit
+    assert store.list_keys() == in_listing_order(records)
+    assert walk(store, "nobody", limit=2) == []
+
+
+def test_a_page_after_a_cursor_holds_what_follows_it(store: KeyStore) -> None:
+    first, second, third = (record("u1", minutes=n) for n in range(3))
+    other = record("u2", minutes=1.5)
+    for info in (third, other, first, second):
+        store.add(info)
+
+    assert store.list_keys("u1", after=first.key_id) == [second, third]
+    assert store.list_keys("u1", limit=1, after=first.key_id) == [second]
+    assert store.list_keys(limit=2, after=second.key_id) == [other, third]
+    assert store.list_keys(after=third.key_id) == []
+    # The cursor is a place in the order, so another user's key_id is one too.
+    assert store.list_keys("u1", after=other.key_id) == [third]
+
+
+def test_a_cursor_that_names_no_record_is_refused(store: KeyStore) -> None:
+    store.add(record())
+
+    with pytest.raises(ValueError, match="key_missing"):
+        store.list_keys(after="key_missing")
+    with pytest.raises(ValueError, match="key_missing"):
+        store.list_keys("u1", limit=1, after="key_missing")
+
+
+def test_a_walk_neither_skips_nor_repeats_while_keys_are_added_and_revoked(
+    store: KeyStore,
+) -> None:
+    existing = [record("u1", minutes=n // 2) for n in range(12)]  # pairs share a time
+    for info in existing:
+        store.add(info)
+    seen: list[KeyInfo] = []
+    added_later: list[KeyInfo] = []
+    after = None
+    while True:
+        page = store.list_keys("u1", limit=3, after=after)
+        seen += page
+        if len(page) < 3:
+            break
+        after = page[-1].key_id
+        # Meanwhile: a key older than the cursor, one in the future, and a revocation.
+        store.add(record("u1", minutes=-1))
+        added_later.append(record("u1", minutes=60 + len(added_later)))
+        store.add(added_later[-1])
+        store.revoke(existing[len(seen) % len(existing)].digest, T0)
+
+    ids = [info.key_id for info in seen]
+    assert len(ids) == len(set(ids))
+    assert {info.key_id for info in existing} <= set(ids)
+    assert {info.key_id for info in added_later} <= set(ids)
+    assert seen == in_listing_order(seen)
+
+
 # -- changing records ----------------------------------------------------------------------
 
 

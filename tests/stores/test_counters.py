@@ -492,8 +492,10 @@ class KeysOnly:
     def get_by_id(self, key_id: str) -> KeyInfo | None:
         return self.keys.get_by_id(key_id)
 
-    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
-        return self.keys.list_keys(user_id)
+    def list_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
+        return self.keys.list_keys(user_id, limit=limit, after=after)
 
     def revoke(self, digest: str, at: datetime) -> bool:
         return self.keys.revoke(digest, at)

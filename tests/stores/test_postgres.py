@@ -77,6 +77,10 @@ def test_the_schema_is_typed_indexed_and_versioned(table: tuple[str, str]) -> No
     assert f"UNIQUE INDEX {name}_pkey ON public.{name} USING btree (digest)" in defs
     assert f"UNIQUE INDEX {name}_key_id_key ON public.{name} USING btree (key_id)" in defs
     assert f"INDEX {name}_user_idx ON public.{name} USING btree (user_id, created_at)" in defs
+    assert (
+        f'INDEX {name}_created_idx ON public.{name} USING btree (created_at, key_id COLLATE "C")'
+        in defs
+    )
     assert version == [("1",)]
 
 
@@ -169,6 +173,64 @@ def test_without_create_schema_nothing_is_created(table: tuple[str, str]) -> Non
         PostgresStore(dsn, table=name, create_schema=False)
 
     assert query(dsn, "SELECT to_regclass(%s)", (name,)) == [(None,)]
+
+
+# -- listing in pages ----------------------------------------------------------------------
+
+
+def test_a_page_reads_an_index_in_order_instead_of_sorting_the_table(
+    table: tuple[str, str],
+) -> None:
+    dsn, name = table
+    store = PostgresStore(dsn, table=name)
+    try:
+        first = record()
+        store.add(first)
+        query(
+            dsn,
+            sql.SQL(
+                "INSERT INTO {} (digest, key_id, hash_scheme, prefix, hint, user_id, metadata,"
+                " created_at) SELECT md5(n::text), 'key_' || n, 'sha256', 'sk_', 'h',"
+                " 'u' || (n %% 50), '{{}}', now() - n * interval '1 second'"
+                " FROM generate_series(1, 20000) AS n"
+            ).format(sql.Identifier(name)),
+        )
+        query(dsn, sql.SQL("ANALYZE {}").format(sql.Identifier(name)))
+        for user_id, after in [
+            (None, None),
+            (None, first.key_id),
+            ("u7", None),
+            ("u7", first.key_id),
+        ]:
+            statement, params = store._list_query(user_id, 100, after, T0)
+            plan = "\n".join(row[0] for row in query(dsn, b"EXPLAIN " + statement, params))
+            assert "Seq Scan" not in plan, plan
+            # A user's keys come in creation order from the user index; only keys created
+            # at the same instant are sorted (Incremental Sort), never the whole table.
+            assert "Sort Key" not in plan or "Incremental Sort" in plan, plan
+    finally:
+        store.close()
+
+
+def test_a_table_from_before_paging_lists_the_same_and_gains_its_index(
+    table: tuple[str, str],
+) -> None:
+    dsn, name = table
+    store = PostgresStore(dsn, table=name)
+    expected = [record(f"u{n % 2}") for n in range(5)]  # all created at T0: key_id decides
+    for info in expected:
+        store.add(info)
+    store.close()
+    expected.sort(key=lambda info: info.key_id)
+    index = f"{name}_created_idx"
+    query(dsn, sql.SQL("DROP INDEX {}").format(sql.Identifier(index)))
+
+    read_only = PostgresStore(dsn, table=name, create_schema=False)
+    assert read_only.list_keys(limit=3) + read_only.list_keys(after=expected[2].key_id) == expected
+    read_only.close()
+    assert query(dsn, "SELECT to_regclass(%s)", (index,)) == [(None,)]
+    PostgresStore(dsn, table=name).close()
+    assert query(dsn, "SELECT to_regclass(%s)::text", (index,)) == [(index,)]
 
 
 # -- construction, pools and URLs ----------------------------------------------------------

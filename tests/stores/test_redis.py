@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import subprocess
 import sys
@@ -371,3 +372,32 @@ def test_a_silent_server_is_a_store_error_within_the_timeout_and_the_store_recov
 ) -> None:
     key = APIKeyManager(store).generate_key(user_id="u1")
     check_a_silent_server(store, key, socket_timeout=1.0)
+
+
+def test_a_page_reads_only_its_own_records(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    added = [
+        dataclasses.replace(record(), created_at=T0 + timedelta(seconds=n)) for n in range(95)
+    ]
+    added += [record() for _ in range(5)]  # five created at T0 itself: one group of six
+    for info in added:
+        store.add(info)
+    read: list[int] = []
+    records = store._records
+
+    def counting(digests: Any) -> list[KeyInfo]:
+        read.append(len(digests))
+        return records(digests)
+
+    monkeypatch.setattr(store, "_records", counting)
+    seen: list[KeyInfo] = []
+    after = None
+    while page := store.list_keys("u1", limit=10, after=after):
+        seen += page
+        after = page[-1].key_id
+
+    assert seen == sorted(added, key=lambda info: (info.created_at, info.key_id))
+    # The six keys of T0 are read whole by the pages that meet them; nothing else is.
+    assert max(read) <= 10 + 5
+    assert sum(read) <= len(added) + 2 * 6

@@ -517,3 +517,75 @@ def test_open_only_refuses_a_missing_or_empty_file_and_creates_nothing(tmp_path:
     assert empty.read_bytes() == b""
     with open_store(empty) as store:  # creating a store may take an empty file
         assert store.list_keys() == []
+
+
+# -- listing in pages ----------------------------------------------------------------------
+
+
+def test_a_page_reads_an_index_in_order_instead_of_sorting_the_table(db_path: Path) -> None:
+    with open_store(db_path) as store:
+        manager = APIKeyManager(store)
+        first = manager.create_key(user_id="u1")[1]
+        manager.create_key(user_id="u1")
+        statements: list[str] = []
+        store._conn().set_trace_callback(statements.append)
+        store.list_keys(limit=10)
+        store.list_keys(limit=10, after=first.key_id)
+        store.list_keys("u1", limit=10)
+        store.list_keys("u1", limit=10, after=first.key_id)
+        store._conn().set_trace_callback(None)
+
+    pages = [s for s in statements if " LIMIT " in s]
+    assert len(pages) == 4
+    for statement in pages:
+        rows = raw_query(db_path, "EXPLAIN QUERY PLAN " + statement)
+        plan = " / ".join(str(row[3]) for row in rows)
+        assert "USING INDEX" in plan, plan
+        # A user's keys come in creation order from keyguard_keys_user; only keys created
+        # at the same instant are sorted (the "right part"), never the whole table.
+        assert "TEMP B-TREE FOR ORDER BY" not in plan, plan
+
+
+def test_a_file_from_before_paging_gains_its_index_and_lists_the_same(db_path: Path) -> None:
+    with open_store(db_path) as store:
+        manager = APIKeyManager(store)
+        expected = [manager.create_key(user_id=f"u{n % 2}")[1] for n in range(5)]
+    raw_query(db_path, "DROP INDEX keyguard_keys_created")  # as the previous version wrote it
+
+    with open_store(db_path) as store:
+        assert walk_pages(store, limit=2) == expected
+        assert walk_pages(store, "u1", limit=1) == [r for r in expected if r.user_id == "u1"]
+    indexes = raw_query(db_path, "SELECT name FROM sqlite_master WHERE type = 'index'")
+    assert ("keyguard_keys_created",) in indexes
+
+
+def test_a_read_only_file_from_before_paging_lists_without_its_index(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_store(db_path) as store:
+        manager = APIKeyManager(store)
+        expected = [manager.create_key(user_id="u1")[1] for _ in range(3)]
+    raw_query(db_path, "DROP INDEX keyguard_keys_created")
+    before = db_path.read_bytes()
+    connect = sqlite3.connect
+
+    def read_only(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        # What a file this process may not write answers, even to root (who ignores modes).
+        conn: sqlite3.Connection = connect(*args, **kwargs)
+        conn.execute("PRAGMA query_only = 1")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", read_only)
+
+    with open_store(db_path) as store:
+        assert walk_pages(store, limit=2) == expected
+    assert db_path.read_bytes() == before
+
+
+def walk_pages(store: SQLiteStore, user_id: str | None = None, *, limit: int) -> list[Any]:
+    seen: list[Any] = []
+    after = None
+    while page := store.list_keys(user_id, limit=limit, after=after):
+        seen += page
+        after = page[-1].key_id
+    return seen

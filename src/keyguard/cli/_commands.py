@@ -6,16 +6,20 @@ Each takes the :class:`Session` and returns the exit code; a failure is a :class
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from ..exceptions import InvalidKeyError
 from ..keys import DEFAULT_PREFIX
+from ..records import KeyInfo
 from ._output import (
     format_time,
     key_info_json,
     key_table,
     print_json,
+    print_json_list,
     print_new_key,
     printable,
     terminal_width,
@@ -41,6 +45,8 @@ __all__ = [
     "cmd_verify",
 ]
 
+# Keys read from the store, and table rows sized, at a time.
+_PAGE = 1000
 _RESERVED_META = {
     "user_id": "--user",
     "email": "--email",
@@ -86,17 +92,25 @@ def cmd_create(session: Session) -> int:
 
 
 def cmd_list(session: Session) -> int:
+    """List keys a page at a time, so memory stays flat however many keys there are."""
     args = session.args
-    keys = session.manager().list_keys(args.user, include_inactive=args.all)
+    keys = session.manager().iter_keys(args.user, include_inactive=args.all, page_size=_PAGE)
     if args.json:
-        print_json({"keys": [key_info_json(k, session.now) for k in keys]})
+        print_json_list("keys", (key_info_json(k, session.now) for k in keys))
         return EXIT_OK
-    if not keys:
+    pages = _pages(keys)
+    first = next(pages, None)
+    if first is None:
         print("No keys." if args.all else "No active keys (--all shows revoked and expired).")
         return EXIT_OK
-    for line in key_table(keys, session.now, terminal_width()):
+    for line in key_table(itertools.chain([first], pages), session.now, terminal_width()):
         print(line)
     return EXIT_OK
+
+
+def _pages(keys: Iterator[KeyInfo]) -> Iterator[list[KeyInfo]]:
+    while page := list(itertools.islice(keys, _PAGE)):
+        yield page
 
 
 def cmd_show(session: Session) -> int:

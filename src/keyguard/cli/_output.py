@@ -11,7 +11,7 @@ import re
 import shutil
 import sys
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ __all__ = [
     "key_table",
     "print_error",
     "print_json",
+    "print_json_list",
     "print_new_key",
     "print_revocations",
     "print_scan_report",
@@ -39,10 +40,15 @@ _SHOWN_ONCE = "This is the only time the key is shown: copy it now. keyguard kee
 # prefix[A-Za-z0-9_-]{1,20} + 32 hex, is one such word); stderr shows it masked.
 _WORD = re.compile(r"[A-Za-z0-9_-]+")
 _KEY_BODY = re.compile(r"[0-9a-f]{32}")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+# Made once: json.dumps builds an encoder per call, a cost paid per key in a listing.
+_JSON = json.JSONEncoder(indent=2, ensure_ascii=False)
 
 
 def printable(text: str) -> str:
     """Neutralise control characters so stored data cannot rewrite the operator's terminal."""
+    if text.isprintable():  # nearly always, and checked in C
+        return text
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
@@ -77,7 +83,21 @@ def key_info_json(info: KeyInfo, now: float) -> dict[str, Any]:
 
 def print_json(value: Any) -> None:
     """Print ``value`` as indented JSON, keeping non-ASCII text readable."""
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    print(_JSON.encode(value))
+
+
+def print_json_list(name: str, items: Iterable[Any]) -> None:
+    """Print ``{name: [*items]}`` as :func:`print_json` would, one item at a time.
+
+    The output is the same text, but only one item is held at once, so a listing of a
+    million keys needs no more memory than a listing of ten.
+    """
+    print("{\n  " + json.dumps(name) + ": [", end="")
+    separator = "\n"
+    for item in items:
+        print(separator + "    " + _JSON.encode(item).replace("\n", "\n    "), end="")
+        separator = ",\n"
+    print("\n  ]\n}" if separator == ",\n" else "]\n}")
 
 
 def print_new_key(key: str) -> None:
@@ -100,7 +120,12 @@ def _char_width(char: str) -> int:
 
 def _display_width(text: str) -> int:
     """The number of terminal columns ``text`` takes (CJK and emoji count 2, accents 0)."""
-    return sum(_char_width(c) for c in text)
+    # Every ASCII character left after printable() takes one column: only the rest (the
+    # "…" of each hint, mostly) is looked up, which keeps a million-row table quick.
+    if text.isascii():
+        return len(text)
+    others = _NON_ASCII.findall(text)
+    return len(text) - len(others) + sum(_char_width(c) for c in others)
 
 
 def _cut(text: str, width: int) -> str:
@@ -113,67 +138,96 @@ def _cut(text: str, width: int) -> str:
     return text
 
 
-def _fit_table(
-    headers: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    width: int,
-    shrink: Sequence[tuple[Sequence[int], int]],
-    keep_tail: Sequence[int] = (),
-) -> list[str]:
-    """Align ``rows`` under ``headers`` within ``width`` columns.
+class _Columns:
+    """Column widths fitted to ``width`` terminal columns, and the rows laid out in them.
 
     Gaps narrow from two spaces to one; then each ``(columns, floor)`` stage of ``shrink``
-    in turn cuts its widest column by one, down to ``floor``, until the table fits. Cut
-    text ends in ``…``, or keeps its last 4 characters for ``keep_tail`` columns (hints).
+    in turn cuts its widest column by one, down to ``floor``, until the rows fit. A column
+    is never narrower than its ``minimum``. Cut text ends in ``…``, or keeps its last 4
+    characters for ``keep_tail`` columns (hints).
     """
-    widths = [
-        max(_display_width(h), *(_display_width(r[i]) for r in rows))
-        for i, h in enumerate(headers)
-    ]
-    gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1
-    for columns, floor in shrink:
-        while sum(widths) + gap * (len(widths) - 1) > width:
-            wide = [i for i in columns if widths[i] > max(floor, _display_width(headers[i]))]
-            if not wide:
-                break
-            widths[max(wide, key=lambda i: widths[i])] -= 1
 
-    def cell(i: int, text: str) -> str:
-        size = widths[i]
-        if _display_width(text) > size:
-            tail = text[-4:] if i in keep_tail else ""
+    def __init__(
+        self,
+        headers: Sequence[str],
+        rows: Sequence[Sequence[str]],
+        width: int,
+        *,
+        shrink: Sequence[tuple[Sequence[int], int]],
+        minimum: Sequence[int],
+        keep_tail: Sequence[int] = (),
+    ) -> None:
+        widths = [
+            max(_display_width(h), least, *(_display_width(r[i]) for r in rows))
+            for i, (h, least) in enumerate(zip(headers, minimum, strict=True))
+        ]
+        gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1
+        for columns, floor in shrink:
+            while sum(widths) + gap * (len(widths) - 1) > width:
+                wide = [i for i in columns if widths[i] > max(floor, _display_width(headers[i]))]
+                if not wide:
+                    break
+                widths[max(wide, key=lambda i: widths[i])] -= 1
+        self.widths = widths
+        self.gap = " " * gap
+        self.keep_tail = keep_tail
+
+    def _cell(self, i: int, text: str) -> str:
+        size = self.widths[i]
+        used = _display_width(text)
+        if used > size:
+            tail = text[-4:] if i in self.keep_tail else ""
             if _display_width(tail) >= size:
                 tail = ""
             text = _cut(text, size - 1 - _display_width(tail)) + "…" + tail
+            used = _display_width(text)
         # Pad by columns, not characters, so wide characters do not push the next column.
-        return text + " " * (size - _display_width(text))
+        return text + " " * (size - used)
 
-    return [
-        (" " * gap).join(cell(i, text) for i, text in enumerate(row)).rstrip()
-        for row in (headers, *rows)
-    ]
+    def line(self, row: Sequence[str]) -> str:
+        return self.gap.join(self._cell(i, text) for i, text in enumerate(row)).rstrip()
 
 
-def key_table(keys: Sequence[KeyInfo], now: float, width: int) -> list[str]:
+_KEY_HEADERS = ("KEY_ID", "HINT", "USER", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "STATUS")
+# Times and status never need cutting: "in 6975y", "729d ago" and "revoked" always fit.
+_KEY_MINIMUM = (0, 0, 0, 0, 0, 8, 9, 7)
+
+
+def _key_row(k: KeyInfo, now: float) -> tuple[str, ...]:
+    return (
+        k.key_id,
+        printable(k.hint),
+        printable(k.user_id),
+        printable(",".join(k.scopes)) or "-",
+        k.created_at.strftime("%Y-%m-%d"),
+        relative_time(k.expires_at, now),
+        relative_time(k.last_used_at, now),
+        k.status(now),
+    )
+
+
+def key_table(pages: Iterable[Sequence[KeyInfo]], now: float, width: int) -> Iterator[str]:
     """The lines of the ``list`` table: one row per key, cut to fit ``width`` columns.
 
-    Users and scopes shrink first, then hints, which keep their last 4 characters.
+    The columns are sized by the first page, so the table streams: later pages keep those
+    widths and cut what is longer. Users and scopes shrink first, then hints, which keep
+    their last 4 characters.
     """
-    headers = ("KEY_ID", "HINT", "USER", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "STATUS")
-    rows = [
-        (
-            k.key_id,
-            printable(k.hint),
-            printable(k.user_id),
-            printable(",".join(k.scopes)) or "-",
-            k.created_at.strftime("%Y-%m-%d"),
-            relative_time(k.expires_at, now),
-            relative_time(k.last_used_at, now),
-            k.status(now),
-        )
-        for k in keys
-    ]
-    return _fit_table(headers, rows, width, shrink=[((2, 3), 6), ((1,), 8)], keep_tail=(1,))
+    columns: _Columns | None = None
+    for page in pages:
+        rows = [_key_row(k, now) for k in page]
+        if columns is None:
+            columns = _Columns(
+                _KEY_HEADERS,
+                rows,
+                width,
+                shrink=[((2, 3), 6), ((1,), 8)],
+                minimum=_KEY_MINIMUM,
+                keep_tail=(1,),
+            )
+            yield columns.line(_KEY_HEADERS)
+        for row in rows:
+            yield columns.line(row)
 
 
 def print_scan_report(report: ScanReport, rows: list[dict[str, Any]], *, store_used: bool) -> None:

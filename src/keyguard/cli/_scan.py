@@ -35,14 +35,28 @@ def _scan_store(session: Session) -> KeyStore | None:
     return session.store()
 
 
-def _check_hash_scheme(manager: APIKeyManager, records: list[KeyInfo]) -> None:
+def _survey(manager: APIKeyManager | None) -> tuple[set[str], set[str]]:
+    """The key prefixes and hash schemes in use in the store (none without a store).
+
+    The store is read a page at a time and only these two small sets are kept, so memory
+    stays flat however many keys it holds.
+    """
+    prefixes: set[str] = set()
+    schemes: set[str] = set()
+    if manager is not None:
+        for info in manager.iter_keys(include_inactive=True):
+            prefixes.add(info.prefix)
+            schemes.add(info.hash_scheme)
+    return prefixes, schemes
+
+
+def _check_hash_scheme(manager: APIKeyManager, schemes: set[str]) -> None:
     """Refuse to call keys "unknown" when the store hashes keys differently.
 
     Schemes compare as whole strings: ``hmac-sha256:<pepper id>`` names the pepper too, so
     a mistyped ``KEYGUARD_PEPPER`` is caught, not only a missing one.
     """
-    schemes = {r.hash_scheme for r in records}
-    if records and manager.hash_scheme not in schemes:
+    if schemes and manager.hash_scheme not in schemes:
         peppered = any(":" in scheme for scheme in (manager.hash_scheme, *schemes))
         ids = " (after ':' is a pepper id)" if peppered else ""
         raise CLIError(
@@ -75,14 +89,14 @@ def cmd_scan(session: Session) -> int:
     if args.revoke and store is None:
         raise CLIError("--revoke needs a key store (drop --offline or pass --store)", EXIT_USAGE)
     manager = None if store is None else session.manager(checksum=False)
-    # Listing a large store takes seconds, so it happens only when it must: to learn the
+    # Reading a large store takes seconds, so it happens only when it must: to learn the
     # prefixes in use (no --prefix), or to check the pepper when a key is not found.
-    records: list[KeyInfo] | None = None
+    survey: tuple[set[str], set[str]] | None = None
     if args.prefix:
         prefixes = args.prefix
     else:
-        records = [] if store is None else store.list_keys()
-        prefixes = [DEFAULT_PREFIX, *sorted({r.prefix for r in records})]
+        survey = _survey(manager)
+        prefixes = [DEFAULT_PREFIX, *sorted(survey[0])]
     # With a store, a checksum-invalid string is looked up all the same, so that a live key
     # issued without a checksum is never hidden; offline, the checksum alone decides.
     offline_checksum = session.checksum and manager is None
@@ -101,7 +115,7 @@ def cmd_scan(session: Session) -> int:
         # A key found by its digest proves the pepper; only misses leave it in doubt.
         found = [info for info in judged.values() if info is not None]
         if judged and not found:
-            _check_hash_scheme(manager, manager.store.list_keys() if records is None else records)
+            _check_hash_scheme(manager, (survey or _survey(manager))[1])
         if session.checksum:
             kept = [f for f in report.findings if judged[f.key] is not None or _has_crc(f)]
             report.rejected += len(report.findings) - len(kept)

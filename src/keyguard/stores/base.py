@@ -3,6 +3,14 @@
 A store is a map from a key's digest to its :class:`~keyguard.KeyInfo`, plus an index by
 ``key_id`` and by user. It knows nothing of HTTP or policy: expiry and revocation are
 judged by the manager, and every record is kept (revoked and expired ones too) for audit.
+
+Listings are ordered by ``(created_at, key_id)`` and read in pages (keyset paging): a page
+is the ``limit`` records that follow the record named by ``after``, a ``key_id``. Neither
+field of a record ever changes, so a walk that passes each page's last ``key_id`` on sees
+every record that exists throughout it exactly once, whatever is added or revoked
+meanwhile. The cursor is a key_id rather than a ``(created_at, key_id)`` pair because the
+store compares its own stored time (SQLite keeps a float, Redis microseconds), never a
+value that made a round trip through Python, and because callers already hold it.
 """
 
 from __future__ import annotations
@@ -49,8 +57,16 @@ class KeyStore(Protocol):
         """Return the record with this ``key_id``, whatever its status."""
         ...
 
-    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
-        """Return every record (of one user, or of all users), oldest first."""
+    def list_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
+        """Return records (of one user, or of all users) ordered by ``(created_at, key_id)``.
+
+        :param limit: at most this many records (a positive int); None returns them all.
+        :param after: the ``key_id`` of the last record of the previous page: only records
+            ordered after it are returned. A ``key_id`` the store does not hold raises
+            ``ValueError``, since a silently empty page would end a walk early.
+        """
         ...
 
     def revoke(self, digest: str, at: datetime) -> bool:
@@ -91,7 +107,9 @@ class AsyncKeyStore(Protocol):
         """Async :meth:`KeyStore.get_by_id`."""
         ...
 
-    async def alist_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+    async def alist_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
         """Async :meth:`KeyStore.list_keys`."""
         ...
 
@@ -213,3 +231,13 @@ class InvalidationSource(Protocol):
         sent each time the subscription is (re-)established.
         """
         ...
+
+
+def listing_order(info: KeyInfo) -> tuple[datetime, str]:
+    """The sort key of every listing: oldest first, ties broken by ``key_id``."""
+    return info.created_at, info.key_id
+
+
+def unknown_cursor(after: str) -> ValueError:
+    """The error for an ``after`` cursor that names no record."""
+    return ValueError(f"cannot list after {after!r}: no record has that key_id")

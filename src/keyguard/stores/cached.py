@@ -252,8 +252,10 @@ class CachedStore:
     def get_by_id(self, key_id: str) -> KeyInfo | None:
         return self.inner.get_by_id(key_id)
 
-    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
-        return self.inner.list_keys(user_id)
+    def list_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
+        return self.inner.list_keys(user_id, limit=limit, after=after)
 
     def revoke(self, digest: str, at: datetime) -> bool:
         try:
@@ -341,10 +343,12 @@ class CachedStore:
             return await self._ainner.aget_by_id(key_id)
         return self.inner.get_by_id(key_id)
 
-    async def alist_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+    async def alist_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
         if self._ainner is not None:
-            return await self._ainner.alist_keys(user_id)
-        return self.inner.list_keys(user_id)
+            return await self._ainner.alist_keys(user_id, limit=limit, after=after)
+        return self.inner.list_keys(user_id, limit=limit, after=after)
 
     async def arevoke(self, digest: str, at: datetime) -> bool:
         try:

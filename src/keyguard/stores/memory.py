@@ -6,6 +6,7 @@ of one process.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import threading
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from typing import Any
 
 from .._counting import Bucket, apply, expiry
 from ..records import KeyInfo
-from .base import UsageRow, usage_cutoffs
+from .base import UsageRow, listing_order, unknown_cursor, usage_cutoffs
 
 __all__ = ["MemoryStore"]
 
@@ -23,16 +24,18 @@ _SWEEP_EVERY = 4096
 
 
 class MemoryStore:
-    """Records by digest and by key_id, with an index by user; thread-safe.
+    """Records by digest and by key_id, with listings by user and of all; thread-safe.
 
     Reads are single dict lookups (atomic under the GIL); writes take a lock so that
     "add if absent" and "revoke if active" cannot race, and so that both maps always
-    hold the same record.
+    hold the same record. The listings are key_ids kept in listing order, so a page is
+    found by bisection instead of sorting every record for each page.
     """
 
     def __init__(self) -> None:
         self._records: dict[str, KeyInfo] = {}
         self._by_id: dict[str, KeyInfo] = {}
+        self._all: list[str] = []
         self._by_user: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         #: Usage counts: (key_id, step) -> bucket start -> code -> count.
@@ -55,13 +58,17 @@ class MemoryStore:
             if info.digest in self._records or info.key_id in self._by_id:
                 return False
             self._records[info.digest] = self._by_id[info.key_id] = info
-            digests = self._by_user.get(info.user_id)
-            if digests is None:
+            ids = self._by_user.get(info.user_id)
+            if ids is None:
                 # Most users hold one key: a list made at size 1, not grown to 4 by append.
-                self._by_user[info.user_id] = [info.digest]
+                self._by_user[info.user_id] = [info.key_id]
             else:
-                digests.append(info.digest)
+                bisect.insort(ids, info.key_id, key=self._order)
+            bisect.insort(self._all, info.key_id, key=self._order)
             return True
+
+    def _order(self, key_id: str) -> tuple[datetime, str]:
+        return listing_order(self._by_id[key_id])
 
     def get(self, digest: str) -> KeyInfo | None:
         return self._records.get(digest)
@@ -69,14 +76,19 @@ class MemoryStore:
     def get_by_id(self, key_id: str) -> KeyInfo | None:
         return self._by_id.get(key_id)
 
-    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+    def list_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
         with self._lock:
-            if user_id is None:
-                records = list(self._records.values())
-            else:
-                records = [self._records[d] for d in self._by_user.get(user_id, ())]
-        # Insertion order is not age order when a caller supplies its own created_at.
-        return sorted(records, key=lambda info: info.created_at)
+            ids = self._all if user_id is None else self._by_user.get(user_id, [])
+            start = 0
+            if after is not None:
+                cursor = self._by_id.get(after)
+                if cursor is None:
+                    raise unknown_cursor(after)
+                start = bisect.bisect_right(ids, listing_order(cursor), key=self._order)
+            end = len(ids) if limit is None else start + limit
+            return [self._by_id[key_id] for key_id in ids[start:end]]
 
     def revoke(self, digest: str, at: datetime) -> bool:
         with self._lock:

@@ -4,7 +4,8 @@ The schema is created idempotently (``CREATE … IF NOT EXISTS`` under an adviso
 workers starting together do not race) and never altered or dropped automatically:
 
 - ``<schema>.<table>``: one row per key, ``digest`` primary key, ``key_id`` unique,
-  metadata ``jsonb``, times ``timestamptz``, an index on ``(user_id, created_at)``;
+  metadata ``jsonb``, times ``timestamptz``, indexes on ``(user_id, created_at)`` and, for
+  paging through every user's keys, ``(created_at, key_id)`` (added to older tables);
   ``metadata_json`` keeps the exact JSON text only for the rare metadata jsonb would alter
   (a NUL character, a float like ``1e300``);
 - ``<schema>.<table>_meta``: a ``schema_version`` row;
@@ -44,7 +45,7 @@ from ._fork import reset_after_fork
 from ._listener import POLL_SECONDS, Listener
 from ._pgwait import bounded_classes
 from ._redact import redact_url
-from .base import UsageRow, usage_cutoffs
+from .base import UsageRow, unknown_cursor, usage_cutoffs
 
 if TYPE_CHECKING:
     import psycopg_pool
@@ -56,7 +57,7 @@ DEFAULT_TABLE = "keyguard_keys"
 DEFAULT_SCHEMA = "public"
 # Lower case only: a quoted mixed-case name would need quoting in every hand-written query.
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
-_MAX_TABLE = 48  # leaves room for the _meta, _counters_pkey, … suffixes within 63 bytes
+_MAX_TABLE = 48  # leaves room for the _meta, _counters_pkey, _created_idx, … suffixes in 63
 _COLUMNS = (
     "digest",
     "key_id",
@@ -345,9 +346,20 @@ class PostgresStore:
 
         self._q_get = render(sql.SQL("{} WHERE digest = %s").format(select))
         self._q_get_by_id = render(sql.SQL("{} WHERE key_id = %s").format(select))
-        self._q_list_all = render(sql.SQL("{} ORDER BY created_at, seq").format(select))
-        self._q_list_user = render(
-            sql.SQL("{} WHERE user_id = %s ORDER BY created_at, seq").format(select)
+        # Keyset pages in (created_at, key_id) order; key_ids compare as bytes ("C"), as
+        # they do in every other store. LIMIT NULL is no limit.
+        page = sql.SQL('ORDER BY created_at, key_id COLLATE "C" LIMIT %s')
+        after = sql.SQL('(created_at, key_id COLLATE "C") > (%s, %s)')
+        self._q_list = {
+            (False, False): render(sql.SQL("{} {}").format(select, page)),
+            (False, True): render(sql.SQL("{} WHERE {} {}").format(select, after, page)),
+            (True, False): render(sql.SQL("{} WHERE user_id = %s {}").format(select, page)),
+            (True, True): render(
+                sql.SQL("{} WHERE user_id = %s AND {} {}").format(select, after, page)
+            ),
+        }
+        self._q_created_at = render(
+            sql.SQL("SELECT created_at FROM {} WHERE key_id = %s").format(table)
         )
         self._q_add = render(
             sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
@@ -403,7 +415,8 @@ class PostgresStore:
                     " to_regclass(%(t)s) IS NOT NULL, to_regclass(%(m)s) IS NOT NULL,"
                     " EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = %(g)s"
                     "   AND tgrelid = to_regclass(%(t)s)),"
-                    " to_regclass(%(c)s) IS NOT NULL AND to_regprocedure(%(f)s) IS NOT NULL",
+                    " to_regclass(%(c)s) IS NOT NULL AND to_regprocedure(%(f)s) IS NOT NULL,"
+                    " to_regclass(%(i)s) IS NOT NULL",
                     {
                         "s": f'"{self.schema}"',
                         "t": f'"{self.schema}"."{self.table}"',
@@ -411,9 +424,10 @@ class PostgresStore:
                         "g": f"{self.table}_notify",
                         "c": f'"{self.schema}"."{self.table}_counters"',
                         "f": f'"{self.schema}"."{self.table}_consume"{_CONSUME_ARGUMENTS}',
+                        "i": f'"{self.schema}"."{self.table}_created_idx"',
                     },
                 ).fetchone()
-                has_schema, has_table, has_meta, has_trigger, has_counters = state
+                has_schema, has_table, has_meta, has_trigger, has_counters, has_list_index = state
                 version = None
                 if has_meta:
                     row = conn.execute(
@@ -434,6 +448,10 @@ class PostgresStore:
                 # keys work, and counting raises a StoreError that says why.
                 complete = has_table and version is not None and has_trigger
                 if complete and (has_counters or not create_schema):
+                    # A table made before keyset paging lists correctly without the index,
+                    # only each page of every user's keys then sorts the whole table.
+                    if not has_list_index and create_schema:
+                        self._create_list_index(conn, table)
                     return
                 if not create_schema:
                     raise StoreError(
@@ -482,6 +500,7 @@ class PostgresStore:
                 sql.Identifier(f"{self.table}_user_idx"), table
             )
         )
+        self._create_list_index(conn, table)
         if not has_trigger:
             # CREATE OR REPLACE only our own function, and only while its trigger is absent.
             conn.execute(
@@ -529,6 +548,14 @@ class PostgresStore:
         conn.execute(
             sql.SQL(_CONSUME).format(
                 function=sql.Identifier(self.schema, f"{self.table}_consume"), counters=counters
+            )
+        )
+
+    def _create_list_index(self, conn: Any, table: Any) -> None:
+        sql = self._psycopg.sql
+        conn.execute(
+            sql.SQL('CREATE INDEX IF NOT EXISTS {} ON {} (created_at, key_id COLLATE "C")').format(
+                sql.Identifier(f"{self.table}_created_idx"), table
             )
         )
 
@@ -651,12 +678,27 @@ class PostgresStore:
     def get_by_id(self, key_id: str) -> KeyInfo | None:
         return self._one(self._q_get_by_id, (key_id,), "read a key")
 
-    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
-        query, params = (
-            (self._q_list_all, ()) if user_id is None else (self._q_list_user, (user_id,))
-        )
+    def _list_query(
+        self, user_id: str | None, limit: int | None, after: str | None, created: Any
+    ) -> tuple[bytes, tuple[Any, ...]]:
+        """The page query and its parameters, given the cursor's ``created`` time."""
+        params: tuple[Any, ...] = () if user_id is None else (user_id,)
+        if after is not None:
+            params += (created, after)
+        return self._q_list[user_id is not None, after is not None], (*params, limit)
+
+    def list_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
         try:
             with self._connection() as conn:
+                created = None
+                if after is not None:
+                    row = conn.execute(self._q_created_at, (after,)).fetchone()
+                    if row is None:
+                        raise unknown_cursor(after)
+                    created = row[0]
+                query, params = self._list_query(user_id, limit, after, created)
                 rows = conn.execute(query, params).fetchall()
         except self._psycopg.Error as e:
             raise self._fail("list keys", e) from e
@@ -923,12 +965,19 @@ class PostgresStore:
     async def aget_by_id(self, key_id: str) -> KeyInfo | None:
         return await self._aone(self._q_get_by_id, (key_id,), "read a key")
 
-    async def alist_keys(self, user_id: str | None = None) -> list[KeyInfo]:
-        query, params = (
-            (self._q_list_all, ()) if user_id is None else (self._q_list_user, (user_id,))
-        )
+    async def alist_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
         try:
             async with (await self._apool()).connection() as conn:
+                created = None
+                if after is not None:
+                    cursor = await conn.execute(self._q_created_at, (after,))
+                    row = await cursor.fetchone()
+                    if row is None:
+                        raise unknown_cursor(after)
+                    created = row[0]
+                query, params = self._list_query(user_id, limit, after, created)
                 cursor = await conn.execute(query, params)
                 rows = await cursor.fetchall()
         except self._psycopg.Error as e:

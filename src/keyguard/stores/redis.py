@@ -5,7 +5,8 @@ Layout under a namespace ``ns`` (so two apps can share one Redis):
 - ``ns:key:<digest>``: one hash per record (times as integer microseconds since the epoch,
   metadata as JSON); never given a TTL, so an expired key still answers ``expired``;
 - ``ns:ids``: a hash ``key_id -> digest``;
-- ``ns:user:<user_id>`` and ``ns:all``: sorted sets of digests scored by creation time;
+- ``ns:user:<user_id>`` and ``ns:all``: sorted sets of digests scored by creation time
+  (microseconds), which a listing reads a page at a time;
 - ``ns:counter:<name>``: a rate-limit or quota counter, a decimal string given a TTL
   when it may be forgotten (see :mod:`keyguard._counting`);
 - ``ns:usage:<step>:<start>:<key_id>``: one hash of usage counts per bucket, ``code ->
@@ -40,7 +41,7 @@ from ..records import KeyInfo
 from ._aio import PerLoop
 from ._listener import POLL_SECONDS, Listener
 from ._redact import redact_url
-from .base import USAGE_RETENTION, USAGE_STEPS, UsageRow
+from .base import USAGE_RETENTION, USAGE_STEPS, UsageRow, listing_order, unknown_cursor
 
 if TYPE_CHECKING:
     import redis
@@ -282,6 +283,37 @@ def _charged(reply: Any) -> tuple[bool, list[float]]:
     return bool(reply[0]), [float(v) for v in reply[1:]]
 
 
+def _decode_all(digests: Sequence[Any], hashes: Sequence[Any]) -> list[KeyInfo]:
+    """The records of one pipeline of HMGETs; a digest whose record is gone is left out."""
+    records = [_decode(_text(d), h) for d, h in zip(digests, hashes, strict=True)]
+    return [r for r in records if r is not None]
+
+
+def _after(records: list[KeyInfo], after: str) -> list[KeyInfo]:
+    """Of the records created with the cursor's time, those listed after it, in order."""
+    return sorted((r for r in records if r.key_id > after), key=listing_order)
+
+
+def _window(want: int | None) -> tuple[int | None, int | None]:
+    """ZRANGEBYSCORE's LIMIT (offset, count) for at most ``want`` members (None: all)."""
+    return (None, None) if want is None else (0, want)
+
+
+def _cut_at_last_score(
+    scored: Sequence[tuple[Any, float]], want: int | None
+) -> tuple[list[Any], float | None]:
+    """Split a full page of ``(digest, score)`` before its last score, which to read whole.
+
+    The members sharing the last score may go on past the page and sort differently by
+    key_id, so the caller reads that group in full. A page shorter than ``want`` reached
+    the end of the set: it is complete and nothing is cut (the score is None).
+    """
+    if want is None or len(scored) < want:
+        return [digest for digest, _ in scored], None
+    last = scored[-1][1]
+    return [digest for digest, score in scored if score < last], last
+
+
 class _AsyncClient(NamedTuple):
     client: redis.asyncio.Redis
     scripts: dict[str, Any]
@@ -414,16 +446,56 @@ class RedisStore:
             digest = self._client.hget(self._ids, key_id)
         return None if digest is None else self.get(_text(digest))
 
-    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
+    def list_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
+        """A page in (created_at, key_id) order from a sorted set ordered by (score, digest).
+
+        Only keys created in the same microsecond can be out of order, so the keys that
+        share the cursor's score, and the whole group that shares the page's last score,
+        are read in full and sorted by key_id; every other member is read a page at a time.
+        """
         index = self._all if user_id is None else self.user_key(user_id)
+        client = self._client
+        page: list[KeyInfo] = []
+        low = "-inf"
         with self._failing("list keys"):
-            digests = [_text(d) for d in cast("list[Any]", self._client.zrange(index, 0, -1))]
-            pipe = self._client.pipeline(transaction=False)
-            for digest in digests:
-                pipe.hmget(self.record_key(digest), _FIELDS)
-            hashes = pipe.execute() if digests else []
-        records = [_decode(d, h) for d, h in zip(digests, hashes, strict=True)]
-        return [r for r in records if r is not None]
+            if after is not None:
+                score = self._cursor_score(after)
+                page = _after(self._records(client.zrangebyscore(index, score, score)), after)
+                low = f"({score}"
+            want = None if limit is None else limit - len(page)
+            if want is None or want > 0:
+                scored = cast(
+                    "list[tuple[Any, float]]",
+                    client.zrangebyscore(index, low, "+inf", *_window(want), withscores=True),
+                )
+                digests, last = _cut_at_last_score(scored, want)
+                if last is not None:
+                    digests += client.zrangebyscore(index, last, last)
+                page += sorted(self._records(digests), key=listing_order)
+        return page[:limit]
+
+    def _cursor_score(self, after: str) -> str:
+        """The score (creation time in microseconds) of the record with key_id ``after``."""
+        digest = self._client.hget(self._ids, after)
+        created = (
+            None
+            if digest is None
+            else self._client.hget(self.record_key(_text(digest)), "created_at")
+        )
+        if created is None:
+            raise unknown_cursor(after)
+        return _text(created)
+
+    def _records(self, digests: Sequence[Any]) -> list[KeyInfo]:
+        """The records of ``digests``, in one round trip; a digest without one is left out."""
+        if not digests:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for digest in digests:
+            pipe.hmget(self.record_key(_text(digest)), _FIELDS)
+        return _decode_all(digests, pipe.execute())
 
     def revoke(self, digest: str, at: datetime) -> bool:
         with self._failing("revoke a key"):
@@ -579,19 +651,51 @@ class RedisStore:
             digest = await client.hget(self._ids, key_id)
         return None if digest is None else await self.aget(_text(digest))
 
-    async def alist_keys(self, user_id: str | None = None) -> list[KeyInfo]:
-        client = self._aclient().client
+    async def alist_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
+        """Async :meth:`list_keys`, the same steps awaited."""
         index = self._all if user_id is None else self.user_key(user_id)
+        client = self._aclient().client
+        page: list[KeyInfo] = []
+        low = "-inf"
         with self._failing("list keys"):
-            digests = [_text(d) for d in cast("list[Any]", await client.zrange(index, 0, -1))]
-            hashes: list[Any] = []
-            if digests:
-                pipe = client.pipeline(transaction=False)
-                for digest in digests:
-                    pipe.hmget(self.record_key(digest), _FIELDS)
-                hashes = await pipe.execute()
-        records = [_decode(d, h) for d, h in zip(digests, hashes, strict=True)]
-        return [r for r in records if r is not None]
+            if after is not None:
+                score = await self._acursor_score(after)
+                ties = await self._arecords(await client.zrangebyscore(index, score, score))
+                page = _after(ties, after)
+                low = f"({score}"
+            want = None if limit is None else limit - len(page)
+            if want is None or want > 0:
+                scored = cast(
+                    "list[tuple[Any, float]]",
+                    await client.zrangebyscore(
+                        index, low, "+inf", *_window(want), withscores=True
+                    ),
+                )
+                digests, last = _cut_at_last_score(scored, want)
+                if last is not None:
+                    digests += await client.zrangebyscore(index, last, last)
+                page += sorted(await self._arecords(digests), key=listing_order)
+        return page[:limit]
+
+    async def _acursor_score(self, after: str) -> str:
+        client = self._aclient().client
+        digest = await client.hget(self._ids, after)
+        created = None
+        if digest is not None:
+            created = await client.hget(self.record_key(_text(digest)), "created_at")
+        if created is None:
+            raise unknown_cursor(after)
+        return _text(created)
+
+    async def _arecords(self, digests: Sequence[Any]) -> list[KeyInfo]:
+        if not digests:
+            return []
+        pipe = self._aclient().client.pipeline(transaction=False)
+        for digest in digests:
+            pipe.hmget(self.record_key(_text(digest)), _FIELDS)
+        return _decode_all(digests, await pipe.execute())
 
     async def arevoke(self, digest: str, at: datetime) -> bool:
         scripts = self._aclient().scripts

@@ -32,7 +32,7 @@ from .._frozen import loads
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._fork import reset_after_fork
-from .base import UsageRow, usage_cutoffs
+from .base import UsageRow, unknown_cursor, usage_cutoffs
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -48,6 +48,11 @@ _COUNTERS_TABLE = """CREATE TABLE IF NOT EXISTS keyguard_counters (
     value REAL NOT NULL,
     expires_at REAL
 ) WITHOUT ROWID"""
+# Pages of the listing of all users in key order; a user's pages use keyguard_keys_user,
+# sorting only keys created at the same instant. Files of versions without it gain it.
+_LIST_INDEX = (
+    "CREATE INDEX IF NOT EXISTS keyguard_keys_created ON keyguard_keys (created_at, key_id)"
+)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS keyguard_meta (
     name TEXT PRIMARY KEY,
@@ -68,11 +73,13 @@ CREATE TABLE IF NOT EXISTS keyguard_keys (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS keyguard_keys_user ON keyguard_keys (user_id, created_at);
 {_COUNTERS_TABLE};
+{_LIST_INDEX};
 INSERT OR IGNORE INTO keyguard_meta (name, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
 """
 _SELECT = f"SELECT {_COLUMNS} FROM keyguard_keys"
 _GET = f"{_SELECT} WHERE digest = ?"
 _GET_BY_ID = f"{_SELECT} WHERE key_id = ?"
+_CREATED_AT = "SELECT created_at FROM keyguard_keys WHERE key_id = ?"
 _DECODE_CACHE = 4096
 # Forgotten counters are deleted once per this many charges by a process, not on every call.
 _SWEEP_EVERY = 4096
@@ -245,7 +252,9 @@ class SQLiteStore:
             if current and self._journal_mode(conn) == "wal":
                 if "keyguard_counters" not in tables and create:
                     self._add_counters_table(conn)
-                return  # nothing to write: a read-only store file stays readable
+                if ("index", "keyguard_keys_created") not in schema:
+                    self._add_list_index(conn)
+                return  # nothing else to write: a read-only store file stays readable
             # WAL lets readers in other processes see commits at once, without blocking writers.
             self._enable_wal(conn)
             conn.execute("BEGIN IMMEDIATE")
@@ -280,6 +289,19 @@ class SQLiteStore:
         """
         try:
             conn.execute(_COUNTERS_TABLE)
+        except sqlite3.OperationalError as e:
+            if "readonly" not in str(e):
+                raise
+
+    @staticmethod
+    def _add_list_index(conn: sqlite3.Connection) -> None:
+        """Index a file written before keyset paging, if this process may write it.
+
+        Without the index a file still lists correctly, only each page of all users' keys
+        sorts the whole table; a read-only copy is worth reading all the same.
+        """
+        try:
+            conn.execute(_LIST_INDEX)
         except sqlite3.OperationalError as e:
             if "readonly" not in str(e):
                 raise
@@ -372,14 +394,27 @@ class SQLiteStore:
         row = self._execute(_GET_BY_ID, (key_id,)).fetchone()
         return None if row is None else self._decode(row)
 
-    def list_keys(self, user_id: str | None = None) -> list[KeyInfo]:
-        if user_id is None:
-            rows = self._execute(f"{_SELECT} ORDER BY created_at").fetchall()
-        else:
-            rows = self._execute(
-                f"{_SELECT} WHERE user_id = ? ORDER BY created_at", (user_id,)
-            ).fetchall()
-        return [_row_to_info(row) for row in rows]
+    def list_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
+        where: list[str] = []
+        params: list[Any] = []
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        if after is not None:
+            # The cursor's own stored time, so no float makes a round trip through Python.
+            row = self._execute(_CREATED_AT, (after,)).fetchone()
+            if row is None:
+                raise unknown_cursor(after)
+            where.append("(created_at, key_id) > (?, ?)")
+            params += [row[0], after]
+        sql = _SELECT
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        params.append(-1 if limit is None else limit)  # LIMIT -1: no limit
+        rows = self._execute(f"{sql} ORDER BY created_at, key_id LIMIT ?", tuple(params))
+        return [_row_to_info(row) for row in rows.fetchall()]
 
     def revoke(self, digest: str, at: datetime) -> bool:
         cursor = self._execute(
