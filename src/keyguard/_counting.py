@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["EPSILON", "Bucket", "apply", "expiry"]
+__all__ = ["EPSILON", "Bucket", "apply"]
 
 #: Tolerance for float rounding at a window edge (a microsecond).
 EPSILON = 1e-6
@@ -33,24 +33,23 @@ class Bucket(NamedTuple):
     expires_at: float | None
 
 
-def apply(buckets: Sequence[Bucket], values: Sequence[float], now: float) -> list[float] | None:
-    """The buckets' values after taking one unit at ``now``, or None if any has no room."""
-    charged: list[float] = []
+def apply(
+    buckets: Sequence[Bucket], values: Sequence[float], now: float
+) -> list[tuple[float, float | None]] | None:
+    """Each bucket's value after taking one unit at ``now``, with when the store may forget
+    it (a rate bucket once it is full again, a count bucket at its ``expires_at``); None if
+    any bucket has no room."""
+    charged: list[tuple[float, float | None]] = []
     for bucket, value in zip(buckets, values, strict=True):
-        if bucket.interval > 0:
-            new = max(value, now) + bucket.interval
+        interval = bucket.interval
+        if interval > 0:
+            new = (value if value > now else now) + interval
             if new - now > bucket.capacity + EPSILON:
                 return None
+            charged.append((new, new))
         else:
             new = value + 1
             if new > bucket.capacity:
                 return None
-        charged.append(new)
+            charged.append((new, bucket.expires_at))
     return charged
-
-
-def expiry(bucket: Bucket, new_value: float) -> float | None:
-    """When a bucket holding ``new_value`` can be forgotten: a rate bucket once it is full."""
-    if bucket.interval > 0:
-        return new_value
-    return bucket.expires_at

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from .._counting import Bucket, apply, expiry
+from .._counting import Bucket, apply
 from ..records import KeyInfo
 from .base import UsageRow, listing_order, unknown_cursor, usage_cutoffs
 
@@ -130,12 +130,12 @@ class MemoryStore:
             charged = apply(buckets, values, now)
             if charged is None:
                 return False, values
-            for bucket, value in zip(buckets, charged, strict=True):
-                counters[bucket.name] = (value, expiry(bucket, value))
+            for bucket, entry in zip(buckets, charged, strict=True):
+                counters[bucket.name] = entry
             self._charges += 1
             if self._charges % _SWEEP_EVERY == 0:
                 self._sweep(now)
-            return True, charged
+            return True, [value for value, _ in charged]
 
     def adjust(self, bucket: Bucket, delta: float) -> float:
         with self._counter_lock:

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .._counting import Bucket, apply, expiry
+from .._counting import Bucket, apply
 from .._frozen import loads
 from ..exceptions import StoreError
 from ..records import KeyInfo
@@ -473,12 +473,12 @@ class SQLiteStore:
                 "INSERT INTO keyguard_counters (name, value, expires_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET"
                 " value = excluded.value, expires_at = excluded.expires_at",
-                [(b.name, v, expiry(b, v)) for b, v in zip(buckets, charged, strict=True)],
+                [(b.name, v, forget) for b, (v, forget) in zip(buckets, charged, strict=True)],
             )
             self._charges += 1
             if self._charges % _SWEEP_EVERY == 0:
                 conn.execute("DELETE FROM keyguard_counters WHERE expires_at <= ?", (now,))
-            return True, charged
+            return True, [value for value, _ in charged]
 
     def adjust(self, bucket: Bucket, delta: float) -> float:
         with self._counting() as conn:
