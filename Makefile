@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
+	@echo "Installed. The CLI is $(BIN)/keyguard (or run '. $(BIN)/activate' first, then 'keyguard')."
 
 demo: install
 	$(BIN)/python examples/starlette_app.py
