@@ -154,8 +154,22 @@ async def test_fastapi_example_documents_the_key_for_swagger(fastapi_example: Mo
     assert document["paths"]["/whoami"]["get"]["security"] == either
     assert document["paths"]["/items"]["post"]["security"] == either
     assert "security" not in document["paths"]["/health"]["get"]
+    assert set(document["paths"]["/items"]["post"]["responses"]) >= {"401", "403"}
     docs = await call(fastapi_example, "GET", "/docs")
     assert (docs.status_code, "swagger-ui" in docs.text) == (200, True)
+
+
+async def test_fastapi_example_serves_swagger_ui_without_a_cdn(
+    fastapi_example: ModuleType,
+) -> None:
+    page = (await call(fastapi_example, "GET", "/docs")).text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert assets, page
+    for asset in assets:
+        assert asset.startswith("/"), f"{asset} is not served by the app"
+        response = await call(fastapi_example, "GET", asset)
+        assert response.status_code == 200, asset
+    assert (await call(fastapi_example, "GET", "/redoc")).status_code == 404
 
 
 @pytest.fixture
