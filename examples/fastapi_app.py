@@ -4,8 +4,9 @@ Run it with ``python examples/fastapi_app.py`` (or ``uvicorn examples.fastapi_ap
 then try the "Authorize" button at http://127.0.0.1:8000/docs. Keys live in
 ``$KEYGUARD_STORE`` (default ``sqlite:///keyguard.db``), shared with the CLI.
 
-Swagger UI is served from the installed ``swagger-ui-bundle`` package rather than a CDN, so
-``/docs`` works offline and behind a firewall; ReDoc, which has no such package, is off.
+``FastAPIOffline`` (package ``fastapi-offline``) serves Swagger UI and ReDoc from files it
+installs rather than from a CDN, so ``/docs`` and ``/redoc`` work offline and behind a
+firewall.
 """
 
 from __future__ import annotations
@@ -16,33 +17,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
-from fastapi.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path
+from fastapi import Depends
+from fastapi_offline import FastAPIOffline
 
 from keyguard import APIKeyManager, KeyInfo
 from keyguard.fastapi import install, require_api_key
 
 manager = APIKeyManager.from_url()
-app = FastAPI(title="keyguard FastAPI example", docs_url=None, redoc_url=None)
+app = FastAPIOffline(title="keyguard FastAPI example")  # a FastAPI app; docs without a CDN
 install(app, manager)  # problem+json refusals, documented in the OpenAPI document
-app.mount("/assets/swagger-ui", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
 
 AnyKey = Annotated[KeyInfo, Depends(require_api_key())]
 WriteKey = Annotated[KeyInfo, Depends(require_api_key(scopes=["write"]))]
-
-
-@app.get("/docs", include_in_schema=False)
-async def swagger_ui() -> HTMLResponse:
-    return get_swagger_ui_html(
-        openapi_url="/openapi.json",
-        title="keyguard FastAPI example",
-        swagger_js_url="/assets/swagger-ui/swagger-ui-bundle.js",
-        swagger_css_url="/assets/swagger-ui/swagger-ui.css",
-        swagger_favicon_url="/assets/swagger-ui/favicon-32x32.png",
-    )
 
 
 @app.get("/health")

@@ -159,17 +159,17 @@ async def test_fastapi_example_documents_the_key_for_swagger(fastapi_example: Mo
     assert (docs.status_code, "swagger-ui" in docs.text) == (200, True)
 
 
-async def test_fastapi_example_serves_swagger_ui_without_a_cdn(
-    fastapi_example: ModuleType,
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_fastapi_example_serves_its_docs_pages_without_a_cdn(
+    fastapi_example: ModuleType, page: str
 ) -> None:
-    page = (await call(fastapi_example, "GET", "/docs")).text
+    page = (await call(fastapi_example, "GET", page)).text
     assets = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert assets, page
     for asset in assets:
         assert asset.startswith("/"), f"{asset} is not served by the app"
         response = await call(fastapi_example, "GET", asset)
         assert response.status_code == 200, asset
-    assert (await call(fastapi_example, "GET", "/redoc")).status_code == 404
 
 
 @pytest.fixture
