@@ -1,11 +1,11 @@
 # Two commands set everything up on a fresh machine with Python 3.10+:
 #   make demo   install, then run the Starlette example on the SQLite store
-#   make test   install, then run ruff, mypy and every test
+#   make test   install, then run ruff, mypy, every test and the docs build
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench fuzz clean
+.PHONY: install demo test lint docs docs-check bench fuzz clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
+	@echo "Installed. The CLI is $(BIN)/keyguard (or run '. $(BIN)/activate' first, then 'keyguard')."
 
 demo: install
 	$(BIN)/python examples/starlette_app.py
@@ -23,8 +24,16 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint docs-check
 	$(BIN)/pytest --cov --cov-report=term
+
+# Not -q: mkdocs counts warnings only when it shows them, and --strict fails on any.
+docs-check: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir .site-check
+	rm -rf .site-check
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_fuzz.py
@@ -36,4 +45,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_limits.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) site .site-check .pytest_cache .mypy_cache .ruff_cache .coverage

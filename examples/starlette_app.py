@@ -8,6 +8,9 @@ The WebSocket at ``/ws`` is guarded too: its handshake needs a key like any requ
 from __future__ import annotations
 
 import os
+import sys
+from datetime import timedelta
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -55,13 +58,22 @@ app = Starlette(
 
 
 def print_demo_key(base_url: str) -> None:
-    """Create and print a demo key if the store has no active key; it is shown only here."""
-    if manager.list_keys(limit=1):
-        print("The store has keys; create another with: keyguard create --user you --scope read")
-        return
-    key = manager.generate_key(user_id="demo", permissions=["read", "write"])
-    print(f"Created a demo key with scopes read and write: {key}")
-    print(f'Try: curl -H "Authorization: Bearer {key}" {base_url}/whoami', flush=True)
+    """Create a demo key valid for a day and print it once, with a curl line and the CLI.
+
+    Every run makes a fresh key, so the curl line works on a store that has keys already;
+    the day's expiry keeps old demo keys from piling up as live credentials.
+    """
+    key = manager.generate_key(
+        user_id="demo", permissions=["read", "write"], expires_in=timedelta(days=1)
+    )
+    cli = Path(sys.executable).parent / "keyguard"  # the venv's: `make install` puts none on PATH
+    command = f"{sys.executable} -m keyguard" if not cli.exists() else os.path.relpath(cli)
+    if command.startswith(".."):
+        command = str(cli)
+    print(f"Created a demo key (scopes read and write, expires in 24 hours): {key}")
+    print(f'Try: curl -H "Authorization: Bearer {key}" {base_url}/whoami')
+    # The CLI finds the same store when run from this folder: it reads the same default.
+    print(f"Manage keys from this folder with: {command} list", flush=True)
 
 
 if __name__ == "__main__":

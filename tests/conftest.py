@@ -6,6 +6,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from typing import NoReturn
 
 import pytest
 from hypothesis import settings
@@ -22,7 +23,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 REQUIRE_SERVICES = os.environ.get("KEYGUARD_REQUIRE_SERVICES") == "1"
 
 
-def service_unavailable(reason: str) -> None:
+def service_unavailable(reason: str) -> NoReturn:
     """Skip the current test because a server is unreachable, or fail in CI."""
     if REQUIRE_SERVICES:
         pytest.fail(f"{reason} (KEYGUARD_REQUIRE_SERVICES=1 forbids skipping)")

@@ -31,7 +31,8 @@ PEPPER = "p" * 32
 class Result:
     code: int
     out: str
-    err: str
+    err: str  # stderr without the "store: …" line, which test_cli_names_the_store checks
+    store_lines: tuple[str, ...] = ()
 
     def json(self) -> Any:
         return json.loads(self.out)
@@ -60,7 +61,10 @@ class CLI:
             cwd=self.cwd,
             timeout=60,
         )
-        result = Result(done.returncode, done.stdout, done.stderr)
+        lines = done.stderr.splitlines(keepends=True)
+        store = tuple(line.rstrip("\n") for line in lines if line.startswith("store: "))
+        err = "".join(line for line in lines if not line.startswith("store: "))
+        result = Result(done.returncode, done.stdout, err, store)
         self.outputs.append((args, result))
         return result
 
@@ -762,6 +766,34 @@ def test_verify_does_not_record_last_use(cli: CLI) -> None:
     cli("verify", key)
 
     assert cli("show", record["key_id"], "--json").json()["last_used_at"] is None
+
+
+# -- which store ----------------------------------------------------------------------------
+
+
+def test_every_command_names_its_store_and_create_says_when_it_is_new(cli: CLI) -> None:
+    relative = {"KEYGUARD_STORE": "sqlite:///keyguard.db"}  # the default: this folder's file
+    where = f"store: sqlite:///{cli.cwd / 'keyguard.db'}"
+
+    first = cli("create", "--user", "alice", "--json", **relative)
+    second = cli("create", "--user", "bob", **relative)
+    listed = cli("list", "--json", **relative)
+    verified = cli("verify", "-", stdin=first.json()["key"] + "\n", **relative)
+
+    assert first.store_lines == (f"{where} (a new store file, created now)",)
+    assert first.json()["user_id"] == "alice"  # stdout stays clean JSON
+    for result in (second, listed, verified):
+        assert (result.code, result.store_lines) == (0, (where,)), result.err
+    assert len(listed.json()["keys"]) == 2
+
+
+def test_the_store_line_masks_a_password_and_a_missing_store_names_none(cli: CLI) -> None:
+    missing = cli("list")
+    refused = cli("list", "--store", "redis://:hunter2@127.0.0.1:1/0?socket_connect_timeout=1")
+
+    assert (missing.code, missing.store_lines) == (2, ())
+    assert refused.code == 2
+    assert "hunter2" not in refused.err + "".join(refused.store_lines)
 
 
 # -- store errors --------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import importlib.util
 import re
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 
@@ -124,22 +125,26 @@ async def test_revoked_key_is_refused_on_the_next_request(
     assert (refused.status_code, refused.json()["code"]) == (401, "revoked_api_key")
 
 
-async def test_demo_key_is_printed_once_with_a_working_curl_line(
+async def test_every_demo_run_prints_a_fresh_working_key_and_the_cli_command(
     example: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    example.print_demo_key("http://127.0.0.1:8000")
-    first = capsys.readouterr().out
-    keys = KEY_RE.findall(first)
-    assert len(set(keys)) == 1
-    curl = next(line for line in first.splitlines() if line.startswith("Try: curl"))
-    assert f'-H "Authorization: Bearer {keys[0]}" http://127.0.0.1:8000/whoami' in curl
-    response = await call(example, "GET", "/whoami", keys[0])
-    assert response.json() == {"user_id": "demo", "scopes": ["read", "write"]}
+    keys = []
+    for _ in range(2):  # the second run finds keys in the store and still prints a key
+        example.print_demo_key("http://127.0.0.1:8000")
+        out = capsys.readouterr().out
+        [key] = set(KEY_RE.findall(out))
+        curl = next(line for line in out.splitlines() if line.startswith("Try: curl"))
+        assert f'-H "Authorization: Bearer {key}" http://127.0.0.1:8000/whoami' in curl
+        cli = next(line for line in out.splitlines() if line.startswith("Manage keys"))
+        assert cli.endswith("keyguard list")
+        keys.append(key)
 
-    example.print_demo_key("http://127.0.0.1:8000")
-    second = capsys.readouterr().out
-    assert KEY_RE.search(second) is None
-    assert "keyguard create" in second
+    assert keys[0] != keys[1]
+    for key in keys:
+        response = await call(example, "GET", "/whoami", key)
+        assert response.json() == {"user_id": "demo", "scopes": ["read", "write"]}
+    [info, _] = example.manager.list_keys("demo")
+    assert info.expires_at - info.created_at == timedelta(days=1)
 
 
 async def test_fastapi_example_documents_the_key_for_swagger(fastapi_example: ModuleType) -> None:
@@ -149,8 +154,22 @@ async def test_fastapi_example_documents_the_key_for_swagger(fastapi_example: Mo
     assert document["paths"]["/whoami"]["get"]["security"] == either
     assert document["paths"]["/items"]["post"]["security"] == either
     assert "security" not in document["paths"]["/health"]["get"]
+    assert set(document["paths"]["/items"]["post"]["responses"]) >= {"401", "403"}
     docs = await call(fastapi_example, "GET", "/docs")
     assert (docs.status_code, "swagger-ui" in docs.text) == (200, True)
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_fastapi_example_serves_its_docs_pages_without_a_cdn(
+    fastapi_example: ModuleType, page: str
+) -> None:
+    page = (await call(fastapi_example, "GET", page)).text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert assets, page
+    for asset in assets:
+        assert asset.startswith("/"), f"{asset} is not served by the app"
+        response = await call(fastapi_example, "GET", asset)
+        assert response.status_code == 200, asset
 
 
 @pytest.fixture

@@ -253,13 +253,13 @@ async def test_openapi_lists_the_schemes_and_the_operations_use_them(
         "APIKeyBearer": {
             "type": "http",
             "scheme": "bearer",
-            "description": "An API key sent as 'Authorization: Bearer <key>'.",
+            "description": "An API key, sent as `Authorization: Bearer <key>`.",
         },
         "APIKeyHeader": {
             "type": "apiKey",
             "in": "header",
             "name": "X-API-Key",
-            "description": "An API key sent in the 'X-API-Key' header.",
+            "description": "An API key, sent in the `X-API-Key` header.",
         },
     }
     either: list[dict[str, list[str]]] = [{"APIKeyBearer": []}, {"APIKeyHeader": []}]
@@ -268,6 +268,52 @@ async def test_openapi_lists_the_schemes_and_the_operations_use_them(
     assert "security" not in document["paths"]["/health"]["get"]
     # The dependency's own parameters are not request parameters.
     assert "parameters" not in document["paths"]["/whoami"]["get"]
+
+
+async def test_openapi_documents_the_refusals_as_problem_json(
+    client: httpx.AsyncClient,
+) -> None:
+    document = (await client.get("/openapi.json")).json()
+    whoami = document["paths"]["/whoami"]["get"]["responses"]
+    items = document["paths"]["/items"]["post"]["responses"]
+
+    assert set(whoami) == {"200", "400", "401", "503"}  # no scopes required: no 403
+    assert set(items) == {"201", "400", "401", "403", "503"}
+    assert "401" not in document["paths"]["/health"]["get"]["responses"]
+    unauthorized = whoami["401"]
+    assert unauthorized["description"] == (
+        "Unauthorized: `expired_api_key`, `invalid_api_key`, `missing_api_key`, `revoked_api_key`."
+    )
+    content = unauthorized["content"]["application/problem+json"]
+    assert content["schema"] == {"$ref": "#/components/schemas/Problem"}
+    assert content["example"]["code"] == "missing_api_key"
+    assert "WWW-Authenticate" in unauthorized["headers"]
+    assert "headers" not in whoami["503"]
+    assert items["403"]["content"]["application/problem+json"]["example"]["code"] == (
+        "insufficient_scope"
+    )
+    problem = document["components"]["schemas"]["Problem"]
+    assert problem["required"] == ["type", "title", "status", "detail", "code"]
+
+
+async def test_a_route_keeps_the_responses_it_declares(manager: APIKeyManager) -> None:
+    app = FastAPI()
+    install(app, manager)
+    install(app, manager)  # twice is harmless
+
+    mine = {"description": "Our own words", "content": {"application/json": {}}}
+
+    @app.get("/whoami", responses={401: mine})
+    async def whoami(key: Annotated[KeyInfo, Depends(require_api_key())]) -> str:
+        return key.user_id
+
+    async with make_client(app) as client:
+        document = (await client.get("/openapi.json")).json()
+        again = (await client.get("/openapi.json")).json()
+    responses = document["paths"]["/whoami"]["get"]["responses"]
+    assert responses["401"] == mine
+    assert set(responses) == {"200", "400", "401", "503"}
+    assert again == document
 
 
 async def test_custom_header_names_become_the_schemes(manager: APIKeyManager) -> None:

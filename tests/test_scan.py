@@ -363,6 +363,7 @@ def test_scan_revoke_asks_after_showing_the_findings(leaks: tuple[CLI, Leaks]) -
 
     live_id = tree.live_record["key_id"]
     assert done.stdout.splitlines() == [
+        f"store: sqlite:///{cli.db}",
         f"repo/src/settings.py:3: {tree.hint(tree.live)} live ({live_id})",
         "Scanned 1 file(s): 1 finding(s): 1 live.",
         f"Revoke 1 live key(s): {live_id} ({tree.hint(tree.live)})? [y/N] n",
@@ -559,7 +560,7 @@ def test_scan_lists_the_store_only_when_it_must(
     cli, _ = leaks
 
     assert scan_in_process(monkeypatch, cli, *args) == (code, listings)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == f"store: sqlite:///{cli.db}\n"
 
 
 @pytest.mark.parametrize("prefix", [[], ["--prefix", "sk_"]], ids=["store prefixes", "prefix"])

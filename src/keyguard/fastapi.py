@@ -12,19 +12,23 @@
 Behind :class:`keyguard.asgi.APIKeyMiddleware` (or :class:`keyguard.starlette.APIKeyBackend`)
 the dependency reuses the key the middleware checked; without one it checks the key itself.
 Either way the route lists the key's headers as security schemes, so Swagger UI's
-"Authorize" button works.
+"Authorize" button works, and after :func:`install` its refusals (400, 401, 403 where
+scopes are required, 503) as ``application/problem+json`` responses.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException
+from fastapi.dependencies.models import Dependant
 from fastapi.requests import HTTPConnection, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPBearer
 
 from .asgi import (
@@ -38,14 +42,17 @@ from .asgi import (
 )
 from .manager import APIKeyManager
 from .pipeline import DEFAULT_FAILURE_LIMIT, DEFAULT_HEADER_NAMES, Admission, Pipeline
-from .problems import Problem
+from .problems import PROBLEM_CONTENT_TYPE, Problem, Problems
 from .records import KeyInfo
 
 __all__ = [
     "MANAGER_STATE",
+    "PROBLEM_SCHEMA",
     "APIKeyHTTPException",
+    "document_refusals",
     "install",
     "problem_exception_handler",
+    "refusal_responses",
     "require_api_key",
 ]
 
@@ -83,14 +90,133 @@ async def problem_exception_handler(request: Request, exc: Exception) -> Respons
 def install(app: FastAPI, manager: APIKeyManager | None = None) -> None:
     """Send keyguard refusals as ``application/problem+json`` and set the app-wide manager.
 
-    ``manager`` is the one :func:`require_api_key` uses when it is given none; it is kept
-    in ``app.state`` under :data:`MANAGER_STATE`. It also adds a small middleware that
-    puts the RateLimit headers of keys the dependency admitted on their responses.
+    It also documents those refusals in the OpenAPI document: every operation that
+    depends on :func:`require_api_key` lists its 400, 401, 403 (when it requires scopes),
+    429 and 503 responses with the ``Problem`` schema, unless the route declares that
+    status itself, and adds a small middleware that puts the RateLimit headers of keys the
+    dependency admitted on their responses. ``manager`` is the one :func:`require_api_key`
+    uses when it is given none; it is kept in ``app.state`` under :data:`MANAGER_STATE`.
     """
     app.add_exception_handler(APIKeyHTTPException, problem_exception_handler)
     app.add_middleware(_ResponseHeaders)
     if manager is not None:
         setattr(app.state, MANAGER_STATE, manager)
+    if getattr(app.openapi, "keyguard_documents_refusals", False):
+        return
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document_refusals(app, build())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    openapi.keyguard_documents_refusals = True  # type: ignore[attr-defined]
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+#: The OpenAPI schema of a refusal's body (RFC 9457), as ``components/schemas/Problem``.
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "Why keyguard refused the request (RFC 9457 problem details).",
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "code"],
+    "properties": {
+        "type": {"type": "string", "example": "about:blank"},
+        "title": {"type": "string", "description": "The status phrase."},
+        "status": {"type": "integer"},
+        "detail": {"type": "string", "description": "A sentence for people."},
+        "code": {"type": "string", "description": "A stable name for programs."},
+    },
+}
+
+
+_LIMIT_HEADERS: dict[str, Any] = {
+    "Retry-After": {
+        "description": "Whole seconds until the request can succeed (absent when a quota"
+        " is never refilled).",
+        "schema": {"type": "integer"},
+    },
+    "RateLimit-Policy": {
+        "description": "The key's limits (draft-ietf-httpapi-ratelimit-headers-11).",
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": "What is left of each limit, and when it resets.",
+        "schema": {"type": "string"},
+    },
+}
+
+
+def _pipelines(dependant: Dependant) -> Iterator[Pipeline]:
+    """The pipelines of every :func:`require_api_key` dependency under ``dependant``."""
+    for sub in dependant.dependencies:
+        pipeline = getattr(sub.call, "keyguard_pipeline", None)
+        if isinstance(pipeline, Pipeline):
+            yield pipeline
+        yield from _pipelines(sub)
+
+
+def refusal_responses(pipelines: Iterable[Pipeline]) -> dict[str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the refusals of ``pipelines``, keyed by status code."""
+    found: dict[int, dict[str, Problem]] = {}
+    for pipeline in pipelines:
+        candidates = list(pipeline.problems)
+        # Any key may carry its own limits; the failed-check throttle is on unless turned off.
+        candidates.append(Problems.limited("rate_limited", 1, ()))
+        candidates.append(Problems.limited("quota_exceeded", None, ()))
+        if pipeline.throttle is not None:
+            candidates.append(pipeline.problems.too_many_failures(1))
+        for problem in candidates:
+            if problem.status == 403 and not pipeline.required_scopes:
+                continue  # only a dependency that requires scopes refuses with 403
+            found.setdefault(problem.status, {}).setdefault(problem.code, problem)
+    responses: dict[str, dict[str, Any]] = {}
+    for status, problems in sorted(found.items()):
+        codes = ", ".join(f"`{code}`" for code in sorted(problems))
+        example = next(iter(problems.values()))
+        response: dict[str, Any] = {
+            "description": f"{HTTPStatus(status).phrase}: {codes}.",
+            "content": {
+                PROBLEM_CONTENT_TYPE: {
+                    "schema": {"$ref": "#/components/schemas/Problem"},
+                    "example": example.as_dict(),
+                }
+            },
+        }
+        if any(p.www_authenticate for p in problems.values()):
+            response["headers"] = {
+                "WWW-Authenticate": {
+                    "description": "The RFC 6750 Bearer challenge.",
+                    "schema": {"type": "string"},
+                }
+            }
+        if status == 429:
+            response["headers"] = _LIMIT_HEADERS
+        responses[str(status)] = response
+    return responses
+
+
+def document_refusals(app: FastAPI, document: dict[str, Any]) -> None:
+    """Add the refusals of every keyguard-guarded operation to the OpenAPI ``document``."""
+    used = False
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        responses = refusal_responses(_pipelines(route.dependant))
+        path = document.get("paths", {}).get(route.path_format)
+        if not responses or path is None:
+            continue
+        for method in route.methods or ():
+            operation = path.get(method.lower())
+            if operation is None:
+                continue
+            declared = operation.setdefault("responses", {})
+            for status, response in responses.items():
+                declared.setdefault(status, response)
+            used = True
+    if used:
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault("Problem", PROBLEM_SCHEMA)
 
 
 class _ResponseHeaders:
@@ -114,7 +240,8 @@ def _security_schemes(pipeline: Pipeline) -> list[APIKeyHeader | HTTPBearer]:
             schemes.append(
                 HTTPBearer(
                     scheme_name="APIKeyBearer",
-                    description="An API key sent as 'Authorization: Bearer <key>'.",
+                    # A code span, or Swagger UI's Markdown would swallow <key> as a tag.
+                    description="An API key, sent as `Authorization: Bearer <key>`.",
                     auto_error=False,
                 )
             )
@@ -125,7 +252,7 @@ def _security_schemes(pipeline: Pipeline) -> list[APIKeyHeader | HTTPBearer]:
                     scheme_name=(
                         "APIKeyHeader" if lower == "x-api-key" else f"APIKeyHeader-{lower}"
                     ),
-                    description=f"An API key sent in the '{name}' header.",
+                    description=f"An API key, sent in the `{name}` header.",
                     auto_error=False,
                 )
             )
@@ -224,4 +351,5 @@ def require_api_key(
     api_key.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         parameters, return_annotation=KeyInfo
     )
+    api_key.keyguard_pipeline = pipeline  # type: ignore[attr-defined]  # for the OpenAPI refusals
     return api_key

@@ -11,12 +11,13 @@ import os
 import re
 import sys
 import time
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from ..keys import DEFAULT_PREFIX, KEY_BODY_LENGTH, KeyFormat, mask_key
 from ..manager import COUNTERS_ENV, APIKeyManager
 from ..records import KeyInfo
 from ..stores import DEFAULT_STORE_URL, STORE_URL_ENV, KeyStore, store_from_url
+from ..stores._redact import redact_url
 from ..stores.base import CounterStore
 
 __all__ = [
@@ -75,11 +76,29 @@ class Session:
         path = unquote(parts.path[1:])
         return path if path and not os.path.exists(path) else None
 
+    def display_url(self) -> str:
+        """The store URL as the operator should read it: a SQLite path made absolute.
+
+        A relative ``sqlite:///keyguard.db`` means a different file in every folder, so the
+        line names the one this command opened; passwords in other URLs are masked.
+        """
+        url = self.url.strip()
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "sqlite" or parts.netloc or not parts.path[1:]:
+            return redact_url(url)
+        path = os.path.abspath(unquote(parts.path[1:]))
+        query = f"?{parts.query}" if parts.query else ""
+        return f"sqlite:///{quote(path, safe='/')}{query}"
+
     def store(self, *, create: bool = False) -> KeyStore:
-        """Open the store; unless ``create``, a missing SQLite file is an error, not a new one."""
+        """Open the store; unless ``create``, a missing SQLite file is an error, not a new one.
+
+        The store it opened is named on stderr (stdout stays clean for ``--json``), and a
+        new SQLite file is called new: a key made in the wrong folder must not go unnoticed.
+        """
         if self._store is None:
-            missing = None if create else self.missing_sqlite_file()
-            if missing is not None:
+            missing = self.missing_sqlite_file()
+            if missing is not None and not create:
                 raise CLIError(
                     f"no key store at {missing!r}: create a key first, or pass --store URL"
                     f" or set {STORE_URL_ENV}",
@@ -90,6 +109,8 @@ class Session:
                 self._store = store_from_url(self.url, create_schema=create)
             except (ValueError, TypeError, ImportError) as e:
                 raise CLIError(str(e), EXIT_USAGE) from None
+            created = " (a new store file, created now)" if missing is not None else ""
+            print(f"store: {self.display_url()}{created}", file=sys.stderr)
         return self._store
 
     def counters(self) -> CounterStore | None:
