@@ -687,3 +687,30 @@ def test_usage_recording_can_be_turned_off(clock: Clock) -> None:
     assert manager.usage_recorder is None
     assert Client("wsgi", manager).get(key).status_code == 200
     assert sum(p.requests for p in manager.usage(info.key_id)) == 0
+
+
+def test_a_limited_key_refused_for_a_scope_gets_its_ratelimit_fields_uncharged(
+    kind: str, manager: APIKeyManager
+) -> None:
+    key = manager.generate_key(user_id="u", rate_limits=["5/minute"], quota=9)
+    Client(kind, manager).get(key)
+    refused = Client(kind, manager, required_scopes=["admin"]).get(key)
+    assert refused.status_code == 403
+    assert problem(refused)["code"] == "insufficient_scope"
+    assert refused.headers["ratelimit"] == '"5/minute";r=4;t=12, "quota";r=8'
+    assert refused.headers["ratelimit-policy"] == '"5/minute";q=5;w=60, "quota";q=9'
+    assert manager.remaining(key) == 8, "the refusal used nothing"
+
+
+def test_a_scope_refusal_stands_when_the_counter_store_fails(kind: str, clock: Clock) -> None:
+    class Unreadable(BrokenCounters):
+        def peek(self, names: Any) -> list[float]:
+            from keyguard import StoreError
+
+            raise StoreError("counter store is unreachable")
+
+    manager = APIKeyManager(clock=clock, counters=Unreadable())
+    key = manager.generate_key(user_id="u", rate_limits=["5/minute"])
+    refused = Client(kind, manager, required_scopes=["admin"]).get(key)
+    assert refused.status_code == 403
+    assert "ratelimit" not in refused.headers

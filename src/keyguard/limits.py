@@ -330,6 +330,26 @@ class Limiter:
         taken, values = await counters.aconsume(plan.buckets(now), now)
         return plan.usage(taken, values, now)
 
+    def headers(
+        self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()
+    ) -> tuple[tuple[str, str], ...]:
+        """The RateLimit fields of ``info`` as they stand, charging nothing (for refusals)."""
+        plan = self.plan(info, default_rates)
+        values = self.counters.peek([b.name for b in plan.buckets(now)])
+        return plan.usage(True, values, now).headers
+
+    async def aheaders(
+        self,
+        info: KeyInfo,
+        now: float,
+        counters: AsyncCounterStore,
+        default_rates: tuple[Rate, ...] = (),
+    ) -> tuple[tuple[str, str], ...]:
+        """:meth:`headers` through the counter store's async twin."""
+        plan = self.plan(info, default_rates)
+        values = await counters.apeek([b.name for b in plan.buckets(now)])
+        return plan.usage(True, values, now).headers
+
     def remaining(self, info: KeyInfo, now: float) -> int | None:
         """The credits left in the key family's quota now, or None if it has no quota."""
         quota = info.quota

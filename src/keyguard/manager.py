@@ -563,6 +563,28 @@ class APIKeyManager:
             return None
         return await limiter.atake(info, self._clock(), counters, default_rates)
 
+    def limit_headers(
+        self, info: KeyInfo, default_rates: tuple[Rate, ...] = ()
+    ) -> tuple[tuple[str, str], ...]:
+        """The RateLimit fields of a key that is refused for another reason (a missing
+        scope), read without charging; empty when no limit applies."""
+        limiter = self.limiter
+        if limiter is None or not (info.rate_limits or default_rates or info.quota):
+            return ()
+        return limiter.headers(info, self._clock(), default_rates)
+
+    async def alimit_headers(
+        self, info: KeyInfo, default_rates: tuple[Rate, ...] = ()
+    ) -> tuple[tuple[str, str], ...]:
+        """:meth:`limit_headers` for event loops."""
+        limiter = self.limiter
+        counters = self._async_counters
+        if counters is None or limiter is None:
+            return self.limit_headers(info, default_rates)
+        if not (info.rate_limits or default_rates or info.quota):
+            return ()
+        return await limiter.aheaders(info, self._clock(), counters, default_rates)
+
     def _record(self, key_or_id: object) -> KeyInfo:
         """The record named by a key or a key_id (any status), or a KeyError."""
         info: KeyInfo | None

@@ -24,6 +24,7 @@ differ only in how they ask the manager and the counter store.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -306,11 +307,13 @@ class Pipeline:
         except KeyguardError as e:
             return self._failed(manager, e, address, now)
         outcome: KeyInfo | Admission | Problem = self.admit(info, address)
-        if outcome is info:
-            try:
+        try:
+            if outcome is info:
                 outcome = self._charged(info, manager.charge(info, self.rate_limits))
-            except StoreError as e:
-                outcome = self._counters_failed(info, e)
+            elif isinstance(outcome, Problem):
+                outcome = _with_headers(outcome, manager.limit_headers(info, self.rate_limits))
+        except StoreError as e:
+            outcome = self._counters_failed(info, e, outcome)
         return _counted(manager, info, outcome)
 
     async def aauthenticate(
@@ -335,11 +338,14 @@ class Pipeline:
         except KeyguardError as e:
             return self._failed(manager, e, address, now)
         outcome: KeyInfo | Admission | Problem = self.admit(info, address)
-        if outcome is info:
-            try:
+        try:
+            if outcome is info:
                 outcome = self._charged(info, await manager.acharge(info, self.rate_limits))
-            except StoreError as e:
-                outcome = self._counters_failed(info, e)
+            elif isinstance(outcome, Problem):
+                headers = await manager.alimit_headers(info, self.rate_limits)
+                outcome = _with_headers(outcome, headers)
+        except StoreError as e:
+            outcome = self._counters_failed(info, e, outcome)
         return _counted(manager, info, outcome)
 
     def _throttled(self, address: str | None, now: float) -> Problem | None:
@@ -372,7 +378,13 @@ class Pipeline:
             usage.code or "rate_limited", usage.retry_after, usage.headers
         )
 
-    def _counters_failed(self, info: KeyInfo, error: StoreError) -> KeyInfo | Problem:
+    def _counters_failed(
+        self, info: KeyInfo, error: StoreError, outcome: KeyInfo | Admission | Problem
+    ) -> KeyInfo | Problem:
+        """The answer when the counter store fails: a refusal stands (without its RateLimit
+        fields); an admission is a 503, or goes through without limits with ``fail_open``."""
+        if isinstance(outcome, Problem):
+            return outcome
         if self.fail_open:
             logger.warning(
                 "admitting %s without its usage limits, the counter store failed: %s",
@@ -488,6 +500,13 @@ class Pipeline:
             else:
                 kept.append(part)
         return values, "&".join(kept)
+
+
+def _with_headers(problem: Problem, headers: tuple[tuple[str, str], ...]) -> Problem:
+    """``problem`` also carrying ``headers`` (a limited key's RateLimit fields)."""
+    if not headers:
+        return problem
+    return dataclasses.replace(problem, extra_headers=(*problem.extra_headers, *headers))
 
 
 def _counted(
