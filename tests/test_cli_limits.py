@@ -83,3 +83,27 @@ def test_credits_for_a_key_without_quota_or_an_unknown_key_exit_1(cli: CLI) -> N
     missing = cli("credits", "key_0000000000000000", "+5")
     assert missing.code == 1
     assert "no key with key_id" in error_line(missing)
+
+
+def test_a_wide_list_table_shows_each_keys_limits(cli: CLI) -> None:
+    cli.create("--user", "limited", "--rate-limit", "10/second", "--quota", "500")
+    cli.create("--user", "plain")
+    lines = cli("list", COLUMNS="120").out.splitlines()
+    assert lines[0].split() == [
+        "KEY_ID",
+        "HINT",
+        "USER",
+        "SCOPES",
+        "LIMITS",
+        "CREATED",
+        "EXPIRES",
+        "LAST",
+        "USED",
+        "STATUS",
+    ]
+    limited = next(line for line in lines if "limited" in line)
+    assert "10/second quota=500" in limited
+    plain = next(line for line in lines if " plain " in line)
+    assert plain.split()[4] == "-"
+    assert all(len(line) <= 120 for line in lines)
+    assert "LIMITS" not in cli("list").out, "at 80 columns the table has no room for it"

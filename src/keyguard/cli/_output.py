@@ -13,7 +13,7 @@ import sys
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from ..keys import mask_key
 from ..records import KeyInfo
@@ -188,9 +188,25 @@ class _Columns:
         return self.gap.join(self._cell(i, text) for i, text in enumerate(row)).rstrip()
 
 
+_T = TypeVar("_T")
 _KEY_HEADERS = ("KEY_ID", "HINT", "USER", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "STATUS")
+#: The LIMITS column (after SCOPES) is shown from this width on; narrower, ``show`` has it.
+LIMITS_WIDTH = 100
 # Times and status never need cutting: "in 6975y", "729d ago" and "revoked" always fit.
 _KEY_MINIMUM = (0, 0, 0, 0, 0, 8, 9, 7)
+
+
+def limits_cell(info: KeyInfo) -> str:
+    """A key's rate limits and quota in one cell: ``10/second,1000/hour quota=500``."""
+    parts = [",".join(r.text for r in info.rate_limits)] if info.rate_limits else []
+    if info.quota is not None:
+        parts.append(f"quota={info.quota}")
+    return " ".join(parts) or "-"
+
+
+def _with_limits(row: tuple[_T, ...], cell: _T) -> tuple[_T, ...]:
+    """``row`` with the LIMITS cell after SCOPES."""
+    return (*row[:4], cell, *row[4:])
 
 
 def _key_row(k: KeyInfo, now: float) -> tuple[str, ...]:
@@ -211,21 +227,24 @@ def key_table(pages: Iterable[Sequence[KeyInfo]], now: float, width: int) -> Ite
 
     The columns are sized by the first page, so the table streams: later pages keep those
     widths and cut what is longer. Users and scopes shrink first, then hints, which keep
-    their last 4 characters.
+    their last 4 characters. From :data:`LIMITS_WIDTH` columns on, a LIMITS column shows
+    each key's rate limits and quota.
     """
+    limits = width >= LIMITS_WIDTH
+    headers = _with_limits(_KEY_HEADERS, "LIMITS") if limits else _KEY_HEADERS
+    minimum = _with_limits(_KEY_MINIMUM, 0) if limits else _KEY_MINIMUM
+    shrink = [((2, 3, 4) if limits else (2, 3), 6), ((1,), 8)]
     columns: _Columns | None = None
     for page in pages:
-        rows = [_key_row(k, now) for k in page]
+        rows = [
+            _with_limits(_key_row(k, now), limits_cell(k)) if limits else _key_row(k, now)
+            for k in page
+        ]
         if columns is None:
             columns = _Columns(
-                _KEY_HEADERS,
-                rows,
-                width,
-                shrink=[((2, 3), 6), ((1,), 8)],
-                minimum=_KEY_MINIMUM,
-                keep_tail=(1,),
+                headers, rows, width, shrink=shrink, minimum=minimum, keep_tail=(1,)
             )
-            yield columns.line(_KEY_HEADERS)
+            yield columns.line(headers)
         for row in rows:
             yield columns.line(row)
 
