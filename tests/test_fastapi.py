@@ -277,8 +277,8 @@ async def test_openapi_documents_the_refusals_as_problem_json(
     whoami = document["paths"]["/whoami"]["get"]["responses"]
     items = document["paths"]["/items"]["post"]["responses"]
 
-    assert set(whoami) == {"200", "400", "401", "503"}  # no scopes required: no 403
-    assert set(items) == {"201", "400", "401", "403", "503"}
+    assert set(whoami) == {"200", "400", "401", "429", "503"}  # no scopes required: no 403
+    assert set(items) == {"201", "400", "401", "403", "429", "503"}
     assert "401" not in document["paths"]["/health"]["get"]["responses"]
     unauthorized = whoami["401"]
     assert unauthorized["description"] == (
@@ -289,6 +289,11 @@ async def test_openapi_documents_the_refusals_as_problem_json(
     assert content["example"]["code"] == "missing_api_key"
     assert "WWW-Authenticate" in unauthorized["headers"]
     assert "headers" not in whoami["503"]
+    limited = whoami["429"]
+    assert limited["description"] == (
+        "Too Many Requests: `quota_exceeded`, `rate_limited`, `too_many_failures`."
+    )
+    assert set(limited["headers"]) == {"Retry-After", "RateLimit-Policy", "RateLimit"}
     assert items["403"]["content"]["application/problem+json"]["example"]["code"] == (
         "insufficient_scope"
     )
