@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from keyguard.cli._parser import build_parser
+from keyguard.cli._session import CLIError
+from keyguard.limits import parse_quota, parse_rates
 from tests.test_cli import CLI, error_line
 
 
@@ -107,3 +112,26 @@ def test_a_wide_list_table_shows_each_keys_limits(cli: CLI) -> None:
     assert plain.split()[4] == "-"
     assert all(len(line) <= 120 for line in lines)
     assert "LIMITS" not in cli("list").out, "at 80 columns the table has no room for it"
+
+
+@given(st.text(max_size=30), st.sampled_from(["--rate-limit", "--quota"]))
+def test_any_limit_value_parses_or_is_a_one_line_usage_error(text: str, option: str) -> None:
+    try:
+        args = build_parser().parse_args(["create", "--user", "u", f"{option}={text}"])
+    except CLIError as e:
+        assert e.code == 2
+        assert "\n" not in str(e)
+    else:
+        value = args.rate_limit[0] if option == "--rate-limit" else args.quota
+        assert parse_rates([value]) if option == "--rate-limit" else parse_quota(value)
+
+
+@given(st.text(max_size=20))
+def test_any_credits_value_parses_or_is_a_one_line_usage_error(text: str) -> None:
+    try:
+        args = build_parser().parse_args(["credits", "key_0000000000000000", "--", text])
+    except CLIError as e:
+        assert e.code == 2
+        assert "\n" not in str(e)
+    else:
+        assert isinstance(args.credits, int) and args.credits > 0
