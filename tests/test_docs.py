@@ -138,7 +138,7 @@ def test_python_snippets_run(page: Path, fresh_folder: Path) -> None:
         exec(code, namespace)
     for value in namespace.values():
         if isinstance(value, APIKeyManager):
-            value.store.close()
+            value.close()
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
