@@ -314,7 +314,7 @@ class Pipeline:
                 outcome = _with_headers(outcome, manager.limit_headers(info, self.rate_limits))
         except StoreError as e:
             outcome = self._counters_failed(info, e, outcome)
-        return _counted(manager, info, outcome)
+        return _counted(manager, info, outcome, now)
 
     async def aauthenticate(
         self,
@@ -346,7 +346,7 @@ class Pipeline:
                 outcome = _with_headers(outcome, headers)
         except StoreError as e:
             outcome = self._counters_failed(info, e, outcome)
-        return _counted(manager, info, outcome)
+        return _counted(manager, info, outcome, now)
 
     def _throttled(self, address: str | None, now: float) -> Problem | None:
         """The 429 for an address that failed too many checks, before any lookup."""
@@ -366,7 +366,7 @@ class Pipeline:
             if self.throttle is not None and address:
                 self.throttle.failed(address, now)
             if error.info is not None and manager.usage_recorder is not None:
-                manager.usage_recorder.record(error.info.key_id, problem.code)
+                manager.usage_recorder.record(error.info.key_id, problem.code, now)
         return problem
 
     def _charged(self, info: KeyInfo, usage: Usage | None) -> KeyInfo | Admission | Problem:
@@ -510,12 +510,13 @@ def _with_headers(problem: Problem, headers: tuple[tuple[str, str], ...]) -> Pro
 
 
 def _counted(
-    manager: APIKeyManager, info: KeyInfo, outcome: KeyInfo | Admission | Problem
+    manager: APIKeyManager, info: KeyInfo, outcome: KeyInfo | Admission | Problem, now: float
 ) -> KeyInfo | Admission | Problem:
     """``outcome``, counted in the key's usage: ``ok`` when admitted, else the refusal code."""
     recorder = manager.usage_recorder
     if recorder is not None:
-        recorder.record(info.key_id, outcome.code if isinstance(outcome, Problem) else "ok")
+        code = outcome.code if isinstance(outcome, Problem) else "ok"
+        recorder.record(info.key_id, code, now)
     return outcome
 
 

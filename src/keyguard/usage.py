@@ -25,13 +25,14 @@ gets zeros there.
 :meth:`UsageRecorder.flush` writes them). A clean exit writes them too; a process killed
 hard loses at most its last ``flush_every`` seconds. When the store is down, counts are
 kept and written by a later flush, up to ``max_pending`` distinct (key, minute, code)
-buckets; past that, new buckets are dropped, counted in :attr:`UsageRecorder.dropped`,
-and logged.
+buckets; past that, new buckets are dropped (when the queue of the last interval's
+requests is summed, at the flush), counted in :attr:`UsageRecorder.dropped`, and logged.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import math
 import threading
@@ -125,6 +126,7 @@ class UsageRecorder:
         self.dropped = 0
         self._unlogged_drops = 0
         self._pending: _Pending = {}
+        self._queue: collections.deque[tuple[str, str, float]] = collections.deque()
         self._lock = threading.Lock()
         # One flush at a time, so the thread and an explicit flush() never race.
         self._flush_lock = threading.Lock()
@@ -137,23 +139,20 @@ class UsageRecorder:
     def __repr__(self) -> str:
         return f"UsageRecorder({self.store!r}, flush_every={self.flush_every:g})"
 
-    def record(self, key_id: str, code: str = OK) -> None:
-        """Count one request of ``key_id``: admitted (``"ok"``) or refused with ``code``.
+    def record(self, key_id: str, code: str = OK, at: float | None = None) -> None:
+        """Count one request of ``key_id`` at POSIX time ``at`` (default: now): admitted
+        (``"ok"``) or refused with ``code``.
 
-        Only a dict update under a lock: no I/O, whatever the store.
+        One append to a thread-safe queue: no lock, no I/O, whatever the store. The queue is
+        summed into buckets when it is flushed, at most ``flush_every`` seconds later.
         """
-        minute = int(self._clock() // 60) * 60
-        bucket = (key_id, minute, code)
+        self._queue.append((key_id, code, self._clock() if at is None else at))
+        if self._thread is None and not self._closed:
+            self._start()
+
+    def _start(self) -> None:
+        """Start the background thread, once."""
         with self._lock:
-            pending = self._pending
-            count = pending.get(bucket)
-            if count is not None:
-                pending[bucket] = count + 1
-            elif len(pending) < self.max_pending:
-                pending[bucket] = 1
-            else:
-                self.dropped += 1
-                self._unlogged_drops += 1
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(
                     target=_flush_periodically,
@@ -163,6 +162,24 @@ class UsageRecorder:
                 )
                 self._thread.start()
 
+    def _drain(self) -> None:
+        """Sum the queued requests into the pending buckets, within ``max_pending``."""
+        queue = self._queue
+        with self._lock:
+            pending = self._pending
+            # Only what is queued now: requests keep arriving while this runs.
+            for _ in range(len(queue)):
+                key_id, code, at = queue.popleft()
+                bucket = (key_id, int(at // 60) * 60, code)
+                count = pending.get(bucket)
+                if count is not None:
+                    pending[bucket] = count + 1
+                elif len(pending) < self.max_pending:
+                    pending[bucket] = 1
+                else:
+                    self.dropped += 1
+                    self._unlogged_drops += 1
+
     def flush(self) -> bool:
         """Write every buffered count to the store now, in one ``add_usage`` call.
 
@@ -170,6 +187,7 @@ class UsageRecorder:
         the next flush.
         """
         with self._flush_lock:
+            self._drain()
             with self._lock:
                 pending, self._pending = self._pending, {}
                 drops, self._unlogged_drops = self._unlogged_drops, 0
@@ -227,6 +245,7 @@ class UsageRecorder:
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
         self._pending = {}
+        self._queue = collections.deque()
         self._unlogged_drops = 0
         self._thread = None
 
