@@ -9,13 +9,16 @@ any ASGI callable.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._middleware import Guard, Middleware
 from .identity import AnonymousUser, APIKeyUser
-from .pipeline import Admission, Pipeline, carries_key
+from .pipeline import Admission, Pipeline, carries_key, client_address
 from .problems import ErrorResponder, ErrorResponse, Problem
 from .records import KeyInfo
+
+if TYPE_CHECKING:
+    from .manager import APIKeyManager
 
 # ErrorResponder, ErrorResponse and Problem live in keyguard.problems; re-exported here.
 __all__ = ["APIKeyMiddleware", "ErrorResponder", "ErrorResponse", "Problem"]
@@ -115,16 +118,7 @@ class APIKeyMiddleware(Middleware[ASGIApp]):
         ):
             await self._let_through(scope, receive, send)
             return
-        pipeline = self.pipeline
-        values, query_values = read_credentials(pipeline, scope)
-        client = scope.get("client")
-        outcome = await pipeline.aauthenticate(
-            self.manager,
-            values,
-            query_values,
-            client[0] if client else None,
-            forwarded_for(scope) if pipeline.trusted_proxies else (),
-        )
+        outcome = await authenticate(self.pipeline, self.manager, scope)
         if isinstance(outcome, Admission):
             scope["keyguard.headers"] = outcome.headers
             send = with_response_headers(scope, send)
@@ -188,6 +182,30 @@ def read_credentials(pipeline: Pipeline, scope: Scope) -> tuple[list[tuple[bool,
         if query:
             query_values, _ = pipeline.split_query(query)
     return values, query_values
+
+
+async def authenticate(
+    pipeline: Pipeline, manager: APIKeyManager, scope: Scope
+) -> KeyInfo | Admission | Problem | None:
+    """Run ``pipeline`` on a scope: its credentials, its client and, behind trusted
+    proxies, its ``X-Forwarded-For``. Shared by the middleware and the framework helpers."""
+    values, query_values = read_credentials(pipeline, scope)
+    client = scope.get("client")
+    return await pipeline.aauthenticate(
+        manager,
+        values,
+        query_values,
+        client[0] if client else None,
+        forwarded_for(scope) if pipeline.trusted_proxies else (),
+    )
+
+
+def caller(pipeline: Pipeline, scope: Scope) -> str | None:
+    """The caller's address: the ASGI ``client``, or the ``X-Forwarded-For`` hop that
+    :func:`~keyguard.pipeline.client_address` picks behind trusted proxies."""
+    client = scope.get("client")
+    forwarded = forwarded_for(scope) if pipeline.trusted_proxies else ()
+    return client_address(client[0] if client else None, forwarded, pipeline.trusted_proxies)
 
 
 def forwarded_for(scope: Scope) -> list[str]:

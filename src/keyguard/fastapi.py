@@ -31,15 +31,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPBearer
 
-from .asgi import (
-    ASGIApp,
-    Receive,
-    Scope,
-    Send,
-    forwarded_for,
-    read_credentials,
-    with_response_headers,
-)
+from .asgi import ASGIApp, Receive, Scope, Send, authenticate, caller, with_response_headers
 from .manager import APIKeyManager
 from .pipeline import DEFAULT_FAILURE_LIMIT, DEFAULT_HEADER_NAMES, Admission, Pipeline
 from .problems import PROBLEM_CONTENT_TYPE, Problem, Problems
@@ -311,18 +303,12 @@ def require_api_key(
 
     async def api_key(conn: HTTPConnection, **_schemes: object) -> KeyInfo:
         scope = conn.scope
-        client = scope.get("client")
-        address = client[0] if client else None
         info = scope.get("keyguard.key")
         outcome: KeyInfo | Admission | Problem | None
         if isinstance(info, KeyInfo):
-            outcome = pipeline.admit(info, address)
+            outcome = pipeline.admit(info, caller(pipeline, scope))
         else:
-            values, _ = read_credentials(pipeline, scope)
-            forwarded = forwarded_for(scope) if pipeline.trusted_proxies else ()
-            outcome = await pipeline.aauthenticate(
-                find_manager(conn), values, (), address, forwarded
-            )
+            outcome = await authenticate(pipeline, find_manager(conn), scope)
             if isinstance(outcome, Admission):
                 scope["keyguard.headers"] = outcome.headers
                 outcome = outcome.key

@@ -26,7 +26,7 @@ from .manager import APIKeyManager
 from .pipeline import Admission, check_scopes
 from .problems import Problem, insufficient_scope
 from .records import KeyInfo
-from .wsgi import APIKeyMiddleware, read_credentials
+from .wsgi import APIKeyMiddleware, authenticate
 
 __all__ = ["EXTENSION_NAME", "KeyGuard", "current_key", "require_scopes"]
 
@@ -88,15 +88,7 @@ class KeyGuard:
         if self.middleware is None or self.manager is None:
             raise RuntimeError("KeyGuard.init_app(app) has not been called")
         pipeline = self.middleware.pipeline
-        values, query_values = read_credentials(pipeline, environ)
-        forwarded = environ.get("HTTP_X_FORWARDED_FOR") if pipeline.trusted_proxies else None
-        outcome = pipeline.authenticate(
-            self.manager,
-            values,
-            query_values,
-            environ.get("REMOTE_ADDR"),
-            (forwarded,) if forwarded else (),
-        )
+        outcome = authenticate(pipeline, self.manager, environ)
         if outcome is None:
             return pipeline.problems.missing
         if isinstance(outcome, Admission):

@@ -39,7 +39,7 @@ from starlette.websockets import WebSocket
 
 from . import identity
 from ._middleware import Guard
-from .asgi import forwarded_for, read_credentials, render, send_refusal, with_response_headers
+from .asgi import authenticate, render, send_refusal, with_response_headers
 from .manager import APIKeyManager
 from .pipeline import (
     DEFAULT_FAILURE_LIMIT,
@@ -124,16 +124,7 @@ class APIKeyBackend(AuthenticationBackend):
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         scope = conn.scope
         scope["keyguard.guard"] = self.guard
-        pipeline = self.guard.pipeline
-        values, _ = read_credentials(pipeline, scope)
-        client = scope.get("client")
-        outcome = await pipeline.aauthenticate(
-            self.manager,
-            values,
-            (),
-            client[0] if client else None,
-            forwarded_for(scope) if pipeline.trusted_proxies else (),
-        )
+        outcome = await authenticate(self.guard.pipeline, self.manager, scope)
         if outcome is None:
             return None
         if isinstance(outcome, Problem):

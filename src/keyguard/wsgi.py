@@ -19,6 +19,8 @@ from .records import KeyInfo
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
+    from .manager import APIKeyManager
+
 # ErrorResponder, ErrorResponse and Problem live in keyguard.problems; re-exported here.
 __all__ = ["APIKeyMiddleware", "ErrorResponder", "ErrorResponse", "Problem", "WSGIApp"]
 
@@ -48,16 +50,7 @@ class APIKeyMiddleware(Middleware[WSGIApp]):
             and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
         ):
             return self._let_through(environ, start_response)
-        pipeline = self.pipeline
-        values, query_values = read_credentials(pipeline, environ)
-        forwarded = environ.get("HTTP_X_FORWARDED_FOR") if pipeline.trusted_proxies else None
-        outcome = pipeline.authenticate(
-            self.manager,
-            values,
-            query_values,
-            environ.get("REMOTE_ADDR"),
-            (forwarded,) if forwarded else (),
-        )
+        outcome = authenticate(self.pipeline, self.manager, environ)
         if isinstance(outcome, Admission):
             environ["keyguard.headers"] = outcome.headers
             start_response = with_response_headers(environ, start_response)
@@ -111,6 +104,22 @@ class APIKeyMiddleware(Middleware[WSGIApp]):
                 if isinstance(target, str) and "?" in target:
                     base = target.partition("?")[0]
                     environ[name] = f"{base}?{rest}" if rest else base
+
+
+def authenticate(
+    pipeline: Pipeline, manager: APIKeyManager, environ: WSGIEnvironment
+) -> KeyInfo | Admission | Problem | None:
+    """Run ``pipeline`` on a request: its credentials, ``REMOTE_ADDR`` and, behind trusted
+    proxies, ``X-Forwarded-For``. Shared by the middleware and the Flask extension."""
+    values, query_values = read_credentials(pipeline, environ)
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR") if pipeline.trusted_proxies else None
+    return pipeline.authenticate(
+        manager,
+        values,
+        query_values,
+        environ.get("REMOTE_ADDR"),
+        (forwarded,) if forwarded else (),
+    )
 
 
 def read_credentials(
