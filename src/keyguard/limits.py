@@ -13,7 +13,9 @@ calendar period (UTC) or, as a plain number, never refilled. Operators can add c
 
 Both are counted per key *family* (a key and every key rotated from it), in buckets that a
 :class:`~keyguard.stores.CounterStore` charges atomically, all or nothing: only admitted
-requests are charged, and a request refused by one limit uses nothing of the others.
+requests are charged, and a request refused by one limit uses nothing of the others. The
+per-address :class:`FailureThrottle` against key guessing is the same algorithm, kept
+here with the others (the module is a little over the house size for it).
 """
 
 from __future__ import annotations

@@ -17,9 +17,13 @@ The steps, in order:
 4. **usage limits**: the request is charged to the key's rate limits and quota (only
    admitted requests are charged; over a limit is a 429).
 
-Before step 1, a client address that failed too many checks is refused (429
+Before step 2, a client address that failed too many checks is refused (429
 ``too_many_failures``) without a store lookup. The synchronous and asynchronous variants
 differ only in how they ask the manager and the counter store.
+
+The module is longer than most because it is the whole request path in one place (the
+credential reader, the client address behind proxies, the steps and their refusals),
+each part a short function; spreading it out would hide the order the steps run in.
 """
 
 from __future__ import annotations

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from ._url import DEFAULT_STORE_URL, STORE_URL_ENV, store_from_url
-from .base import AsyncKeyStore, InvalidationSource, KeyStore
+from .base import (
+    AsyncCounterStore,
+    AsyncKeyStore,
+    CounterStore,
+    InvalidationSource,
+    KeyStore,
+    UsageStore,
+)
 from .cached import CachedStore
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
@@ -11,11 +18,14 @@ from .sqlite import SQLiteStore
 __all__ = [
     "DEFAULT_STORE_URL",
     "STORE_URL_ENV",
+    "AsyncCounterStore",
     "AsyncKeyStore",
     "CachedStore",
+    "CounterStore",
     "InvalidationSource",
     "KeyStore",
     "MemoryStore",
     "SQLiteStore",
+    "UsageStore",
     "store_from_url",
 ]

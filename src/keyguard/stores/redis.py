@@ -18,8 +18,9 @@ Every write is one Lua script, so "add if absent" and "revoke if active" are dec
 the server atomically, and a read (one ``HMGET``) is one round trip. redis-py is imported
 only when a store is built (``pip install 'keyguard[redis]'``).
 
-The module holds the sync store, its async twin and the Lua scripts both run, so it is
-longer than most: splitting the twins apart would split one layout across files.
+The module holds the sync store, its async twin and the Lua scripts both run, for the
+keys, the counters and the usage counts, so it is longer than most: splitting the twins
+or the key families apart would split one layout across files.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ is additive (the schema version is unchanged), so a file of an earlier keyguard 
 before, and a store without the table reads as having no counts.
 
 The module also holds what decides whether a file is a keyguard store at all (header,
-schema, foreign files refused untouched), so it runs a little over the house size.
+schema, foreign files refused untouched) and the counter and usage tables that share the
+file, so it runs over the house size: one file's schema is kept in one place.
 """
 
 from __future__ import annotations
