@@ -714,3 +714,215 @@ def test_a_scope_refusal_stands_when_the_counter_store_fails(kind: str, clock: C
     refused = Client(kind, manager, required_scopes=["admin"]).get(key)
     assert refused.status_code == 403
     assert "ratelimit" not in refused.headers
+
+
+# -- review findings: each a regression test -----------------------------------------------------
+
+
+def test_a_route_refusing_a_middleware_admitted_key_gives_its_charge_back(
+    manager: APIKeyManager,
+) -> None:
+    from flask import Flask
+
+    from keyguard.flask import KeyGuard, require_scopes
+
+    app = Flask(__name__)
+    KeyGuard(app, manager=manager)
+
+    @app.get("/admin")
+    @require_scopes("admin")
+    def admin() -> str:
+        return "ok"
+
+    key, info = manager.create_key(user_id="u", quota=3, permissions=["read"])
+    client = app.test_client()
+    answers = [client.get("/admin", headers={"x-api-key": key}) for _ in range(4)]
+    assert [a.status_code for a in answers] == [403] * 4
+    assert all("ratelimit" not in a.headers for a in answers)
+    assert manager.remaining(key) == 3
+    (point,) = manager.usage(info.key_id, step="day", since=timedelta(days=1))
+    assert (point.requests, point.refused) == (0, {"insufficient_scope": 4})
+
+
+def test_fastapi_and_starlette_routes_behind_the_middleware_refund_too(
+    manager: APIKeyManager,
+) -> None:
+    from fastapi import Depends, FastAPI
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from keyguard.fastapi import install, require_api_key
+    from keyguard.starlette import require_scopes
+
+    key = manager.generate_key(user_id="u", quota=2, permissions=["read"])
+    api = FastAPI(middleware=[Middleware(ASGIMiddleware, manager=manager)])
+    install(api, manager)
+
+    @api.get("/admin", dependencies=[Depends(require_api_key(scopes=["admin"]))])
+    async def admin() -> str:
+        return "ok"
+
+    @require_scopes("admin")
+    async def admin_page(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    @require_scopes("admin")
+    def admin_sync(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    site = Starlette(
+        routes=[Route("/admin", admin_page), Route("/admin-sync", admin_sync)],
+        middleware=[Middleware(ASGIMiddleware, manager=manager)],
+    )
+    headers = {"authorization": f"Bearer {key}"}
+    with TestClient(api) as a, TestClient(site) as b:
+        statuses = [a.get("/admin", headers=headers).status_code for _ in range(3)]
+        statuses += [b.get("/admin", headers=headers).status_code for _ in range(3)]
+        statuses += [b.get("/admin-sync", headers=headers).status_code for _ in range(3)]
+    assert statuses == [403] * 9
+    assert manager.remaining(key) == 2
+
+
+@pytest.mark.parametrize("text", ["1001/second", "60001/minute", "86400001/day"])
+def test_rates_finer_than_a_millisecond_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="at most 1000 requests per second"):
+        parse_rates([text])
+    assert parse_rates(["1000/second", "86400000/day"])[1].interval == pytest.approx(0.001)
+
+
+def test_a_fast_rate_is_enforced_exactly_despite_float_time(manager: APIKeyManager) -> None:
+    _, info = manager.create_key(user_id="u", rate_limits=["1000/second"])
+    limiter = manager.limiter
+    assert limiter is not None
+    now = 1_764_780_000.123456
+    admitted = sum(limiter.take(info, now).allowed for _ in range(1500))
+    assert admitted == 1000
+
+
+def test_ipv6_addresses_share_their_64s_failure_budget() -> None:
+    throttle = FailureThrottle(Rate(2, "minute"))
+    throttle.failed("2001:db8:1:2::1", START)
+    throttle.failed("2001:db8:1:2:ffff::9", START)
+    assert throttle.retry_after("2001:db8:1:2::abcd", START) == 30
+    assert throttle.retry_after("2001:db8:1:3::1", START) == 0
+    throttle.failed("::ffff:203.0.113.7", START)
+    throttle.failed("203.0.113.7", START)
+    assert throttle.retry_after("203.0.113.7", START) == 30
+
+
+def test_a_flood_of_new_addresses_never_frees_a_throttled_one() -> None:
+    throttle = FailureThrottle(Rate(1, "minute"), max_addresses=100)
+    throttle.failed("203.0.113.7", START)
+    for i in range(1000):
+        throttle.failed(f"198.51.{i // 256}.{i % 256}", START + 1)
+    assert throttle.retry_after("203.0.113.7", START + 1) == 59
+    assert len(throttle._tats) <= 100
+
+
+def test_every_route_of_a_manager_shares_one_failure_budget(manager: APIKeyManager) -> None:
+    from fastapi import Depends, FastAPI
+    from starlette.testclient import TestClient
+
+    from keyguard.fastapi import install, require_api_key
+
+    app = FastAPI()
+    install(app, manager)
+
+    @app.get("/a", dependencies=[Depends(require_api_key(failure_limit="3/minute"))])
+    async def a() -> str:
+        return "a"
+
+    @app.get("/b", dependencies=[Depends(require_api_key(failure_limit="3/minute"))])
+    async def b() -> str:
+        return "b"
+
+    bad = {"x-api-key": "sk_" + "0" * 32}
+    with TestClient(app) as client:
+        statuses = [client.get(path, headers=bad).status_code for path in ["/a", "/b"] * 3]
+    assert statuses == [401, 401, 401, 429, 429, 429]
+
+
+class KeysOnly:
+    """A third-party KeyStore that keeps no counters."""
+
+    def __init__(self) -> None:
+        self.keys = MemoryStore()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in {"add", "get", "get_by_id", "list_keys", "revoke", "set_expiry", "touch"}:
+            return getattr(self.keys, name)
+        if name == "close":
+            return self.keys.close
+        raise AttributeError(name)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["bare", "cached"])
+def test_a_limited_key_on_a_store_without_counters_is_503_not_500_or_unlimited(
+    cached: bool, clock: Clock
+) -> None:
+    from keyguard import CachedStore, KeyStore
+
+    class Plain(KeysOnly, KeyStore):
+        def add(self, info: Any) -> bool:
+            return self.keys.add(info)
+
+        def get(self, digest: str) -> Any:
+            return self.keys.get(digest)
+
+        def get_by_id(self, key_id: str) -> Any:
+            return self.keys.get_by_id(key_id)
+
+        def list_keys(self, user_id: Any = None, *, limit: Any = None, after: Any = None) -> Any:
+            return self.keys.list_keys(user_id, limit=limit, after=after)
+
+        def revoke(self, digest: str, at: Any) -> bool:
+            return self.keys.revoke(digest, at)
+
+        def set_expiry(self, digest: str, expires_at: Any) -> bool:
+            return self.keys.set_expiry(digest, expires_at)
+
+        def touch(self, digest: str, at: Any) -> None:
+            self.keys.touch(digest, at)
+
+        def close(self) -> None:
+            self.keys.close()
+
+    store: Any = CachedStore(Plain()) if cached else Plain()
+    manager = APIKeyManager(store, clock=clock, record_usage=False)
+    assert manager.limiter is None
+    plain = manager.generate_key(user_id="plain")
+    limited = manager.generate_key(user_id="limited", quota=5)
+    client = Client("wsgi", manager)
+    assert client.get(plain).status_code == 200
+    refused = client.get(limited)
+    assert refused.status_code == 503
+    assert problem(refused)["code"] == "store_unavailable"
+
+
+def test_the_usage_queue_stays_bounded_while_a_flush_is_stuck(clock: Clock) -> None:
+    import threading
+
+    from keyguard.usage import UsageRecorder
+
+    release = threading.Event()
+
+    class Stuck(MemoryStore):
+        def add_usage(self, rows: Any) -> None:
+            release.wait(10)
+            super().add_usage(rows)
+
+    recorder = UsageRecorder(Stuck(), clock=clock, max_pending=10)
+    recorder.record("key_0000000000000000")
+    flushing = threading.Thread(target=recorder.flush)
+    flushing.start()
+    for i in range(50_000):
+        recorder.record(f"key_{i % 5:016x}")
+    assert len(recorder._queue) < 10_000
+    release.set()
+    flushing.join()
+    recorder.close()
+    assert recorder.dropped == 0

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._middleware import Guard, Middleware
 from .identity import AnonymousUser, APIKeyUser
-from .pipeline import Admission, Pipeline, carries_key, client_address
+from .pipeline import Admission, Pipeline, admitted, carries_key, client_address
 from .problems import ErrorResponder, ErrorResponse, Problem
 from .records import KeyInfo
 
@@ -120,12 +120,10 @@ class APIKeyMiddleware(Middleware[ASGIApp]):
             return
         outcome = await authenticate(self.pipeline, self.manager, scope)
         if isinstance(outcome, Admission):
-            scope["keyguard.headers"] = outcome.headers
             send = with_response_headers(scope, send)
-            outcome = outcome.key
-        if isinstance(outcome, KeyInfo):
-            scope["user"] = scope["auth"] = APIKeyUser(outcome)
-            scope["keyguard.key"] = outcome
+        if isinstance(outcome, (KeyInfo, Admission)):
+            info = admitted(scope, self.manager, outcome)
+            scope["user"] = scope["auth"] = APIKeyUser(info)
             scope["keyguard.guard"] = guard
             if guard.strip_credentials:
                 self._strip_credentials(scope)

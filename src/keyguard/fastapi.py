@@ -33,7 +33,14 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 
 from .asgi import ASGIApp, Receive, Scope, Send, authenticate, caller, with_response_headers
 from .manager import APIKeyManager
-from .pipeline import DEFAULT_FAILURE_LIMIT, DEFAULT_HEADER_NAMES, Admission, Pipeline
+from .pipeline import (
+    DEFAULT_FAILURE_LIMIT,
+    DEFAULT_HEADER_NAMES,
+    Admission,
+    Pipeline,
+    admitted,
+    arefund,
+)
 from .problems import PROBLEM_CONTENT_TYPE, Problem, Problems
 from .records import KeyInfo
 
@@ -156,7 +163,7 @@ def refusal_responses(pipelines: Iterable[Pipeline]) -> dict[str, dict[str, Any]
         # Any key may carry its own limits; the failed-check throttle is on unless turned off.
         candidates.append(Problems.limited("rate_limited", 1, ()))
         candidates.append(Problems.limited("quota_exceeded", None, ()))
-        if pipeline.throttle is not None:
+        if pipeline.failure_limit is not None:
             candidates.append(pipeline.problems.too_many_failures(1))
         for problem in candidates:
             if problem.status == 403 and not pipeline.required_scopes:
@@ -307,14 +314,15 @@ def require_api_key(
         outcome: KeyInfo | Admission | Problem | None
         if isinstance(info, KeyInfo):
             outcome = pipeline.admit(info, caller(pipeline, scope))
+            if isinstance(outcome, Problem):
+                # The middleware admitted (and charged) the key; this route refuses it.
+                await arefund(scope, outcome.code)
         else:
-            outcome = await authenticate(pipeline, find_manager(conn), scope)
-            if isinstance(outcome, Admission):
-                scope["keyguard.headers"] = outcome.headers
-                outcome = outcome.key
-            if isinstance(outcome, KeyInfo):
+            manager = find_manager(conn)
+            outcome = await authenticate(pipeline, manager, scope)
+            if isinstance(outcome, (KeyInfo, Admission)):
                 # Later dependencies in the same request reuse the check.
-                scope["keyguard.key"] = outcome
+                outcome = admitted(scope, manager, outcome)
         if outcome is None:
             raise APIKeyHTTPException(pipeline.problems.missing)
         if isinstance(outcome, Problem):

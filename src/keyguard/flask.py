@@ -23,7 +23,7 @@ from flask import Flask, current_app, request
 from flask.wrappers import Response
 
 from .manager import APIKeyManager
-from .pipeline import Admission, check_scopes
+from .pipeline import admitted, check_scopes, refund
 from .problems import Problem, insufficient_scope
 from .records import KeyInfo
 from .wsgi import APIKeyMiddleware, authenticate
@@ -91,13 +91,11 @@ class KeyGuard:
         outcome = authenticate(pipeline, self.manager, environ)
         if outcome is None:
             return pipeline.problems.missing
-        if isinstance(outcome, Admission):
-            environ["keyguard.headers"] = outcome.headers
-            outcome = outcome.key
-        if isinstance(outcome, KeyInfo):
-            environ["keyguard.key"] = outcome
-            environ["REMOTE_USER"] = outcome.user_id
-        return outcome
+        if isinstance(outcome, Problem):
+            return outcome
+        info = admitted(environ, self.manager, outcome)
+        environ["REMOTE_USER"] = info.user_id
+        return info
 
     def insufficient_scope(self, scopes: tuple[str, ...]) -> Problem:
         """The 403 sent when the key lacks one of ``scopes``, naming them in the challenge."""
@@ -142,7 +140,9 @@ def require_scopes(*scopes: str) -> Callable[[_View], _View]:
             if isinstance(key, Problem):
                 return guard.problem_response(key)
             if any(scope not in key.scopes for scope in wanted):
-                return guard.problem_response(guard.insufficient_scope(wanted))
+                problem = guard.insufficient_scope(wanted)
+                refund(request.environ, problem.code)  # admitted, then refused here
+                return guard.problem_response(problem)
             return current_app.ensure_sync(view)(*args, **kwargs)
 
         return cast(_View, guarded)

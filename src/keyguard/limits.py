@@ -21,13 +21,14 @@ here with the others (the module is a little over the house size for it).
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ._counting import EPSILON, Bucket
 
@@ -44,6 +45,10 @@ QUOTA_PERIODS = ("hour", "day", "month")
 #: The most a count may be, so that every store keeps it exactly (a double holds 2**53).
 MAX_COUNT = 10**12
 MAX_RATES = 8
+#: The shortest spacing a rate may set (1000 per second). Arrival times are POSIX seconds
+#: as doubles, which step by 2.4e-7 s today: a millisecond spacing keeps the rounding of
+#: each step under 0.03 %, where a microsecond one would lose a quarter of it.
+MIN_INTERVAL = 0.001
 
 _RATE_RE = re.compile(r"\s*(\d{1,13})\s*/\s*([a-z]+?)s?\s*")
 _QUOTA_RE = re.compile(r"\s*(\d{1,13})\s*(?:/\s*([a-z]+?)s?)?\s*")
@@ -64,6 +69,11 @@ class Rate:
 
     def __post_init__(self) -> None:
         period = float(RATE_UNITS[self.unit])
+        if period / self.count < MIN_INTERVAL:
+            raise ValueError(
+                f"invalid rate limit '{self.count}/{self.unit}': at most 1000 requests per"
+                f" second ({int(period / MIN_INTERVAL)}/{self.unit})"
+            )
         object.__setattr__(self, "period", period)
         object.__setattr__(self, "interval", period / self.count)
         object.__setattr__(self, "text", f"{self.count}/{self.unit}")
@@ -166,7 +176,7 @@ class Usage:
     of draft-ietf-httpapi-ratelimit-headers-11, sent with every response for the key.
     """
 
-    __slots__ = ("allowed", "code", "headers", "retry_after")
+    __slots__ = ("allowed", "charged", "code", "headers", "retry_after")
 
     def __init__(
         self,
@@ -174,14 +184,26 @@ class Usage:
         headers: tuple[tuple[str, str], ...],
         code: str | None = None,
         retry_after: int | None = None,
+        charged: tuple[Bucket, ...] = (),
     ) -> None:
         self.allowed = allowed
         self.headers = headers
         self.code = code
         self.retry_after = retry_after
+        #: The buckets the request was charged to (none if it was refused), for a refund.
+        self.charged = charged
 
     def __repr__(self) -> str:
         return f"Usage(allowed={self.allowed}, code={self.code!r}, retry_after={self.retry_after})"
+
+
+def _refunds(charged: Sequence[Bucket], now: float) -> list[tuple[Bucket, float]]:
+    """Each charged bucket with the amount that undoes one charge: a rate bucket's arrival
+    time moves back one interval (and may be forgotten once full), a count goes down one."""
+    return [
+        (b._replace(expires_at=now + b.capacity), -b.interval) if b.interval > 0 else (b, -1.0)
+        for b in charged
+    ]
 
 
 def _whole_seconds(seconds: float) -> int:
@@ -192,26 +214,24 @@ def _whole_seconds(seconds: float) -> int:
 _PLAN_LIMIT = 100_000
 
 
+class Period(NamedTuple):
+    """A plan's buckets and policy for one quota period (the whole time without a quota)."""
+
+    start: float
+    end: float
+    buckets: tuple[Bucket, ...]
+    policy: str
+
+
 class Plan:
     """What requests with one key are charged to, worked out once per record.
 
     The bucket names, the ``RateLimit-Policy`` value and the header item prefixes depend
     only on the record and the default rates; the quota's bucket changes with its period,
-    and is worked out again when a new period starts.
+    and is worked out again, as one :class:`Period` replaced whole, when a period starts.
     """
 
-    __slots__ = (
-        "_buckets",
-        "_window",
-        "default_rates",
-        "family",
-        "info",
-        "policy",
-        "prefixes",
-        "quota",
-        "rate_buckets",
-        "rates",
-    )
+    __slots__ = ("_period", "default_rates", "family", "info", "prefixes", "quota", "rates")
 
     def __init__(self, info: KeyInfo, default_rates: tuple[Rate, ...]) -> None:
         self.info = info
@@ -219,14 +239,8 @@ class Plan:
         self.rates = rates = info.rate_limits or default_rates
         self.family = info.family_id
         self.quota = info.quota
-        self.rate_buckets = tuple(
-            Bucket(f"rate:{self.family}:{r.text}", r.interval, r.period, None) for r in rates
-        )
         self.prefixes = tuple(f'"{r.text}";r=' for r in rates)
-        #: The current quota period: (start, end, label), as POSIX times (inf if none).
-        self._window = (math.inf, -math.inf, "")
-        self._buckets = self.rate_buckets
-        self.policy = self._policy(None)
+        self._period = Period(math.inf, -math.inf, (), "")  # worked out on first use
 
     def _policy(self, quota_seconds: int | None) -> str:
         items = [f'"{r.text}";q={r.count};w={int(r.period)}' for r in self.rates]
@@ -235,33 +249,35 @@ class Plan:
             items.append(f'"quota";q={self.quota.count}{window}')
         return ", ".join(items)
 
-    def window(self, now: float) -> tuple[float, float, str]:
-        """The quota's period at ``now``: start, end (inf if never refilled) and label."""
-        start, end, _ = window = self._window
+    def period(self, now: float) -> Period:
+        """The buckets a request at ``now`` draws on (one per rate, then the quota's) and
+        the policy to announce; threads that race at a period's edge each get a whole one."""
+        period = self._period
+        if period.start <= now < period.end:
+            return period
+        rate_buckets = tuple(
+            Bucket(f"rate:{self.family}:{r.text}", r.interval, r.period, None) for r in self.rates
+        )
         quota = self.quota
-        if quota is not None and not start <= now < end:
+        if quota is None:
+            period = Period(-math.inf, math.inf, rate_buckets, self._policy(None))
+        else:
             label, first, last = quota.window(now)
-            if first is None or last is None:
-                window = (-math.inf, math.inf, label)
-                forget = None
-                self.policy = self._policy(None)
-            else:
-                window = (first, last, label)
-                forget = last + 86400  # a used-up period is kept a day, then forgotten
-                self.policy = self._policy(round(last - first))
             name = f"quota:{self.family}:{quota}:{label}"
-            self._buckets = (*self.rate_buckets, Bucket(name, 0.0, quota.count, forget))
-            self._window = window
-        return window
+            if first is None or last is None:
+                bucket = Bucket(name, 0.0, quota.count, None)
+                period = Period(-math.inf, math.inf, (*rate_buckets, bucket), self._policy(None))
+            else:
+                # A used-up period is kept a day past its end, then forgotten.
+                bucket = Bucket(name, 0.0, quota.count, last + 86400)
+                policy = self._policy(round(last - first))
+                period = Period(first, last, (*rate_buckets, bucket), policy)
+        self._period = period
+        return period
 
-    def buckets(self, now: float) -> tuple[Bucket, ...]:
-        """The buckets a request at ``now`` draws on: one per rate, then the quota's."""
-        if self.quota is not None:
-            self.window(now)
-        return self._buckets
-
-    def usage(self, taken: bool, values: Sequence[float], now: float) -> Usage:
-        """The outcome and headers for counter ``values`` (after the charge, if ``taken``)."""
+    def usage(self, period: Period, taken: bool, values: Sequence[float], now: float) -> Usage:
+        """The outcome and headers for counter ``values`` of ``period``'s buckets (after the
+        charge, if ``taken``)."""
         items: list[str] = []
         code: str | None = None
         retry = 0.0
@@ -275,19 +291,18 @@ class Plan:
         quota = self.quota
         refill: int | None = None
         if quota is not None:
-            _, end, _ = self.window(now)
             used = values[len(self.rates)]
             left = max(int(quota.count - used), 0)
-            if end == math.inf:
+            if period.end == math.inf:
                 items.append(f'"quota";r={left}')
             else:
-                refill = _whole_seconds(end - now)
+                refill = _whole_seconds(period.end - now)
                 items.append(f'"quota";r={left};t={refill}')
             if not taken and used + 1 > quota.count:
                 code = "quota_exceeded"
-        headers = (("ratelimit-policy", self.policy), ("ratelimit", ", ".join(items)))
+        headers = (("ratelimit-policy", period.policy), ("ratelimit", ", ".join(items)))
         if taken:
-            return Usage(True, headers)
+            return Usage(True, headers, charged=period.buckets)
         if code == "quota_exceeded":
             return Usage(False, headers, code, refill)
         return Usage(False, headers, code or "rate_limited", _whole_seconds(retry))
@@ -317,8 +332,9 @@ class Limiter:
     def take(self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()) -> Usage:
         """Charge one request with ``info`` at ``now``; a failing store raises StoreError."""
         plan = self.plan(info, default_rates)
-        taken, values = self.counters.consume(plan.buckets(now), now)
-        return plan.usage(taken, values, now)
+        period = plan.period(now)
+        taken, values = self.counters.consume(period.buckets, now)
+        return plan.usage(period, taken, values, now)
 
     async def atake(
         self,
@@ -329,16 +345,18 @@ class Limiter:
     ) -> Usage:
         """:meth:`take` through the counter store's async twin."""
         plan = self.plan(info, default_rates)
-        taken, values = await counters.aconsume(plan.buckets(now), now)
-        return plan.usage(taken, values, now)
+        period = plan.period(now)
+        taken, values = await counters.aconsume(period.buckets, now)
+        return plan.usage(period, taken, values, now)
 
     def headers(
         self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()
     ) -> tuple[tuple[str, str], ...]:
         """The RateLimit fields of ``info`` as they stand, charging nothing (for refusals)."""
         plan = self.plan(info, default_rates)
-        values = self.counters.peek([b.name for b in plan.buckets(now)])
-        return plan.usage(True, values, now).headers
+        period = plan.period(now)
+        values = self.counters.peek([b.name for b in period.buckets])
+        return plan.usage(period, True, values, now).headers
 
     async def aheaders(
         self,
@@ -349,15 +367,28 @@ class Limiter:
     ) -> tuple[tuple[str, str], ...]:
         """:meth:`headers` through the counter store's async twin."""
         plan = self.plan(info, default_rates)
-        values = await counters.apeek([b.name for b in plan.buckets(now)])
-        return plan.usage(True, values, now).headers
+        period = plan.period(now)
+        values = await counters.apeek([b.name for b in period.buckets])
+        return plan.usage(period, True, values, now).headers
+
+    def refund(self, charged: Sequence[Bucket], now: float) -> None:
+        """Give back one charge of ``charged`` (a request a route refused after admission)."""
+        for bucket, delta in _refunds(charged, now):
+            self.counters.adjust(bucket, delta)
+
+    async def arefund(
+        self, charged: Sequence[Bucket], now: float, counters: AsyncCounterStore
+    ) -> None:
+        """:meth:`refund` through the counter store's async twin."""
+        for bucket, delta in _refunds(charged, now):
+            await counters.aadjust(bucket, delta)
 
     def remaining(self, info: KeyInfo, now: float) -> int | None:
         """The credits left in the key family's quota now, or None if it has no quota."""
         quota = info.quota
         if quota is None:
             return None
-        bucket = self.plan(info).buckets(now)[-1]
+        bucket = self.plan(info).period(now).buckets[-1]
         (used,) = self.counters.peek([bucket.name])
         return max(int(quota.count - used), 0)
 
@@ -369,9 +400,24 @@ class Limiter:
         quota = info.quota
         if quota is None:
             raise ValueError(f"key {info.key_id} has no quota to add credits to")
-        bucket = self.plan(info).buckets(now)[-1]
+        bucket = self.plan(info).period(now).buckets[-1]
         used = self.counters.adjust(bucket, -float(credits))
         return max(int(quota.count - used), 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def throttled_source(address: str) -> str:
+    """What the failure budget is kept for: the address, an IPv6 address's /64 (one host
+    holds a whole /64), or the IPv4 address inside an IPv4-mapped IPv6 one."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
 
 
 class FailureThrottle:
@@ -380,9 +426,12 @@ class FailureThrottle:
     An address that has failed ``rate.count`` checks in a burst is refused (429
     ``too_many_failures``) before any store lookup, then allowed one more failure every
     ``rate.interval`` seconds. Counting in the process keeps a flood of invented keys off
-    the shared store; with N workers an address gets up to N times the budget. At most
-    ``max_addresses`` are tracked: when full, addresses whose budget is whole again are
-    forgotten, and if none are, all are.
+    the shared store; with N workers an address gets up to N times the budget. IPv6
+    addresses are counted by /64. At most ``max_addresses`` are tracked: when full,
+    addresses whose budget is whole again are forgotten, then those not throttled; a
+    throttled address is never forgotten before its wait is over, so a flood of new
+    addresses cannot free one (while every tracked address is throttled, new ones go
+    untracked).
     """
 
     def __init__(self, rate: Rate, max_addresses: int = 100_000) -> None:
@@ -390,21 +439,34 @@ class FailureThrottle:
         self.max_addresses = max_addresses
         self._tats: dict[str, float] = {}
         self._lock = threading.Lock()
+        # A tracked address is throttled while its TAT is more than this ahead of now.
+        self._allowance = rate.period - rate.interval
 
     def retry_after(self, address: str, now: float) -> int:
         """Seconds until ``address`` may fail a check again; 0 if it is not throttled."""
-        tat = self._tats.get(address)
+        tat = self._tats.get(throttled_source(address))
         if tat is None:
             return 0
-        wait = tat - now - (self.rate.period - self.rate.interval)
+        wait = tat - now - self._allowance
         return _whole_seconds(wait) if wait > EPSILON else 0
 
     def failed(self, address: str, now: float) -> None:
         """Count one failed check from ``address`` at ``now``."""
+        source = throttled_source(address)
         with self._lock:
             tats = self._tats
-            if address not in tats and len(tats) >= self.max_addresses:
-                self._tats = tats = {a: t for a, t in tats.items() if t > now}
+            if source not in tats and len(tats) >= self.max_addresses:
+                tats = self._make_room(now)
                 if len(tats) >= self.max_addresses:
-                    tats.clear()
-            tats[address] = max(tats.get(address, now), now) + self.rate.interval
+                    return
+            tat = tats.get(source, now)
+            tats[source] = (tat if tat > now else now) + self.rate.interval
+
+    def _make_room(self, now: float) -> dict[str, float]:
+        """Forget whole budgets, then budgets not throttled; keep throttled addresses."""
+        tats = {a: t for a, t in self._tats.items() if t > now}
+        if len(tats) >= self.max_addresses:
+            limit = now + self._allowance + EPSILON
+            tats = {a: t for a, t in tats.items() if t > limit}
+        self._tats = tats
+        return tats

@@ -31,9 +31,16 @@ from .keys import (
     mask_key,
     validate_prefix,
 )
-from .limits import Limiter, Rate, Usage
+from .limits import FailureThrottle, Limiter, Rate, Usage
 from .records import KeyInfo
-from .stores.base import AsyncCounterStore, AsyncKeyStore, CounterStore, KeyStore, UsageStore
+from .stores.base import (
+    AsyncCounterStore,
+    AsyncKeyStore,
+    Bucket,
+    CounterStore,
+    KeyStore,
+    UsageStore,
+)
 from .stores.memory import MemoryStore
 from .usage import UsagePoint, UsageRecorder, usage
 from .verification import Reason, Verification
@@ -144,7 +151,12 @@ class APIKeyManager:
         self._clock = clock
         #: The manager's clock (POSIX time), shared with the request pipeline.
         self.clock = clock
-        if counters is None and isinstance(self.store, CounterStore):
+        # A wrapper (CachedStore) has the methods whether or not its inner store counts.
+        if (
+            counters is None
+            and isinstance(self.store, CounterStore)
+            and getattr(self.store, "keeps_counters", True)
+        ):
             counters = self.store
         if counters is not None and not isinstance(counters, CounterStore):
             raise TypeError(f"counters must follow the CounterStore contract, got {counters!r}")
@@ -152,6 +164,7 @@ class APIKeyManager:
         self.limiter = None if counters is None else Limiter(counters)
         self._async_counters = counters if isinstance(counters, AsyncCounterStore) else None
         self._own_counters: KeyStore | None = None
+        self._throttles: dict[str, FailureThrottle] = {}
         #: Counts requests per key for :meth:`usage`; None if off or the store keeps no counts.
         self.usage_recorder = (
             UsageRecorder(self.store, clock=clock)
@@ -546,22 +559,52 @@ class APIKeyManager:
 
         Returns None when no limit applies (the key has none and ``default_rates`` is
         empty), else the :class:`~keyguard.limits.Usage` saying whether the request is
-        within its limits. A failing counter store raises :class:`~keyguard.StoreError`.
+        within its limits. A failing counter store, or none at all, raises
+        :class:`~keyguard.StoreError`.
         """
-        limiter = self.limiter
-        if limiter is None or not (info.rate_limits or default_rates or info.quota):
+        if not (info.rate_limits or default_rates or info.quota):
             return None
-        return limiter.take(info, self._clock(), default_rates)
+        return self._limiter().take(info, self._clock(), default_rates)
 
     async def acharge(self, info: KeyInfo, default_rates: tuple[Rate, ...] = ()) -> Usage | None:
         """:meth:`charge` for event loops: awaits the counter store's async twin if it has one."""
-        limiter = self.limiter
         counters = self._async_counters
-        if counters is None or limiter is None:
+        if counters is None:
             return self.charge(info, default_rates)
         if not (info.rate_limits or default_rates or info.quota):
             return None
-        return await limiter.atake(info, self._clock(), counters, default_rates)
+        return await self._limiter().atake(info, self._clock(), counters, default_rates)
+
+    def failure_throttle(self, rate: Rate) -> FailureThrottle:
+        """The failed-check throttle for ``rate``, one per manager and process, so every
+        middleware and route using this manager counts an address's failures together."""
+        throttle = self._throttles.get(rate.text)
+        if throttle is None:
+            throttle = self._throttles.setdefault(rate.text, FailureThrottle(rate))
+        return throttle
+
+    def refund(self, info: KeyInfo, charged: tuple[Bucket, ...], code: str) -> None:
+        """Undo an admission that a route then refused with ``code`` (a missing scope):
+        give back what the request was ``charged`` and count it as refused, not admitted."""
+        if charged:
+            self._limiter().refund(charged, self._clock())
+        self._recount(info, code)
+
+    async def arefund(self, info: KeyInfo, charged: tuple[Bucket, ...], code: str) -> None:
+        """:meth:`refund` for event loops."""
+        counters = self._async_counters
+        if charged and counters is not None:
+            await self._limiter().arefund(charged, self._clock(), counters)
+        elif charged:
+            self._limiter().refund(charged, self._clock())
+        self._recount(info, code)
+
+    def _recount(self, info: KeyInfo, code: str) -> None:
+        recorder = self.usage_recorder
+        if recorder is not None:
+            now = self._clock()
+            recorder.record(info.key_id, "ok", now, -1)
+            recorder.record(info.key_id, code, now)
 
     def limit_headers(
         self, info: KeyInfo, default_rates: tuple[Rate, ...] = ()
@@ -600,8 +643,13 @@ class APIKeyManager:
         return info
 
     def _limiter(self) -> Limiter:
+        """The limiter, or a StoreError (answered 503) when no store keeps counters: a key
+        with limits is never let through unlimited by accident."""
         if self.limiter is None:
-            raise KeyguardError("this manager has no counter store")
+            raise StoreError(
+                f"no counter store: {self.store!r} keeps no counters, so rate limits and"
+                " quotas cannot be applied; pass counters= or set KEYGUARD_COUNTERS"
+            )
         return self.limiter
 
     def remaining(self, key: object) -> int | None:

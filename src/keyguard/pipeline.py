@@ -35,12 +35,13 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote_plus
 
+from ._counting import Bucket
 from .exceptions import InvalidKeyError, KeyguardError, StoreError
-from .limits import FailureThrottle, Rate, Usage, parse_rates
+from .limits import Rate, Usage, parse_rates
 from .problems import MAX_CREDENTIAL_LENGTH, Problem, Problems
 from .records import KeyInfo
 from .verification import Reason
@@ -124,11 +125,18 @@ class Admission:
     key without limits costs nothing more.
     """
 
-    __slots__ = ("headers", "key")
+    __slots__ = ("charged", "headers", "key")
 
-    def __init__(self, key: KeyInfo, headers: tuple[tuple[str, str], ...]) -> None:
+    def __init__(
+        self,
+        key: KeyInfo,
+        headers: tuple[tuple[str, str], ...],
+        charged: tuple[Bucket, ...] = (),
+    ) -> None:
         self.key = key
         self.headers = headers
+        #: The counters the request was charged to, given back if a route refuses it.
+        self.charged = charged
 
     def __repr__(self) -> str:
         return f"Admission({self.key.key_id})"
@@ -269,11 +277,10 @@ class Pipeline:
         #: The per-key policy steps, run in order on every admitted key.
         self.steps: tuple[Step, ...] = tuple(steps)
         self.rate_limits: tuple[Rate, ...] = parse_rates(rate_limits)
-        if failure_limit is None:
-            self.throttle: FailureThrottle | None = None
-        else:
-            (rate,) = parse_rates([failure_limit])
-            self.throttle = FailureThrottle(rate)
+        #: Failed checks allowed per client address; the count is kept by the manager.
+        self.failure_limit: Rate | None = None
+        if failure_limit is not None:
+            (self.failure_limit,) = parse_rates([failure_limit])
         self.trusted_proxies = _networks(trusted_proxies)
         self.fail_open = bool(fail_open)
 
@@ -303,7 +310,7 @@ class Pipeline:
         if not isinstance(key, str):
             return key
         now = manager.clock()
-        throttled = self._throttled(address, now)
+        throttled = self._throttled(manager, address, now)
         if throttled is not None:
             return throttled
         try:
@@ -334,7 +341,7 @@ class Pipeline:
         if not isinstance(key, str):
             return key
         now = manager.clock()
-        throttled = self._throttled(address, now)
+        throttled = self._throttled(manager, address, now)
         if throttled is not None:
             return throttled
         try:
@@ -352,12 +359,14 @@ class Pipeline:
             outcome = self._counters_failed(info, e, outcome)
         return _counted(manager, info, outcome, now)
 
-    def _throttled(self, address: str | None, now: float) -> Problem | None:
+    def _throttled(
+        self, manager: APIKeyManager, address: str | None, now: float
+    ) -> Problem | None:
         """The 429 for an address that failed too many checks, before any lookup."""
-        throttle = self.throttle
-        if throttle is None or address is None:
+        rate = self.failure_limit
+        if rate is None or address is None:
             return None
-        wait = throttle.retry_after(address, now)
+        wait = manager.failure_throttle(rate).retry_after(address, now)
         return self.problems.too_many_failures(wait) if wait else None
 
     def _failed(
@@ -367,8 +376,8 @@ class Pipeline:
         revoked or expired key, in the key's usage)."""
         problem = self.refused(error)
         if isinstance(error, InvalidKeyError):
-            if self.throttle is not None and address:
-                self.throttle.failed(address, now)
+            if self.failure_limit is not None and address:
+                manager.failure_throttle(self.failure_limit).failed(address, now)
             if error.info is not None and manager.usage_recorder is not None:
                 manager.usage_recorder.record(error.info.key_id, problem.code, now)
         return problem
@@ -377,7 +386,7 @@ class Pipeline:
         if usage is None:
             return info
         if usage.allowed:
-            return Admission(info, usage.headers)
+            return Admission(info, usage.headers, usage.charged)
         return self.problems.limited(
             usage.code or "rate_limited", usage.retry_after, usage.headers
         )
@@ -504,6 +513,46 @@ class Pipeline:
             else:
                 kept.append(part)
         return values, "&".join(kept)
+
+
+def admitted(
+    mapping: MutableMapping[str, Any], manager: APIKeyManager, outcome: KeyInfo | Admission
+) -> KeyInfo:
+    """Leave an admission in a scope or environ: the key, its manager, and with limits the
+    RateLimit headers for the response and what was charged (for :func:`refund`)."""
+    if isinstance(outcome, Admission):
+        mapping["keyguard.headers"] = outcome.headers
+        mapping["keyguard.charged"] = outcome.charged
+        outcome = outcome.key
+    mapping["keyguard.key"] = outcome
+    mapping["keyguard.manager"] = manager
+    return outcome
+
+
+def refund(mapping: MutableMapping[str, Any], code: str) -> None:
+    """Undo the admission left in a scope or environ, for a route that refuses it with
+    ``code`` after the middleware let it in: its charge is given back, its RateLimit
+    headers are dropped, and it is counted as refused."""
+    manager, info, charged = _admission_of(mapping)
+    if manager is not None and info is not None:
+        manager.refund(info, charged, code)
+
+
+async def arefund(mapping: MutableMapping[str, Any], code: str) -> None:
+    """:func:`refund` for event loops."""
+    manager, info, charged = _admission_of(mapping)
+    if manager is not None and info is not None:
+        await manager.arefund(info, charged, code)
+
+
+def _admission_of(
+    mapping: MutableMapping[str, Any],
+) -> tuple[APIKeyManager | None, KeyInfo | None, tuple[Bucket, ...]]:
+    mapping.pop("keyguard.headers", None)
+    charged = mapping.pop("keyguard.charged", ())
+    manager = mapping.pop("keyguard.manager", None)
+    info = mapping.get("keyguard.key")
+    return manager, info if isinstance(info, KeyInfo) else None, charged
 
 
 def _with_headers(problem: Problem, headers: tuple[tuple[str, str], ...]) -> Problem:

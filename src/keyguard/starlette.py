@@ -44,9 +44,11 @@ from .manager import APIKeyManager
 from .pipeline import (
     DEFAULT_FAILURE_LIMIT,
     DEFAULT_HEADER_NAMES,
-    Admission,
     Pipeline,
+    admitted,
+    arefund,
     check_scopes,
+    refund,
 )
 from .problems import CLOSE_POLICY_VIOLATION, ErrorResponse, Problem, insufficient_scope
 from .records import KeyInfo
@@ -129,11 +131,8 @@ class APIKeyBackend(AuthenticationBackend):
             return None
         if isinstance(outcome, Problem):
             raise APIKeyAuthenticationError(outcome)
-        if isinstance(outcome, Admission):
-            scope["keyguard.headers"] = outcome.headers
-            outcome = outcome.key
-        scope["keyguard.key"] = outcome
-        return AuthCredentials(list(outcome.scopes)), APIKeyUser(outcome)
+        info = admitted(scope, self.manager, outcome)
+        return AuthCredentials(list(info.scopes)), APIKeyUser(info)
 
 
 def on_auth_error(conn: HTTPConnection, exc: AuthenticationError) -> Response:
@@ -257,6 +256,7 @@ def require_scopes(*scopes: str) -> Callable[[_Endpoint], _Endpoint]:
                 refusal = _refusal(conn, wanted)
                 if refusal is None:
                     return await endpoint(*args, **kwargs)
+                await arefund(conn.scope, refusal[0].code)
                 if isinstance(conn, WebSocket):
                     await send_refusal(conn.scope, conn.send, *refusal)
                     return None
@@ -268,7 +268,10 @@ def require_scopes(*scopes: str) -> Callable[[_Endpoint], _Endpoint]:
         def guarded_sync(*args: Any, **kwargs: Any) -> Any:
             conn = _connection(endpoint, args, kwargs)
             refusal = _refusal(conn, wanted)
-            return endpoint(*args, **kwargs) if refusal is None else _response(*refusal)
+            if refusal is None:
+                return endpoint(*args, **kwargs)
+            refund(conn.scope, refusal[0].code)
+            return _response(*refusal)
 
         return cast(_Endpoint, guarded_sync)
 

@@ -66,7 +66,9 @@ MAX_POINTS = 10_000
 #: Points a query returns when ``since`` is not given, per step.
 DEFAULT_POINTS = {"minute": 60, "hour": 24, "day": 30}
 
-_Pending = dict[tuple[str, int, str], int]  # (key_id, minute start, code) -> count
+_Pending = dict[tuple[str, int, str], int]
+#: Requests queued before ``record`` sums them into buckets itself.
+_QUEUE_LIMIT = 10_000  # (key_id, minute start, code) -> count
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +128,7 @@ class UsageRecorder:
         self.dropped = 0
         self._unlogged_drops = 0
         self._pending: _Pending = {}
-        self._queue: collections.deque[tuple[str, str, float]] = collections.deque()
+        self._queue: collections.deque[tuple[str, str, float, int]] = collections.deque()
         self._lock = threading.Lock()
         # One flush at a time, so the thread and an explicit flush() never race.
         self._flush_lock = threading.Lock()
@@ -139,14 +141,20 @@ class UsageRecorder:
     def __repr__(self) -> str:
         return f"UsageRecorder({self.store!r}, flush_every={self.flush_every:g})"
 
-    def record(self, key_id: str, code: str = OK, at: float | None = None) -> None:
-        """Count one request of ``key_id`` at POSIX time ``at`` (default: now): admitted
-        (``"ok"``) or refused with ``code``.
+    def record(self, key_id: str, code: str = OK, at: float | None = None, count: int = 1) -> None:
+        """Count ``count`` requests of ``key_id`` at POSIX time ``at`` (default: now):
+        admitted (``"ok"``) or refused with ``code``. A negative count takes back a count
+        made earlier (an admission that a route then refused).
 
         One append to a thread-safe queue: no lock, no I/O, whatever the store. The queue is
         summed into buckets when it is flushed, at most ``flush_every`` seconds later.
         """
-        self._queue.append((key_id, code, self._clock() if at is None else at))
+        queue = self._queue
+        queue.append((key_id, code, self._clock() if at is None else at, count))
+        if len(queue) >= _QUEUE_LIMIT:
+            # The thread is behind (a slow store write): sum the queue into the bounded
+            # buckets here, so memory stays bounded whatever the store does.
+            self._drain()
         if self._thread is None and not self._closed:
             self._start()
 
@@ -169,16 +177,16 @@ class UsageRecorder:
             pending = self._pending
             # Only what is queued now: requests keep arriving while this runs.
             for _ in range(len(queue)):
-                key_id, code, at = queue.popleft()
+                key_id, code, at, n = queue.popleft()
                 bucket = (key_id, int(at // 60) * 60, code)
                 count = pending.get(bucket)
                 if count is not None:
-                    pending[bucket] = count + 1
+                    pending[bucket] = count + n
                 elif len(pending) < self.max_pending:
-                    pending[bucket] = 1
+                    pending[bucket] = n
                 else:
-                    self.dropped += 1
-                    self._unlogged_drops += 1
+                    self.dropped += n
+                    self._unlogged_drops += n
 
     def flush(self) -> bool:
         """Write every buffered count to the store now, in one ``add_usage`` call.

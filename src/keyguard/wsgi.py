@@ -12,7 +12,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from ._middleware import Guard, Middleware
-from .pipeline import Admission, Pipeline, carries_key
+from .pipeline import Admission, Pipeline, admitted, carries_key
 from .problems import ErrorResponder, ErrorResponse, Problem
 from .records import KeyInfo
 
@@ -52,13 +52,11 @@ class APIKeyMiddleware(Middleware[WSGIApp]):
             return self._let_through(environ, start_response)
         outcome = authenticate(self.pipeline, self.manager, environ)
         if isinstance(outcome, Admission):
-            environ["keyguard.headers"] = outcome.headers
             start_response = with_response_headers(environ, start_response)
-            outcome = outcome.key
-        if isinstance(outcome, KeyInfo):
-            environ["keyguard.key"] = outcome
+        if isinstance(outcome, (KeyInfo, Admission)):
+            info = admitted(environ, self.manager, outcome)
             environ["keyguard.guard"] = guard
-            environ["REMOTE_USER"] = outcome.user_id
+            environ["REMOTE_USER"] = info.user_id
             if guard.strip_credentials:
                 self._strip_credentials(environ)
             return self.app(environ, start_response)

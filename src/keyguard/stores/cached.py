@@ -291,6 +291,11 @@ class CachedStore:
     def peek(self, names: Sequence[str]) -> list[float]:
         return self._counter_store().peek(names)
 
+    @property
+    def keeps_counters(self) -> bool:
+        """Whether the inner store keeps counters (this class always has the methods)."""
+        return self._counters is not None
+
     def _counter_store(self) -> CounterStore:
         if self._counters is None:
             raise TypeError(
