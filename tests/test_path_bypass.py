@@ -22,6 +22,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import flask
@@ -586,3 +587,14 @@ def test_long_paths_are_answered_quickly(manager: APIKeyManager) -> None:
     assert ask_asgi(guarded_starlette(manager), Req(path)) == "docs"
     assert ask_wsgi(guarded_flask(manager), Req(path)) == "docs"
     assert time.monotonic() - started < 10
+
+
+def test_the_security_page_publishes_this_many_cases() -> None:
+    asgi = [ASGI_CASES, MOUNT_CASES, OUTER_GUARD_CASES, HTTP_CASES]
+    wsgi = [WSGI_CASES, MOUNTED_WSGI_CASES, CLIENT_URLS]
+    counts = [sum(len(table) for table in tables) for tables in (asgi, wsgi)]
+    page = (Path(__file__).parents[1] / "docs" / "security.md").read_text()
+    assert (
+        f"{sum(counts)} path-bypass cases, each with its id ({counts[0]} ASGI, {counts[1]} WSGI)"
+        in page
+    )
