@@ -5,6 +5,11 @@ what happens around it: which paths skip it, whether a request without a key may
 whether credentials are stripped, and how refusals are rendered. The middleware put their
 guard in ``scope["keyguard.guard"]`` / ``environ["keyguard.guard"]`` so that per-route
 helpers (``require_scopes``) refuse with the same realm, headers and renderer.
+
+Exempt patterns never exempt an ambiguous path (:func:`is_ambiguous_path`): one that a
+server, proxy or router behind the middleware may read as another route, such as
+``/docs/..;/admin``, ``/docs//x`` (Werkzeug routes it to a catch-all rule) or
+``/docs/%2e%2e/admin`` (``..`` for a server that decodes twice).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Generic, TypeVar
+from urllib.parse import unquote
 
 from .keys import mask_key, redact_keys
 from .pipeline import DEFAULT_FAILURE_LIMIT, DEFAULT_HEADER_NAMES, Pipeline
@@ -22,7 +29,7 @@ from .problems import ErrorResponder, ErrorResponse, InvalidResponse, Problem, c
 if TYPE_CHECKING:
     from .manager import APIKeyManager
 
-__all__ = ["Guard", "Middleware", "has_dot_segment"]
+__all__ = ["Guard", "Middleware", "has_dot_segment", "is_ambiguous_path"]
 
 _App = TypeVar("_App")
 
@@ -41,6 +48,37 @@ def has_dot_segment(path: str) -> bool:
     if "/." not in path:
         return False
     return any(segment.partition(";")[0] in (".", "..") for segment in path.split("/"))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Decodings tried beyond the server's one; a path still encoded after them is refused.
+_MAX_DECODINGS = 3
+
+
+def _collapses(path: str) -> bool:
+    return "//" in path or has_dot_segment(path) or _CONTROL.search(path) is not None
+
+
+def is_ambiguous_path(path: str) -> bool:
+    """Whether a server, proxy or router behind this one may read ``path`` as another path.
+
+    That is a path with a dot segment or backslash (:func:`has_dot_segment`), an empty
+    segment (``//``: nginx and Werkzeug merge them, and Werkzeug routes ``/docs//x`` to a
+    catch-all ``/<path:p>`` rather than to ``/docs/<path:p>``) or a control character (URL
+    parsers drop tabs and newlines, so ``.\\t.`` becomes ``..``); also one that has any of
+    these once percent-decoded again (``%2e%2e``, for a server that decodes twice) or in
+    NFKC form (fullwidth full stops). An exempt pattern never exempts such a path.
+    """
+    for _ in range(_MAX_DECODINGS + 1):
+        if _collapses(path):
+            return True
+        if not path.isascii() and _collapses(unicodedata.normalize("NFKC", path)):
+            return True
+        decoded = unquote(path) if "%" in path else path
+        if decoded == path:
+            return False
+        path = decoded
+    return True
 
 
 def _check_exempt_path(path: object) -> str:
@@ -98,8 +136,9 @@ class Guard:
         self.allow_cors_preflight = bool(allow_cors_preflight)
 
     def is_exempt_by_pattern(self, path: str) -> bool:
-        """Whether an exempt pattern fullmatches ``path``; paths with dot segments never do."""
-        if has_dot_segment(path):
+        """Whether an exempt pattern fullmatches ``path``; ambiguous paths never do
+        (:func:`is_ambiguous_path`)."""
+        if is_ambiguous_path(path):
             return False
         return any(p.fullmatch(path) for p in self.exempt_patterns)
 

@@ -70,7 +70,10 @@ class APIKeyMiddleware(Middleware[ASGIApp]):
         relative to the mount point (``root_path`` removed): ``/health`` does not exempt
         ``/health/``, ``/healthz`` or ``/Health``.
     :param exempt_patterns: regexes (str or compiled) that exempt every path they
-        ``fullmatch``; a path with a ``.`` or ``..`` segment is never exempted by a pattern.
+        ``fullmatch``. A pattern never exempts a path that a server or router behind may
+        read as another one: a ``.`` or ``..`` segment (also ``..;x``), a backslash, ``//``,
+        a control character, or any of these once percent-decoded again (``%2e%2e``) or in
+        NFKC form.
     :param optional: let requests without any key through as anonymous; a bad key is
         still refused.
     :param required_scopes: scopes every key must have (else 403 ``insufficient_scope``).
