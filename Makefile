@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_middleware.py
 	$(BIN)/python benchmarks/bench_records.py
 	$(BIN)/python benchmarks/bench_limits.py
+	$(BIN)/python benchmarks/bench_propagation.py
 
 clean:
 	rm -rf $(VENV) site .site-check .pytest_cache .mypy_cache .ruff_cache .coverage
