@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint docs docs-check bench fuzz clean
+.PHONY: install demo test lint docs docs-check bench fuzz durability clean
 
 install: $(VENV)/.installed
 
@@ -38,11 +38,16 @@ docs: install
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_fuzz.py
 
+# 30 SIGKILL rounds per store; the normal run makes 5. -s shows each store's figures.
+durability: install
+	KEYGUARD_DURABILITY_ROUNDS=30 $(BIN)/pytest -q -s tests/test_durability.py
+
 bench: install
 	$(BIN)/python benchmarks/bench_validate.py
 	$(BIN)/python benchmarks/bench_middleware.py
 	$(BIN)/python benchmarks/bench_records.py
 	$(BIN)/python benchmarks/bench_limits.py
+	$(BIN)/python benchmarks/bench_propagation.py
 
 clean:
 	rm -rf $(VENV) site .site-check .pytest_cache .mypy_cache .ruff_cache .coverage
