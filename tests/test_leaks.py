@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 
-from keyguard import KeyInfo, StoreError, digest_key, generate_key
+from keyguard import KeyInfo, StoreError, digest_key, generate_key, limits
 from keyguard.limits import parse_quota
 from keyguard.problems import Problem
 from tests.conftest import LEAKS
@@ -61,7 +62,18 @@ def test_an_exception_keyguard_raises_is_checked_but_not_a_tests_own() -> None:
     key = generate_key()
 
     with pytest.raises(ValueError) as exc_info:
-        parse_quota(key)  # a quota echoes the text it cannot parse
+        parse_quota(key)  # keyguard masks a key pasted into the wrong field
+    assert raised_by_keyguard(exc_info.tb)
+    assert LEAKS.reset() == []
+
+    # A keyguard function that did echo its input (compiled as if it were keyguard's code).
+    namespace: dict[str, Any] = {}
+    exec(
+        compile("def echo(text):\n    raise ValueError(text)\n", limits.__file__, "exec"),
+        namespace,
+    )
+    with pytest.raises(ValueError) as exc_info:
+        namespace["echo"](key)
     assert raised_by_keyguard(exc_info.tb)
     assert [where.split(":")[0] for where in LEAKS.reset()] == ["ValueError raised by keyguard"]
 

@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NamedTuple
 
 from ._counting import EPSILON, Bucket
+from .keys import redact_keys
 
 if TYPE_CHECKING:
     from .records import KeyInfo
@@ -114,10 +115,16 @@ class Quota:
         return label, start.timestamp(), end
 
 
+def _shown(value: object) -> str:
+    """``repr(value)`` for an error message, with anything key-shaped masked: a key pasted
+    into the wrong field must not end up in a log."""
+    return redact_keys(repr(value))
+
+
 def _count(text: str, value: str) -> int:
     count = int(value)
     if not 1 <= count <= MAX_COUNT:
-        raise ValueError(f"invalid limit {text!r}: the count must be from 1 to {MAX_COUNT}")
+        raise ValueError(f"invalid limit {_shown(text)}: the count must be from 1 to {MAX_COUNT}")
     return count
 
 
@@ -125,7 +132,9 @@ def _count(text: str, value: str) -> int:
 def _parse_rate(text: str) -> Rate:
     match = _RATE_RE.fullmatch(text.lower())
     if match is None or match[2] not in RATE_UNITS:
-        raise ValueError(f"invalid rate limit {text!r}: write N/second, N/minute, N/hour or N/day")
+        raise ValueError(
+            f"invalid rate limit {_shown(text)}: write N/second, N/minute, N/hour or N/day"
+        )
     return Rate(_count(text, match[1]), match[2])
 
 
@@ -137,7 +146,9 @@ def parse_rates(values: object) -> tuple[Rate, ...]:
     if isinstance(values, (str, Rate)):
         values = [values]
     if not isinstance(values, Iterable):
-        raise TypeError(f"rate limits must be a list of strings like '10/second', not {values!r}")
+        raise TypeError(
+            f"rate limits must be a list of strings like '10/second', not {_shown(values)}"
+        )
     rates: list[Rate] = []
     for value in values:
         if isinstance(value, Rate):
@@ -145,7 +156,7 @@ def parse_rates(values: object) -> tuple[Rate, ...]:
         elif isinstance(value, str):
             rate = _parse_rate(value)
         else:
-            raise TypeError(f"a rate limit must be a string like '10/second', not {value!r}")
+            raise TypeError(f"a rate limit must be a string like '10/second', not {_shown(value)}")
         if rate not in rates:
             rates.append(rate)
     if len(rates) > MAX_RATES:
@@ -160,10 +171,12 @@ def parse_quota(value: object) -> Quota:
     if isinstance(value, int) and not isinstance(value, bool):
         return Quota(_count(str(value), str(value)))
     if not isinstance(value, str):
-        raise TypeError(f"a quota must be a number or a string like '10000/month', not {value!r}")
+        raise TypeError(
+            f"a quota must be a number or a string like '10000/month', not {_shown(value)}"
+        )
     match = _QUOTA_RE.fullmatch(value.lower())
     if match is None or (match[2] is not None and match[2] not in QUOTA_PERIODS):
-        raise ValueError(f"invalid quota {value!r}: write N, N/hour, N/day or N/month")
+        raise ValueError(f"invalid quota {_shown(value)}: write N, N/hour, N/day or N/month")
     return Quota(_count(value, match[1]), match[2])
 
 
