@@ -277,8 +277,10 @@ async def test_openapi_documents_the_refusals_as_problem_json(
     whoami = document["paths"]["/whoami"]["get"]["responses"]
     items = document["paths"]["/items"]["post"]["responses"]
 
-    assert set(whoami) == {"200", "400", "401", "429", "503"}  # no scopes required: no 403
+    assert set(whoami) == {"200", "400", "401", "403", "429", "503"}
     assert set(items) == {"201", "400", "401", "403", "429", "503"}
+    # No scopes required: the 403 is only a key used outside its allowed networks.
+    assert whoami["403"]["description"] == "Forbidden: `ip_not_allowed`."
     assert "401" not in document["paths"]["/health"]["get"]["responses"]
     unauthorized = whoami["401"]
     assert unauthorized["description"] == (
@@ -317,7 +319,7 @@ async def test_a_route_keeps_the_responses_it_declares(manager: APIKeyManager) -
         again = (await client.get("/openapi.json")).json()
     responses = document["paths"]["/whoami"]["get"]["responses"]
     assert responses["401"] == mine
-    assert set(responses) == {"200", "400", "401", "429", "503"}
+    assert set(responses) == {"200", "400", "401", "403", "429", "503"}
     assert again == document
 
 

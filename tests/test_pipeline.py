@@ -48,6 +48,9 @@ def test_every_problem_is_rfc9457_with_a_matching_challenge(problem: Problem) ->
     if problem.status == 503:
         assert "www-authenticate" not in headers
         assert problem.close_code == 1013
+    elif problem.code == "ip_not_allowed":
+        assert "www-authenticate" not in headers  # RFC 6750 has no error for an address
+        assert problem.close_code == 1008
     elif problem.code == "missing_api_key":
         assert headers["www-authenticate"] == 'Bearer realm="api"'
     else:
@@ -64,6 +67,7 @@ def test_catalogue_codes_are_the_documented_ones() -> None:
         "revoked_api_key",
         "expired_api_key",
         "insufficient_scope",
+        "ip_not_allowed",
         "invalid_request",
         "store_unavailable",
     }

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .limits import parse_quota, parse_rates
+from .networks import parse_networks
 
 __all__ = ["LATEST", "MAX_METADATA_BYTES", "check_metadata", "deadline_after", "positive", "utc"]
 
@@ -63,6 +64,8 @@ def check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if clean.get("quota") is not None:
         quota = parse_quota(clean["quota"])
         clean["quota"] = quota.count if quota.period is None else str(quota)
+    if clean.get("allowed_ips") is not None:
+        clean["allowed_ips"] = [str(n) for n in parse_networks(clean["allowed_ips"])]
     family = clean.get("family_id")
     if family is not None and (not isinstance(family, str) or not family):
         raise TypeError("metadata field 'family_id' must be a non-empty string")

@@ -90,11 +90,12 @@ def install(app: FastAPI, manager: APIKeyManager | None = None) -> None:
     """Send keyguard refusals as ``application/problem+json`` and set the app-wide manager.
 
     It also documents those refusals in the OpenAPI document: every operation that
-    depends on :func:`require_api_key` lists its 400, 401, 403 (when it requires scopes),
-    429 and 503 responses with the ``Problem`` schema, unless the route declares that
-    status itself, and adds a small middleware that puts the RateLimit headers of keys the
-    dependency admitted on their responses. ``manager`` is the one :func:`require_api_key`
-    uses when it is given none; it is kept in ``app.state`` under :data:`MANAGER_STATE`.
+    depends on :func:`require_api_key` lists its 400, 401, 403 (``ip_not_allowed``, and
+    ``insufficient_scope`` when it requires scopes), 429 and 503 responses with the
+    ``Problem`` schema, unless the route declares that status itself. It adds a small
+    middleware that puts the RateLimit headers of keys the dependency admitted on their
+    responses. ``manager`` is the one :func:`require_api_key` uses when it is given none;
+    it is kept in ``app.state`` under :data:`MANAGER_STATE`.
     """
     app.add_exception_handler(APIKeyHTTPException, problem_exception_handler)
     app.add_middleware(_ResponseHeaders)
@@ -166,8 +167,8 @@ def refusal_responses(pipelines: Iterable[Pipeline]) -> dict[str, dict[str, Any]
         if pipeline.failure_limit is not None:
             candidates.append(pipeline.problems.too_many_failures(1))
         for problem in candidates:
-            if problem.status == 403 and not pipeline.required_scopes:
-                continue  # only a dependency that requires scopes refuses with 403
+            if problem.code == "insufficient_scope" and not pipeline.required_scopes:
+                continue  # only a dependency that requires scopes refuses for a scope
             found.setdefault(problem.status, {}).setdefault(problem.code, problem)
     responses: dict[str, dict[str, Any]] = {}
     for status, problems in sorted(found.items()):

@@ -462,6 +462,20 @@ class APIKeyManager:
         _check_listing(user_id)
         return self._walk(user_id, include_inactive, _page_size("page_size", page_size))
 
+    def expiring(self, within: timedelta, user_id: str | None = None) -> Iterator[KeyInfo]:
+        """Yield the active keys (of one user, or of all) that expire within ``within``, in
+        listing order (oldest first), reading the store a page at a time.
+
+        For warnings before keys stop working (``keyguard list --expiring 14d``). A key
+        that never expires is never yielded.
+        """
+        deadline = self._clock() + positive("within", within).total_seconds()
+        return (
+            info
+            for info in self.iter_keys(user_id)
+            if info.expires_at is not None and info.expires_at.timestamp() <= deadline
+        )
+
     def _walk(
         self, user_id: str | None, include_inactive: bool, page_size: int
     ) -> Iterator[KeyInfo]:

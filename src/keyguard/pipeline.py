@@ -13,7 +13,8 @@ The steps, in order:
 1. **read**: exactly one key among the credential headers and the query parameter;
 2. **check** (:meth:`APIKeyManager.check <keyguard.APIKeyManager.check>`): form, digest,
    one store lookup, revoked or expired;
-3. **per-key policy**, in order: the scopes the API requires;
+3. **per-key policy**, in order: the key's allowed networks, then the scopes the API
+   requires;
 4. **usage limits**: the request is charged to the key's rate limits and quota (only
    admitted requests are charged; over a limit is a 429).
 
@@ -42,6 +43,7 @@ from urllib.parse import unquote_plus
 from ._counting import Bucket
 from .exceptions import InvalidKeyError, KeyguardError, StoreError
 from .limits import Rate, Usage, parse_rates
+from .networks import Network, contains, parse_networks
 from .problems import MAX_CREDENTIAL_LENGTH, Problem, Problems
 from .records import KeyInfo
 from .verification import Reason
@@ -67,7 +69,6 @@ DEFAULT_HEADER_NAMES = ("Authorization", "X-API-Key")
 #: Failed key checks allowed per client address (per process) before it gets 429s.
 DEFAULT_FAILURE_LIMIT = "20/minute"
 
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: A per-key policy step: ``step(key, client_address)`` returns a refusal or None to go on.
 Step = Callable[[KeyInfo, "str | None"], "Problem | None"]
@@ -142,30 +143,8 @@ class Admission:
         return f"Admission({self.key.key_id})"
 
 
-def _networks(trusted_proxies: Iterable[str]) -> tuple[_Network, ...]:
-    if isinstance(trusted_proxies, str):
-        raise TypeError("trusted_proxies takes a list of addresses or CIDRs, not a string")
-    networks = []
-    for value in trusted_proxies:
-        try:
-            networks.append(ipaddress.ip_network(value, strict=False))
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"invalid trusted proxy {value!r}: give an IP address or CIDR"
-            ) from None
-    return tuple(networks)
-
-
-def _trusted(address: str, networks: tuple[_Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
-
-
 def client_address(
-    peer: str | None, forwarded: Sequence[str], networks: tuple[_Network, ...]
+    peer: str | None, forwarded: Sequence[str], networks: tuple[Network, ...]
 ) -> str | None:
     """The caller's address: ``peer``, or behind trusted proxies the right-most
     ``X-Forwarded-For`` hop that is not a trusted proxy.
@@ -174,7 +153,7 @@ def client_address(
     that sends the header directly cannot choose its address. An unparseable hop ends
     the walk at the last trusted one.
     """
-    if peer is None or not forwarded or not _trusted(peer, networks):
+    if peer is None or not forwarded or not contains(networks, peer):
         return peer
     address = peer
     for value in reversed(forwarded):
@@ -185,7 +164,7 @@ def client_address(
             except ValueError:
                 return address
             address = hop
-            if not _trusted(hop, networks):
+            if not contains(networks, hop):
                 return hop
     return address
 
@@ -281,7 +260,7 @@ class Pipeline:
         self.failure_limit: Rate | None = None
         if failure_limit is not None:
             (self.failure_limit,) = parse_rates([failure_limit])
-        self.trusted_proxies = _networks(trusted_proxies)
+        self.trusted_proxies = parse_networks(trusted_proxies, "trusted proxy")
         self.fail_open = bool(fail_open)
 
     def __repr__(self) -> str:
@@ -473,7 +452,13 @@ class Pipeline:
         return self._refusals.get(reason, self.problems.invalid)
 
     def admit(self, info: KeyInfo, client: str | None = None) -> KeyInfo | Problem:
-        """Run the per-key steps on an active key, in order: the key if each lets it through."""
+        """Run the per-key steps on an active key, in order: the key if each lets it through.
+
+        First the key's own ``allowed_ips`` (403 ``ip_not_allowed`` from any other address,
+        or when the address is unknown), then the :attr:`steps` (the required scopes).
+        """
+        if info.allowed_ips and not contains(info.allowed_ips, client):
+            return self.problems.ip_not_allowed
         for step in self.steps:
             problem = step(info, client)
             if problem is not None:

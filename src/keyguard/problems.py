@@ -133,6 +133,9 @@ class Problems:
         )
         self.expired = Problem(401, "expired_api_key", "The API key has expired.", invalid_token)
         self.insufficient_scope = insufficient_scope(realm, tuple(required_scopes))
+        self.ip_not_allowed = Problem(
+            403, "ip_not_allowed", "The API key may not be used from this address."
+        )
 
         def bad_request(detail: str) -> Problem:
             return Problem(400, "invalid_request", detail, invalid_request)

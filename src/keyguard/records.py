@@ -9,6 +9,7 @@ from typing import Any
 
 from ._frozen import freeze
 from .limits import Quota, Rate, parse_quota, parse_rates
+from .networks import Network, parse_networks
 
 __all__ = ["KeyInfo"]
 
@@ -22,9 +23,10 @@ class KeyInfo:
 
     ``digest`` (the hash the store indexes by) and ``hash_scheme`` say how the key is
     stored; the repr leaves the digest out. ``scopes`` are the key's ``permissions``,
-    ``rate_limits`` and ``quota`` its usage limits, and ``family_id`` names the key and
-    every key rotated from it (they share one budget); all four come from the metadata
-    fields of those names (``family_id`` defaults to the ``key_id``).
+    ``rate_limits`` and ``quota`` its usage limits, ``allowed_ips`` the networks it may be
+    used from, and ``family_id`` names the key and every key rotated from it (they share
+    one budget); all come from the metadata fields of those names (``family_id`` defaults
+    to the ``key_id``).
     Times are timezone-aware UTC datetimes. A record is shared between requests, so it
     is immutable and its ``metadata`` is read-only (changing it raises ``TypeError``);
     ``get_metadata`` copies.
@@ -45,6 +47,8 @@ class KeyInfo:
     rate_limits: tuple[Rate, ...] = field(init=False, compare=False)
     quota: Quota | None = field(init=False, compare=False)
     family_id: str = field(init=False, compare=False)
+    #: The networks the key may be used from (metadata ``allowed_ips``); empty: anywhere.
+    allowed_ips: tuple[Network, ...] = field(init=False, compare=False, repr=False)
     #: The POSIX time until which the key is accepted: ``-inf`` once revoked, ``inf`` if it
     #: never expires. Precomputed so the per-request check of both is one float compare.
     valid_until: float = field(init=False, repr=False, compare=False)
@@ -61,6 +65,8 @@ class KeyInfo:
         quota = metadata.get("quota")
         object.__setattr__(self, "quota", None if quota is None else parse_quota(quota))
         object.__setattr__(self, "family_id", metadata.get("family_id") or self.key_id)
+        allowed = metadata.get("allowed_ips")
+        object.__setattr__(self, "allowed_ips", parse_networks(allowed) if allowed else ())
         if self.revoked_at is not None:
             valid_until = _NEVER
         else:

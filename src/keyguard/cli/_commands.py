@@ -54,6 +54,7 @@ _RESERVED_META = {
     "name": "--name",
     "rate_limits": "--rate-limit",
     "quota": "--quota",
+    "allowed_ips": "--allowed-ip",
     "family_id": "rotate",
 }
 
@@ -75,6 +76,8 @@ def cmd_create(session: Session) -> int:
         metadata["rate_limits"] = args.rate_limit
     if args.quota is not None:
         metadata["quota"] = args.quota
+    if args.allowed_ip:
+        metadata["allowed_ips"] = args.allowed_ip
     manager = session.manager(args.prefix or DEFAULT_PREFIX, create=True)
     try:
         key, info = manager.create_key(metadata, expires_in=args.expires)
@@ -94,14 +97,23 @@ def cmd_create(session: Session) -> int:
 def cmd_list(session: Session) -> int:
     """List keys a page at a time, so memory stays flat however many keys there are."""
     args = session.args
-    keys = session.manager().iter_keys(args.user, include_inactive=args.all, page_size=_PAGE)
+    manager = session.manager()
+    if args.expiring is not None:
+        if args.all:
+            raise CLIError("--expiring lists active keys only; drop --all", EXIT_USAGE)
+        keys = manager.expiring(args.expiring, args.user)
+    else:
+        keys = manager.iter_keys(args.user, include_inactive=args.all, page_size=_PAGE)
     if args.json:
         print_json_list("keys", (key_info_json(k, session.now) for k in keys))
         return EXIT_OK
     pages = _pages(keys)
     first = next(pages, None)
     if first is None:
-        print("No keys." if args.all else "No active keys (--all shows revoked and expired).")
+        if args.expiring is not None:
+            print("No active key expires within that time.")
+        else:
+            print("No keys." if args.all else "No active keys (--all shows revoked and expired).")
         return EXIT_OK
     for line in key_table(itertools.chain([first], pages), session.now, terminal_width()):
         print(line)
@@ -131,6 +143,7 @@ def cmd_show(session: Session) -> int:
         ("scopes", ", ".join(info.scopes) or "-"),
         ("limits", ", ".join(map(str, info.rate_limits)) or "-"),
         ("quota", quota),
+        ("networks", ", ".join(map(str, info.allowed_ips)) or "any"),
         ("metadata", json.dumps(extra, ensure_ascii=False) if extra else "-"),
         ("created", format_time(info.created_at)),
         ("expires", format_time(info.expires_at)),

@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 10/second, 1000/hour (unit: second, minute, hour, day); repeat for more",
     )
     create.add_argument(
+        "--allowed-ip",
+        action="append",
+        metavar="CIDR",
+        help="only requests from this address or network (203.0.113.0/24); repeat for more",
+    )
+    create.add_argument(
         "--quota",
         type=_quota_arg,
         metavar="N[/PERIOD]",
@@ -141,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing = command("list", _commands.cmd_list, "list keys in an aligned table")
     listing.add_argument("--user", help="only this user's keys")
     listing.add_argument("--all", action="store_true", help="include revoked and expired keys")
+    listing.add_argument(
+        "--expiring",
+        type=_duration_arg(False),
+        metavar="DURATION",
+        help="only active keys that expire within DURATION (e.g. 14d)",
+    )
 
     show = command("show", _commands.cmd_show, "show one key's record")
     show.add_argument("ref", metavar="KEY_ID", help="a key_id, or a key ('-' reads stdin)")
