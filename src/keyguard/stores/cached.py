@@ -4,6 +4,9 @@ A hot key costs no call to the inner store within ``ttl`` and a repeated unknown
 reaches it once per ``ttl``. Changes made through this process drop the entry at once;
 changes made elsewhere are seen within ``ttl`` at most, and within milliseconds when the
 inner store pushes invalidations (Redis pub/sub, PostgreSQL LISTEN/NOTIFY).
+
+Counters and usage counts pass through to the inner store, never cached; with their async
+twins they take the module a little over the house size.
 """
 
 from __future__ import annotations
