@@ -457,6 +457,8 @@ class FailureThrottle:
 
     def retry_after(self, address: str, now: float) -> int:
         """Seconds until ``address`` may fail a check again; 0 if it is not throttled."""
+        if not self._tats:
+            return 0  # no failures: the usual case costs no address parsing
         tat = self._tats.get(throttled_source(address))
         if tat is None:
             return 0

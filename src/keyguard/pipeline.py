@@ -46,6 +46,7 @@ from .limits import Rate, Usage, parse_rates
 from .networks import Network, contains, parse_networks
 from .problems import MAX_CREDENTIAL_LENGTH, Problem, Problems
 from .records import KeyInfo
+from .usage import OK
 from .verification import Reason
 
 if TYPE_CHECKING:
@@ -284,27 +285,34 @@ class Pipeline:
         Returns the key (an :class:`Admission` when its response needs headers), the
         problem to answer with, or None when the request carries no credential.
         """
-        address = client_address(client, forwarded, self.trusted_proxies)
+        address = client_address(client, forwarded, self.trusted_proxies) if forwarded else client
         key = self.read(values, query_values)
         if not isinstance(key, str):
             return key
         now = manager.clock()
-        throttled = self._throttled(manager, address, now)
-        if throttled is not None:
-            return throttled
+        rate = self.failure_limit
+        if rate is not None and address is not None:
+            throttled = self._throttled(manager, rate, address, now)
+            if throttled is not None:
+                return throttled
         try:
             info = manager.check(key)
         except KeyguardError as e:
             return self._failed(manager, e, address, now)
         outcome: KeyInfo | Admission | Problem = self.admit(info, address)
-        try:
-            if outcome is info:
-                outcome = self._charged(info, manager.charge(info, self.rate_limits))
-            elif isinstance(outcome, Problem):
-                outcome = _with_headers(outcome, manager.limit_headers(info, self.rate_limits))
-        except StoreError as e:
-            outcome = self._counters_failed(info, e, outcome)
-        return _counted(manager, info, outcome, now)
+        if info.rate_limits or info.quota is not None or self.rate_limits:
+            try:
+                if outcome is info:
+                    outcome = self._charged(info, manager.charge(info, self.rate_limits))
+                elif isinstance(outcome, Problem):
+                    headers = manager.limit_headers(info, self.rate_limits)
+                    outcome = _with_headers(outcome, headers)
+            except StoreError as e:
+                outcome = self._counters_failed(info, e, outcome)
+        recorder = manager.usage_recorder
+        if recorder is not None:
+            recorder.record(info.key_id, outcome.code if type(outcome) is Problem else OK, now)
+        return outcome
 
     async def aauthenticate(
         self,
@@ -315,36 +323,39 @@ class Pipeline:
         forwarded: Sequence[str] = (),
     ) -> KeyInfo | Admission | Problem | None:
         """:meth:`authenticate` for event loops, with ``await manager.acheck``."""
-        address = client_address(client, forwarded, self.trusted_proxies)
+        address = client_address(client, forwarded, self.trusted_proxies) if forwarded else client
         key = self.read(values, query_values)
         if not isinstance(key, str):
             return key
         now = manager.clock()
-        throttled = self._throttled(manager, address, now)
-        if throttled is not None:
-            return throttled
+        rate = self.failure_limit
+        if rate is not None and address is not None:
+            throttled = self._throttled(manager, rate, address, now)
+            if throttled is not None:
+                return throttled
         try:
             info = await manager.acheck(key)
         except KeyguardError as e:
             return self._failed(manager, e, address, now)
         outcome: KeyInfo | Admission | Problem = self.admit(info, address)
-        try:
-            if outcome is info:
-                outcome = self._charged(info, await manager.acharge(info, self.rate_limits))
-            elif isinstance(outcome, Problem):
-                headers = await manager.alimit_headers(info, self.rate_limits)
-                outcome = _with_headers(outcome, headers)
-        except StoreError as e:
-            outcome = self._counters_failed(info, e, outcome)
-        return _counted(manager, info, outcome, now)
+        if info.rate_limits or info.quota is not None or self.rate_limits:
+            try:
+                if outcome is info:
+                    outcome = self._charged(info, await manager.acharge(info, self.rate_limits))
+                elif isinstance(outcome, Problem):
+                    headers = await manager.alimit_headers(info, self.rate_limits)
+                    outcome = _with_headers(outcome, headers)
+            except StoreError as e:
+                outcome = self._counters_failed(info, e, outcome)
+        recorder = manager.usage_recorder
+        if recorder is not None:
+            recorder.record(info.key_id, outcome.code if type(outcome) is Problem else OK, now)
+        return outcome
 
     def _throttled(
-        self, manager: APIKeyManager, address: str | None, now: float
+        self, manager: APIKeyManager, rate: Rate, address: str, now: float
     ) -> Problem | None:
         """The 429 for an address that failed too many checks, before any lookup."""
-        rate = self.failure_limit
-        if rate is None or address is None:
-            return None
         wait = manager.failure_throttle(rate).retry_after(address, now)
         return self.problems.too_many_failures(wait) if wait else None
 
@@ -545,17 +556,6 @@ def _with_headers(problem: Problem, headers: tuple[tuple[str, str], ...]) -> Pro
     if not headers:
         return problem
     return dataclasses.replace(problem, extra_headers=(*problem.extra_headers, *headers))
-
-
-def _counted(
-    manager: APIKeyManager, info: KeyInfo, outcome: KeyInfo | Admission | Problem, now: float
-) -> KeyInfo | Admission | Problem:
-    """``outcome``, counted in the key's usage: ``ok`` when admitted, else the refusal code."""
-    recorder = manager.usage_recorder
-    if recorder is not None:
-        code = outcome.code if isinstance(outcome, Problem) else "ok"
-        recorder.record(info.key_id, code, now)
-    return outcome
 
 
 def carries_key(bearer: bool, value: str) -> bool:
