@@ -88,6 +88,19 @@ end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
+# KEYS: record.  ARGV: metadata, expires_at ('' for none), channel, digest.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'revoked_at') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'metadata', ARGV[1])
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], 'expires_at')
+else
+  redis.call('HSET', KEYS[1], 'expires_at', ARGV[2])
+end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
 # KEYS: record.  ARGV: last_used_at.  Never creates a record.
 _TOUCH = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -154,6 +167,7 @@ _SCRIPTS = (
     ("add", _ADD),
     ("revoke", _REVOKE),
     ("set_expiry", _SET_EXPIRY),
+    ("update", _UPDATE),
     ("touch", _TOUCH),
     ("consume", _CONSUME),
     ("adjust", _ADJUST),
@@ -369,6 +383,7 @@ class RedisStore:
         self._add = client.register_script(_ADD)
         self._revoke = client.register_script(_REVOKE)
         self._set_expiry = client.register_script(_SET_EXPIRY)
+        self._update = client.register_script(_UPDATE)
         self._touch = client.register_script(_TOUCH)
         self._consume = client.register_script(_CONSUME)
         self._adjust = client.register_script(_ADJUST)
@@ -513,6 +528,17 @@ class RedisStore:
                 )
             )
 
+    def update(self, info: KeyInfo) -> bool:
+        expires = "" if info.expires_at is None else str(_us(info.expires_at))
+        metadata = json.dumps(info.metadata, separators=(",", ":"))
+        with self._failing("update a key"):
+            return bool(
+                self._update(
+                    keys=[self.record_key(info.digest)],
+                    args=[metadata, expires, self.channel, info.digest],
+                )
+            )
+
     def touch(self, digest: str, at: datetime) -> None:
         with self._failing("record a key's use"):
             self._touch(keys=[self.record_key(digest)], args=[_us(at)])
@@ -587,7 +613,7 @@ class RedisStore:
         return Listener(f"keyguard-listener-redis-{self.namespace}", self._listen, callback)
 
     def _listen(self, stop: threading.Event, emit: Callable[[str | None], None]) -> None:
-        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
         try:
             pubsub.subscribe(self.channel)
             while not stop.is_set():
