@@ -61,6 +61,10 @@ class CountingStore(MemoryStore):
         self.calls["set_expiry"] += 1
         return super().set_expiry(digest, expires_at)
 
+    def update(self, info: KeyInfo) -> bool:
+        self.calls["update"] += 1
+        return super().update(info)
+
     def touch(self, digest: str, at: datetime) -> None:
         self.calls["touch"] += 1
         super().touch(digest, at)

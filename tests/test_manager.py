@@ -498,14 +498,22 @@ def test_rotate_key_keeps_the_old_key_during_grace(manager: APIKeyManager, clock
     new = manager.rotate_key(old, grace=timedelta(hours=24))
 
     assert new != old
-    assert manager.get_metadata(old) == {"user_id": "u1", "permissions": ["read"]}
     old_info = manager.verify(old).key
-    assert old_info is not None
+    new_info = manager.verify(new).key
+    assert old_info is not None and new_info is not None
+    # The old key names its successor and when it was replaced, in reserved fields.
+    assert manager.get_metadata(old) == {
+        "user_id": "u1",
+        "permissions": ["read"],
+        "replaced_by": new_info.key_id,
+        "deprecated_at": "2023-11-24T22:13:20+00:00",
+    }
     # The new key joins the old key's family, which carries its usage budget.
     assert manager.get_metadata(new) == {
         "user_id": "u1",
         "permissions": ["read"],
         "family_id": old_info.key_id,
+        "rotated_from": old_info.key_id,
     }
     clock.advance(timedelta(hours=23, minutes=59))
     assert manager.validate_key(old) is True

@@ -9,6 +9,7 @@ methods are mostly docstrings.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, TypeGuard
 
 from ._frozen import thaw
+from ._lifecycle import UNSET, Unset, deprecated_metadata, plan_update, rotation_metadata
 from ._validation import LATEST, check_metadata, deadline_after, positive, utc
 from .exceptions import InvalidKeyError, KeyguardError, StoreError
 from .keys import (
@@ -54,6 +56,8 @@ PEPPER_ENV = "KEYGUARD_PEPPER"
 COUNTERS_ENV = "KEYGUARD_COUNTERS"
 _MAX_ATTEMPTS = 8
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
+# Printable ASCII without spaces, quotes or angle brackets: safe inside a Link field.
+_LINK_URL = re.compile(r"https?://[\x21\x23-\x3b\x3d\x3f-\x7e]+")
 _TOUCH_CACHE_LIMIT = 100_000
 DEFAULT_PAGE_SIZE = 1000
 
@@ -105,6 +109,9 @@ class APIKeyManager:
     :param record_usage: count every request per key (admitted, or refused by code) in
         the store's usage buckets, batched: at most one store write per second per process,
         from a background thread. See :mod:`keyguard.usage`.
+    :param deprecation_link: a documentation URL sent as ``Link: <url>; rel="deprecation"``
+        (RFC 9745) with every response to a key that a rotation replaced, during its grace
+        period, beside its ``Deprecation`` and ``Sunset`` fields.
     :param clock: returns the current POSIX time; for tests.
     """
 
@@ -119,6 +126,7 @@ class APIKeyManager:
         last_used_resolution: timedelta | None = timedelta(minutes=1),
         counters: CounterStore | None = None,
         record_usage: bool = True,
+        deprecation_link: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store: KeyStore = MemoryStore() if store is None else store
@@ -171,6 +179,16 @@ class APIKeyManager:
             if record_usage and isinstance(self.store, UsageStore)
             else None
         )
+        #: The ``Link`` field sent with the deprecation fields of a replaced key, if any.
+        self.deprecation_link: tuple[tuple[str, str], ...] = ()
+        if deprecation_link is not None:
+            if not isinstance(deprecation_link, str) or not _LINK_URL.fullmatch(deprecation_link):
+                raise ValueError(
+                    f"deprecation_link must be an http(s) URL, got {deprecation_link!r}"
+                )
+            self.deprecation_link = (
+                ("Link", f'<{deprecation_link}>; rel="deprecation"; type="text/html"'),
+            )
         # Asked once: a Protocol isinstance check costs more than a whole key check.
         self._async_store = self.store if isinstance(self.store, AsyncKeyStore) else None
 
@@ -553,18 +571,96 @@ class APIKeyManager:
             expires_in = old.expires_at - old.created_at
         # Check the old key's new deadline before issuing anything, so a bad grace leaves
         # no orphan replacement behind.
-        deadline = None if grace == timedelta(0) else deadline_after("grace", self._clock(), grace)
+        now = self._clock()
+        deadline = None if grace == timedelta(0) else deadline_after("grace", now, grace)
         accepted = any(f.prefix == old.prefix for f in self.formats)
         prefix = old.prefix if accepted else None
         # The family carries the key's rate-limit and quota budget across rotations.
-        metadata = {**thaw(old.metadata), "family_id": old.family_id}
-        new_key, new = self.create_key(metadata, expires_in=expires_in, prefix=prefix)
+        new_key, new = self.create_key(
+            rotation_metadata(old), expires_in=expires_in, prefix=prefix
+        )
+        if deadline is not None and old.expires_at is not None and old.expires_at <= deadline:
+            deadline = old.expires_at
+        # One conditional write marks the old key replaced and sets its deadline, so a
+        # revocation racing the rotation is never undone.
+        marked = dataclasses.replace(
+            old, metadata=deprecated_metadata(old, new.key_id, now), expires_at=deadline
+        )
+        self.store.update(marked)
         if deadline is None:
-            self.store.revoke(old.digest, utc(self._clock()))
-        elif old.expires_at is None or deadline < old.expires_at:
-            self.store.set_expiry(old.digest, deadline)
+            self.store.revoke(old.digest, utc(now))
         logger.info("rotated key %s into %s", old.key_id, new.key_id)
         return new_key
+
+    def lineage(self, key_id: str) -> list[KeyInfo]:
+        """Every generation of the key with this ``key_id``: the keys of its family
+        (rotated from one another), oldest first, revoked and expired ones included."""
+        info = self._record(key_id)
+        family = info.family_id
+        return [
+            k for k in self.iter_keys(info.user_id, include_inactive=True) if k.family_id == family
+        ]
+
+    # -- updating ----------------------------------------------------------------------
+
+    def update_key(
+        self,
+        key_id: str,
+        *,
+        scopes: Iterable[str] | Unset | None = UNSET,
+        metadata: Mapping[str, Any] | None = None,
+        expires_at: datetime | Unset | None = UNSET,
+        expires_in: timedelta | None = None,
+        name: str | Unset | None = UNSET,
+        rate_limits: Iterable[str] | Unset | None = UNSET,
+        quota: int | str | Unset | None = UNSET,
+        allowed_ips: Iterable[str] | Unset | None = UNSET,
+        allow_widen: bool = False,
+    ) -> KeyInfo:
+        """Change the fields given of the key with ``key_id``, keeping its secret and id;
+        return its new record.
+
+        A field given as None is removed (``scopes=None``: no scopes; ``expires_at=None``:
+        never expires; ``quota=None``: no quota). ``metadata`` sets each of its fields, or
+        removes it when the value is None; ``user_id`` cannot change. Adding scopes,
+        allowing more networks or bringing an expired key back raises ``PermissionError``
+        unless ``allow_widen=True``: the secret stays the same, so whoever holds it gains
+        what the update grants (see :mod:`keyguard._lifecycle`).
+
+        The write is one conditional store call that never touches a revoked key, so an
+        update racing a revocation cannot bring the key back. Concurrent updates of one key
+        are last-writer-wins. Every worker sees the change as it sees a revocation: at
+        once on local stores, within a second through ``CachedStore`` with push
+        invalidation (its ``ttl`` otherwise). A missing or revoked key raises
+        :class:`~keyguard.InvalidKeyError`; nothing is written on any error.
+        """
+        old = self.get_key_info(key_id)
+        if old is None or old.revoked_at is not None:
+            status = "not_found" if old is None else "revoked"
+            shown = key_id if _KEY_ID.fullmatch(str(key_id)) else mask_key(key_id)
+            raise InvalidKeyError(f"cannot update {shown!r}: {status}", Reason(status), old)
+        clean, expiry, changes = plan_update(
+            old,
+            self._clock(),
+            scopes=scopes,
+            metadata=metadata,
+            expires_at=expires_at,
+            expires_in=expires_in,
+            name=name,
+            rate_limits=rate_limits,
+            quota=quota,
+            allowed_ips=allowed_ips,
+            allow_widen=allow_widen,
+        )
+        if not changes:
+            return old
+        new = dataclasses.replace(old, metadata=clean, expires_at=expiry)
+        if not self.store.update(new):
+            raise InvalidKeyError(
+                f"cannot update {old.key_id!r}: it was revoked meanwhile", Reason.REVOKED, old
+            )
+        logger.info("updated key %s (%s): %s", new.key_id, new.hint, ", ".join(changes))
+        return new
 
     # -- usage limits ------------------------------------------------------------------
 
@@ -617,8 +713,8 @@ class APIKeyManager:
         recorder = self.usage_recorder
         if recorder is not None:
             now = self._clock()
-            recorder.record(info.key_id, "ok", now, -1)
-            recorder.record(info.key_id, code, now)
+            recorder.record(info.family_id, "ok", now, -1)
+            recorder.record(info.family_id, code, now)
 
     def limit_headers(
         self, info: KeyInfo, default_rates: tuple[Rate, ...] = ()
@@ -701,15 +797,20 @@ class APIKeyManager:
     ) -> list[UsagePoint]:
         """The usage of the key with this ``key_id``: one point per ``step``, zeros included.
 
+        Counts are kept per family: the usage of a rotated key continues its
+        predecessor's, whichever generation's ``key_id`` is asked for.
+
         See :func:`keyguard.usage.usage` for ``since``, ``until`` and ``step``. An unknown
         ``key_id`` raises :class:`ValueError`; a store that keeps no counts, ``TypeError``.
         Counts recorded by other processes appear within a second (their next flush).
         """
         if not isinstance(self.store, UsageStore):
             raise TypeError(f"{self.store!r} keeps no usage counts")
-        if self.get_key_info(key_id) is None:
+        info = self.get_key_info(key_id)
+        if info is None:
             shown = key_id if _KEY_ID.fullmatch(str(key_id)) else mask_key(key_id)
             raise ValueError(f"no key with id {shown!r}")
         if self.usage_recorder is not None:
             self.usage_recorder.flush()  # this process's latest counts are included
-        return usage(self.store, key_id, since=since, until=until, step=step, clock=self._clock)
+        family = info.family_id
+        return usage(self.store, family, since=since, until=until, step=step, clock=self._clock)

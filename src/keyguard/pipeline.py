@@ -18,6 +18,9 @@ The steps, in order:
 4. **usage limits**: the request is charged to the key's rate limits and quota (only
    admitted requests are charged; over a limit is a 429).
 
+A key that a rotation replaced, in its grace period, has ``Deprecation`` and ``Sunset``
+fields (and the manager's ``deprecation_link``) added to every response it gets.
+
 Before step 2, a client address that failed too many checks is refused (429
 ``too_many_failures``) without a store lookup. The synchronous and asynchronous variants
 differ only in how they ask the manager and the counter store.
@@ -309,9 +312,11 @@ class Pipeline:
                     outcome = _with_headers(outcome, headers)
             except StoreError as e:
                 outcome = self._counters_failed(info, e, outcome)
+        if info.deprecation:
+            outcome = _deprecated(outcome, (*info.deprecation, *manager.deprecation_link))
         recorder = manager.usage_recorder
         if recorder is not None:
-            recorder.record(info.key_id, outcome.code if type(outcome) is Problem else OK, now)
+            recorder.record(info.family_id, outcome.code if type(outcome) is Problem else OK, now)
         return outcome
 
     async def aauthenticate(
@@ -347,9 +352,11 @@ class Pipeline:
                     outcome = _with_headers(outcome, headers)
             except StoreError as e:
                 outcome = self._counters_failed(info, e, outcome)
+        if info.deprecation:
+            outcome = _deprecated(outcome, (*info.deprecation, *manager.deprecation_link))
         recorder = manager.usage_recorder
         if recorder is not None:
-            recorder.record(info.key_id, outcome.code if type(outcome) is Problem else OK, now)
+            recorder.record(info.family_id, outcome.code if type(outcome) is Problem else OK, now)
         return outcome
 
     def _throttled(
@@ -369,7 +376,7 @@ class Pipeline:
             if self.failure_limit is not None and address:
                 manager.failure_throttle(self.failure_limit).failed(address, now)
             if error.info is not None and manager.usage_recorder is not None:
-                manager.usage_recorder.record(error.info.key_id, problem.code, now)
+                manager.usage_recorder.record(error.info.family_id, problem.code, now)
         return problem
 
     def _charged(self, info: KeyInfo, usage: Usage | None) -> KeyInfo | Admission | Problem:
@@ -549,6 +556,17 @@ def _admission_of(
     manager = mapping.pop("keyguard.manager", None)
     info = mapping.get("keyguard.key")
     return manager, info if isinstance(info, KeyInfo) else None, charged
+
+
+def _deprecated(
+    outcome: KeyInfo | Admission | Problem, headers: tuple[tuple[str, str], ...]
+) -> Admission | Problem:
+    """``outcome`` also carrying the deprecation fields of a key a rotation replaced."""
+    if isinstance(outcome, Problem):
+        return _with_headers(outcome, headers)
+    if isinstance(outcome, Admission):
+        return Admission(outcome.key, (*outcome.headers, *headers), outcome.charged)
+    return Admission(outcome, headers)
 
 
 def _with_headers(problem: Problem, headers: tuple[tuple[str, str], ...]) -> Problem:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
+from email.utils import format_datetime
 from typing import Any
 
 from ._frozen import freeze
@@ -49,6 +51,10 @@ class KeyInfo:
     family_id: str = field(init=False, compare=False)
     #: The networks the key may be used from (metadata ``allowed_ips``); empty: anywhere.
     allowed_ips: tuple[Network, ...] = field(init=False, compare=False, repr=False)
+    #: The response fields of a key that a rotation replaced, during its grace period:
+    #: ``Deprecation`` (RFC 9745, when it was replaced) and ``Sunset`` (RFC 8594, when it
+    #: stops working); empty for every other key.
+    deprecation: tuple[tuple[str, str], ...] = field(init=False, compare=False, repr=False)
     #: The POSIX time until which the key is accepted: ``-inf`` once revoked, ``inf`` if it
     #: never expires. Precomputed so the per-request check of both is one float compare.
     valid_until: float = field(init=False, repr=False, compare=False)
@@ -67,6 +73,7 @@ class KeyInfo:
         object.__setattr__(self, "family_id", metadata.get("family_id") or self.key_id)
         allowed = metadata.get("allowed_ips")
         object.__setattr__(self, "allowed_ips", parse_networks(allowed) if allowed else ())
+        object.__setattr__(self, "deprecation", _deprecation(metadata, self.expires_at))
         if self.revoked_at is not None:
             valid_until = _NEVER
         else:
@@ -74,6 +81,16 @@ class KeyInfo:
         object.__setattr__(self, "valid_until", valid_until)
         used = _NEVER if self.last_used_at is None else self.last_used_at.timestamp()
         object.__setattr__(self, "last_used_ts", used)
+
+    @property
+    def rotated_from(self) -> str | None:
+        """The ``key_id`` of the key this one replaced in a rotation, if any."""
+        return self.metadata.get("rotated_from")
+
+    @property
+    def replaced_by(self) -> str | None:
+        """The ``key_id`` of the key that replaced this one in a rotation, if any."""
+        return self.metadata.get("replaced_by")
 
     @property
     def expires_ts(self) -> float | None:
@@ -91,3 +108,21 @@ class KeyInfo:
         if self.is_expired(now):
             return "expired"
         return "active"
+
+
+def _deprecation(
+    metadata: Mapping[str, Any], expires_at: datetime | None
+) -> tuple[tuple[str, str], ...]:
+    deprecated = metadata.get("deprecated_at")
+    if not deprecated or not metadata.get("replaced_by"):
+        return ()
+    try:
+        since = datetime.fromisoformat(deprecated)
+    except (TypeError, ValueError):
+        return ()
+    fields = [("Deprecation", f"@{math.floor(since.timestamp())}")]
+    if expires_at is not None:
+        fields.append(
+            ("Sunset", format_datetime(expires_at.astimezone(timezone.utc), usegmt=True))
+        )
+    return tuple(fields)

@@ -467,6 +467,10 @@ def shared(request: pytest.FixtureRequest) -> Iterator[tuple[CachedStore, KeySto
     [
         pytest.param(lambda s, d: s.revoke(d, T0), id="revoke"),
         pytest.param(lambda s, d: s.set_expiry(d, T0), id="set_expiry"),
+        pytest.param(
+            lambda s, d: s.update(dataclasses.replace(s.get(d), metadata={"user_id": "u2"})),
+            id="update",
+        ),
     ],
 )
 def test_a_change_in_another_process_reaches_the_cache_within_a_second(

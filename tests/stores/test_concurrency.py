@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from keyguard import APIKeyManager, KeyStore, SQLiteStore
+from keyguard import APIKeyManager, InvalidKeyError, KeyStore, SQLiteStore
 from tests.stores.conftest import STORE_NAMES
 from tests.stores.services import open_store
 
@@ -219,3 +219,36 @@ def test_four_processes_write_one_sqlite_file(tmp_path: Path) -> None:
         assert sum(point.requests for point in points) == len(charges)
     finally:
         manager.close()
+
+
+def test_updates_racing_revocations_never_bring_a_key_back(any_store: KeyStore) -> None:
+    """Each key is renamed over and over by one thread while another revokes it: once
+    revoked, it stays revoked, with the store and the manager agreeing."""
+    manager = APIKeyManager(any_store)
+    keys = [manager.create_key(user_id="u", permissions=["read"]) for _ in range(8)]
+
+    def rename(key_id: str) -> int:
+        refused = 0
+        for n in range(20):
+            try:
+                manager.update_key(key_id, name=f"n{n}")
+            except InvalidKeyError:
+                refused += 1
+        return refused
+
+    def revoke(key_id: str) -> bool:
+        time.sleep(random.random() / 100)
+        return manager.revoke_by_id(key_id)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        renames = [pool.submit(rename, info.key_id) for _, info in keys]
+        revokes = [pool.submit(revoke, info.key_id) for _, info in keys]
+        assert all(f.result() for f in revokes)
+        for f in renames:
+            f.result()
+    for key, info in keys:
+        stored = manager.get_key_info(info.key_id)
+        assert stored is not None and stored.revoked_at is not None
+        assert not manager.validate_key(key)
+        with pytest.raises(InvalidKeyError):
+            manager.update_key(info.key_id, name="after")

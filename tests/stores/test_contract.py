@@ -258,6 +258,37 @@ def test_set_expiry(store: KeyStore) -> None:
     assert store.list_keys() == [info]
 
 
+def test_update_replaces_metadata_and_expiry_only(store: KeyStore) -> None:
+    info, bystander = record(), record(minutes=1)
+    store.add(info)
+    store.add(bystander)
+    metadata = {"user_id": "u1", "permissions": ["read"], "name": "ci \u00e9\u00f1", "n": [1.5]}
+    deadline = T0 + timedelta(days=3, microseconds=11)
+    wanted = dataclasses.replace(info, metadata=metadata, expires_at=deadline)
+
+    assert store.update(wanted) is True
+    assert stored(store, info) == wanted
+    assert store.get_by_id(info.key_id) == wanted
+    assert stored(store, bystander) == bystander
+    # Back to never expiring, with the user's fields as they were.
+    assert store.update(info) is True
+    assert stored(store, info) == info
+    assert store.list_keys() == [info, bystander]
+
+
+def test_update_never_touches_a_revoked_or_unknown_record(store: KeyStore) -> None:
+    info = record()
+    store.add(info)
+    store.revoke(info.digest, T0)
+    revoked = stored(store, info)
+
+    changed = dataclasses.replace(info, metadata={"user_id": "u1", "permissions": ["admin"]})
+    assert store.update(changed) is False
+    assert stored(store, info) == revoked
+    assert store.update(record()) is False
+    assert len(store.list_keys()) == 1
+
+
 def test_touch_records_the_last_use(store: KeyStore) -> None:
     info = record()
     store.add(info)

@@ -1,5 +1,5 @@
-"""The key commands: ``create``, ``list``, ``show``, ``revoke``, ``rotate``, ``credits``
-and ``verify``.
+"""The key commands: ``create``, ``list``, ``show``, ``revoke``, ``rotate``, ``update``,
+``credits`` and ``verify``.
 
 Each takes the :class:`Session` and returns the exit code; a failure is a :class:`CLIError`.
 """
@@ -42,6 +42,7 @@ __all__ = [
     "cmd_revoke",
     "cmd_rotate",
     "cmd_show",
+    "cmd_update",
     "cmd_verify",
 ]
 
@@ -56,6 +57,9 @@ _RESERVED_META = {
     "quota": "--quota",
     "allowed_ips": "--allowed-ip",
     "family_id": "rotate",
+    "rotated_from": "rotate",
+    "replaced_by": "rotate",
+    "deprecated_at": "rotate",
 }
 
 
@@ -152,6 +156,11 @@ def cmd_show(session: Session) -> int:
         ("status", info.status(now)),
         ("hashed as", info.hash_scheme),
     ]
+    # A rotation's lineage: the key this one replaced, and the key that replaced it.
+    if info.rotated_from:
+        fields.append(("previous", info.rotated_from))
+    if info.replaced_by:
+        fields.append(("successor", info.replaced_by))
     for label, value in fields:
         print(f"{label:<10} {printable(str(value))}")
     return EXIT_OK
@@ -212,6 +221,52 @@ def cmd_credits(session: Session) -> int:
         print_json({"key_id": info.key_id, "added": credits, "remaining": left})
     else:
         print(f"Added {credits} credits to {info.key_id}; {left} left.")
+    return EXIT_OK
+
+
+def cmd_update(session: Session) -> int:
+    args = session.args
+    manager, old = resolve(session, args.ref)
+    metadata: dict[str, Any] = {}
+    for name, value in args.meta or ():
+        if name in _RESERVED_META:
+            raise CLIError(f"use {_RESERVED_META[name]} to set {name!r}, not --meta", EXIT_USAGE)
+        metadata[name] = value
+    for name in args.unset_meta or ():
+        if name in _RESERVED_META:
+            raise CLIError(f"{name!r} cannot be removed with --unset-meta", EXIT_USAGE)
+        metadata[name] = None
+    changes: dict[str, Any] = {}
+    if args.scope or args.no_scopes:
+        changes["scopes"] = list(dict.fromkeys(args.scope or ()))
+    if args.name is not None:
+        changes["name"] = args.name
+    if args.expires is not None:
+        changes["expires_in"] = args.expires
+    elif args.no_expiry:
+        changes["expires_at"] = None
+    if args.rate_limit or args.no_rate_limits:
+        changes["rate_limits"] = args.rate_limit or None
+    if args.quota is not None or args.no_quota:
+        changes["quota"] = args.quota
+    if args.allowed_ip or args.any_ip:
+        changes["allowed_ips"] = args.allowed_ip or None
+    try:
+        new = manager.update_key(
+            old.key_id, metadata=metadata or None, allow_widen=args.allow_widen, **changes
+        )
+    except InvalidKeyError as e:
+        raise CLIError(f"cannot update {old.key_id} ({old.hint}): it is {e.reason}") from None
+    except PermissionError as e:
+        raise CLIError(f"{e} (--allow-widen)") from None
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
+    if args.json:
+        print_json(key_info_json(new, session.now))
+    elif new is old:
+        print(f"Nothing changed: {old.key_id} ({old.hint}) already has these values.")
+    else:
+        print(f"Updated {new.key_id} ({new.hint}); the key itself is unchanged.")
     return EXIT_OK
 
 

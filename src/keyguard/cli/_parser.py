@@ -186,6 +186,55 @@ def build_parser() -> argparse.ArgumentParser:
     credits.add_argument("ref", metavar="KEY_ID", help="a key_id, or a key ('-' reads stdin)")
     credits.add_argument("credits", type=_credits_arg, metavar="+N", help="credits to add")
 
+    update = command(
+        "update", _commands.cmd_update, "change a key's scopes, limits or expiry; same secret"
+    )
+    update.add_argument("ref", metavar="KEY_ID|KEY", help="'-' reads the key from stdin")
+    scopes = update.add_mutually_exclusive_group()
+    scopes.add_argument(
+        "--scope", action="append", metavar="SCOPE", help="the key's scopes from now on; repeat"
+    )
+    scopes.add_argument("--no-scopes", action="store_true", help="remove every scope")
+    update.add_argument("--name", help="a new label")
+    update.add_argument(
+        "--meta", action="append", type=_meta_arg, metavar="K=V", help="set metadata; repeat"
+    )
+    update.add_argument(
+        "--unset-meta", action="append", metavar="K", help="remove a metadata field; repeat"
+    )
+    expiry = update.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires", type=_duration_arg(False), metavar="DURATION", help="expire in, e.g. 30d"
+    )
+    expiry.add_argument("--no-expiry", action="store_true", help="never expire")
+    rates = update.add_mutually_exclusive_group()
+    rates.add_argument(
+        "--rate-limit",
+        action="append",
+        type=_rate_arg,
+        metavar="N/UNIT",
+        help="the key's rate limits from now on; repeat",
+    )
+    rates.add_argument("--no-rate-limits", action="store_true", help="remove the rate limits")
+    quota = update.add_mutually_exclusive_group()
+    quota.add_argument("--quota", type=_quota_arg, metavar="N[/PERIOD]", help="a new quota")
+    quota.add_argument("--no-quota", action="store_true", help="remove the quota")
+    networks = update.add_mutually_exclusive_group()
+    networks.add_argument(
+        "--allowed-ip",
+        action="append",
+        metavar="CIDR",
+        help="the networks the key may be used from from now on; repeat",
+    )
+    networks.add_argument(
+        "--any-ip", action="store_true", help="allow every address (widens the key)"
+    )
+    update.add_argument(
+        "--allow-widen",
+        action="store_true",
+        help="allow adding scopes or networks, or reviving an expired key",
+    )
+
     verify = command("verify", _commands.cmd_verify, "check a key; exit 0 if valid, 1 if not")
     verify.add_argument("key", metavar="KEY", help="the key ('-' reads it from stdin)")
     verify.add_argument("--checksum", action="store_true", help="require a valid checksum")

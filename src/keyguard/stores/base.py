@@ -77,6 +77,15 @@ class KeyStore(Protocol):
         """Replace ``expires_at``; return whether a record was changed."""
         ...
 
+    def update(self, info: KeyInfo) -> bool:
+        """Give the record with ``info.digest`` the ``metadata`` and ``expires_at`` of
+        ``info``, unless it is revoked; atomic, so an update racing a revocation never
+        brings the key back. Returns whether a record was changed.
+
+        Stores that push invalidations announce the change like a revocation.
+        """
+        ...
+
     def touch(self, digest: str, at: datetime) -> None:
         """Record that the key was used at ``at`` (best effort)."""
         ...

@@ -272,6 +272,12 @@ class CachedStore:
         finally:
             self.invalidate(digest)
 
+    def update(self, info: KeyInfo) -> bool:
+        try:
+            return self.inner.update(info)
+        finally:
+            self.invalidate(info.digest)
+
     def touch(self, digest: str, at: datetime) -> None:
         self.inner.touch(digest, at)
         self._touched(digest, at)

@@ -106,6 +106,14 @@ class MemoryStore:
             self._replace(info, expires_at=expires_at)
             return True
 
+    def update(self, info: KeyInfo) -> bool:
+        with self._lock:
+            old = self._records.get(info.digest)
+            if old is None or old.revoked_at is not None:
+                return False
+            self._replace(old, metadata=info.metadata, expires_at=info.expires_at)
+            return True
+
     def touch(self, digest: str, at: datetime) -> None:
         with self._lock:
             info = self._records.get(digest)

@@ -372,6 +372,15 @@ class PostgresStore:
                 "UPDATE {} SET revoked_at = %s WHERE digest = %s AND revoked_at IS NULL"
             ).format(table)
         )
+        # The trigger announces changes of revoked_at, expires_at and digest only (tables of
+        # earlier versions have it so); an update announces itself, in the same statement.
+        self._q_update = render(
+            sql.SQL(
+                "WITH changed AS (UPDATE {} SET metadata = %s, metadata_json = %s,"
+                " expires_at = %s WHERE digest = %s AND revoked_at IS NULL RETURNING digest)"
+                " SELECT pg_notify(%s, digest) FROM changed"
+            ).format(table)
+        )
         self._q_set_expiry = render(
             sql.SQL("UPDATE {} SET expires_at = %s WHERE digest = %s").format(table)
         )
@@ -633,11 +642,15 @@ class PostgresStore:
     def _fail(self, action: str, e: Exception) -> StoreError:
         return StoreError(f"PostgreSQL key store {self!r} could not {action}: {e}")
 
+    def _metadata(self, metadata: Any) -> tuple[Any, str | None]:
+        """The ``metadata`` and ``metadata_json`` column values of ``metadata``."""
+        if _jsonb_exact(metadata):
+            return self._psycopg.types.json.Jsonb(metadata), None
+        # Keep the exact JSON beside a queryable approximation that jsonb accepts.
+        return self._psycopg.types.json.Jsonb(_without_nul(metadata)), json.dumps(metadata)
+
     def _add_params(self, info: KeyInfo) -> tuple[Any, ...]:
-        metadata, exact = info.metadata, None
-        if not _jsonb_exact(metadata):
-            # Keep the exact JSON beside a queryable approximation that jsonb accepts.
-            metadata, exact = _without_nul(metadata), json.dumps(metadata)
+        metadata, exact = self._metadata(info.metadata)
         return (
             info.digest,
             info.key_id,
@@ -645,7 +658,7 @@ class PostgresStore:
             info.prefix,
             info.hint,
             info.user_id,
-            self._psycopg.types.json.Jsonb(metadata),
+            metadata,
             info.created_at,
             info.expires_at,
             info.revoked_at,
@@ -710,6 +723,19 @@ class PostgresStore:
 
     def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
         return self._write(self._q_set_expiry, (expires_at, digest), "change an expiry")
+
+    def update(self, info: KeyInfo) -> bool:
+        params = (
+            *self._metadata(info.metadata),
+            info.expires_at,
+            info.digest,
+            self.channel,
+        )
+        try:
+            with self._connection() as conn:
+                return conn.execute(self._q_update, params).fetchone() is not None
+        except self._psycopg.Error as e:
+            raise self._fail("update a key", e) from e
 
     def touch(self, digest: str, at: datetime) -> None:
         self._write(self._q_touch, (at, digest), "record a key's use")

@@ -430,6 +430,14 @@ class SQLiteStore:
         )
         return cursor.rowcount == 1
 
+    def update(self, info: KeyInfo) -> bool:
+        cursor = self._execute(
+            "UPDATE keyguard_keys SET metadata = ?, expires_at = ?"
+            " WHERE digest = ? AND revoked_at IS NULL",
+            (json.dumps(info.metadata, separators=(",", ":")), _ts(info.expires_at), info.digest),
+        )
+        return cursor.rowcount == 1
+
     def touch(self, digest: str, at: datetime) -> None:
         """Record a use, but never wait for another process's write lock.
 
