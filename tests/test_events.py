@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from keyguard import APIKeyManager, CachedStore, KeyEvent, MemoryStore, SQLiteStore, mask_key
-from keyguard.events import updated_changes
+from keyguard.events import jsonable, updated_changes
 from tests.helpers import START, BrokenEventStore, Clock, KeysOnlyStore
 
 
@@ -404,3 +404,32 @@ def test_no_event_holds_a_key(manager: APIKeyManager, seen: list[KeyEvent]) -> N
         assert not any(key[-32:] in text for text in texts), mask_key(key)
     [created] = [e for e in manager.events(pasted_info.key_id) if e.action == "created"]
     assert created.changes["metadata"]["note"] == f"replaces sk_…{first[-4:]}"
+
+
+def test_a_store_failing_otherwise_is_logged_with_its_traceback_and_the_change_stands(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Buggy(MemoryStore):
+        def add_event(self, event: KeyEvent) -> None:
+            raise RuntimeError("a bug in a store")
+
+    manager = APIKeyManager(Buggy(), clock=clock)
+    key = manager.generate_key(user_id="u")
+
+    assert manager.validate_key(key)
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.getMessage().startswith("could not record the created event of key_")
+    assert record.exc_info is not None
+
+
+def test_what_an_event_cannot_record_is_a_bug_said_at_once(manager: APIKeyManager) -> None:
+    _, info = manager.create_key(user_id="u")
+
+    assert jsonable({"at": at(START), "pair": (1, "x")}) == {
+        "at": iso(START),
+        "pair": [1, "x"],
+    }
+    with pytest.raises(TypeError, match="an event cannot record a set"):
+        jsonable({"tags": {"a"}})
+    with pytest.raises(ValueError, match="unknown event action 'deleted'"):
+        manager._emit("deleted", info, {}, "")

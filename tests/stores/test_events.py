@@ -25,7 +25,7 @@ from keyguard import (
 )
 from keyguard.stores import EventStore
 from tests.helpers import KeysOnlyStore
-from tests.stores.services import postgres_table, require_redis
+from tests.stores.services import postgres_table, redis_store, require_redis
 
 #: A time with microseconds, which every store must keep.
 T = datetime(2024, 5, 17, 8, 0, 0, 123456, tzinfo=timezone.utc)
@@ -270,3 +270,20 @@ def test_a_cache_over_a_store_without_events_says_so() -> None:
     with pytest.raises(TypeError, match="does not keep audit events"):
         cached.read_events(None, None, 10)
     assert CachedStore(MemoryStore()).keeps_events is True
+
+
+def test_a_damaged_sqlite_event_is_a_store_error(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "keys.db")
+    store.add_event(event(0))
+    with closing(sqlite3.connect(tmp_path / "keys.db", isolation_level=None)) as conn:
+        conn.execute("UPDATE keyguard_events SET changes = '{not json'")
+    with pytest.raises(StoreError, match=f"a stored event of '{KEY}' is damaged"):
+        everything(store)
+    store.close()
+
+
+def test_a_corrupt_redis_event_is_a_store_error() -> None:
+    with redis_store() as store:
+        store._client.zadd(store.events_key(), {"00000000000000000001{not json": 1})
+        with pytest.raises(StoreError, match="a Redis event is corrupt"):
+            everything(store)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from ..events import KeyEvent
 from ._output import _display_width, print_json_list, printable
-from ._session import EXIT_OK, EXIT_USAGE, CLIError, Session, resolve
+from ._session import EXIT_OK, Session, resolve
 
 __all__ = ["cmd_events", "event_table", "parse_limit"]
 
@@ -67,10 +67,8 @@ def cmd_events(session: Session) -> int:
     else:
         manager, info = resolve(session, args.ref)
         key_id = info.key_id
-    try:
-        events = manager.events(key_id, since=args.since, limit=args.limit)
-    except (ValueError, TypeError) as e:
-        raise CLIError(str(e), EXIT_USAGE) from None
+    # The parser checked --since and --limit, and every store a URL names keeps events.
+    events = manager.events(key_id, since=args.since, limit=args.limit)
     if args.json:
         print_json_list("events", (e.to_dict() for e in events))
         return EXIT_OK
