@@ -115,8 +115,9 @@ class APIKeyManager:
         the store's usage buckets, batched: at most one store write per second per process,
         from a background thread. See :mod:`keyguard.usage`.
     :param on_event: called with each :class:`~keyguard.KeyEvent` (a key created, updated,
-        rotated, revoked or credited) after the store has recorded it; an exception it
-        raises is logged and never undoes or fails the change.
+        rotated, revoked or credited) once the store has been given it (whether or not it
+        could write it); an exception it raises is logged and never undoes or fails the
+        change.
     :param clock: returns the current POSIX time; for tests.
     """
 
