@@ -1,4 +1,5 @@
-"""Test doubles shared by the suites: a settable clock, a counting store, a broken store."""
+"""Test doubles shared by the suites: a settable clock, a counting store, broken stores and
+a store that keeps keys only."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from keyguard import KeyInfo, MemoryStore, StoreError
+from keyguard import KeyEvent, KeyInfo, MemoryStore, StoreError
 from keyguard.stores.base import UsageRow
 
 START = 1_700_000_000.0
@@ -90,3 +91,49 @@ class BrokenStore(MemoryStore):
 
     def get(self, digest: str) -> KeyInfo | None:
         raise StoreError(self.message)
+
+
+class BrokenEventStore(MemoryStore):
+    """A MemoryStore whose audit-event writes raise :class:`StoreError` (keys work)."""
+
+    def add_event(self, event: KeyEvent) -> None:
+        raise StoreError("the events table is unreachable")
+
+
+class KeysOnlyStore:
+    """A KeyStore and nothing more: no counters, usage counts or audit events."""
+
+    def __init__(self) -> None:
+        self._inner = MemoryStore()
+
+    def __repr__(self) -> str:
+        return "KeysOnlyStore()"
+
+    def add(self, info: KeyInfo) -> bool:
+        return self._inner.add(info)
+
+    def get(self, digest: str) -> KeyInfo | None:
+        return self._inner.get(digest)
+
+    def get_by_id(self, key_id: str) -> KeyInfo | None:
+        return self._inner.get_by_id(key_id)
+
+    def list_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
+        return self._inner.list_keys(user_id, limit=limit, after=after)
+
+    def revoke(self, digest: str, at: datetime) -> bool:
+        return self._inner.revoke(digest, at)
+
+    def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        return self._inner.set_expiry(digest, expires_at)
+
+    def update(self, info: KeyInfo) -> bool:
+        return self._inner.update(info)
+
+    def touch(self, digest: str, at: datetime) -> None:
+        self._inner.touch(digest, at)
+
+    def close(self) -> None:
+        self._inner.close()

@@ -384,3 +384,19 @@ def test_cli_update_refuses_widening_bad_values_and_missing_keys(cli: CLI) -> No
     revoked = cli("update", key_id, "--name", "x")
     assert revoked.code == 1 and "it is revoked" in error_line(revoked)
     assert key not in revoked.out + revoked.err
+
+
+def test_an_update_records_an_event_with_each_change_and_the_actor(
+    manager: APIKeyManager,
+) -> None:
+    _, info = manager.create_key(user_id="u", permissions=["read", "write"], name="ci")
+    manager.update_key(info.key_id, scopes=["read"], name=None, actor="ops@cli")
+    manager.update_key(info.key_id, scopes=["read"])  # nothing changes: no event
+
+    updated = [e for e in manager.events(info.key_id) if e.action == "updated"]
+    assert len(updated) == 1
+    assert updated[0].actor == "ops@cli"
+    assert updated[0].changes == {
+        "name": ["ci", None],
+        "permissions": [["read", "write"], ["read"]],
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import typing as _typing
 
+from .events import KeyEvent as KeyEvent
 from .exceptions import InvalidKeyError as InvalidKeyError
 from .exceptions import KeyguardError as KeyguardError
 from .exceptions import StoreError as StoreError
@@ -51,6 +52,7 @@ __all__ = [
     "AsyncKeyStore",
     "CachedStore",
     "InvalidKeyError",
+    "KeyEvent",
     "KeyFormat",
     "KeyInfo",
     "KeyStore",

@@ -23,6 +23,14 @@ from typing import Any, TypeGuard
 from ._frozen import thaw
 from ._lifecycle import UNSET, Unset, deprecated_metadata, plan_update, rotation_metadata
 from ._validation import LATEST, check_metadata, deadline_after, positive, utc
+from .events import (
+    ACTIONS,
+    KeyEvent,
+    check_actor,
+    created_changes,
+    events_since,
+    jsonable,
+)
 from .exceptions import InvalidKeyError, KeyguardError, StoreError
 from .keys import (
     DEFAULT_PREFIX,
@@ -40,6 +48,7 @@ from .stores.base import (
     AsyncKeyStore,
     Bucket,
     CounterStore,
+    EventStore,
     KeyStore,
     UsageStore,
 )
@@ -112,6 +121,10 @@ class APIKeyManager:
     :param deprecation_link: a documentation URL sent as ``Link: <url>; rel="deprecation"``
         (RFC 9745) with every response to a key that a rotation replaced, during its grace
         period, beside its ``Deprecation`` and ``Sunset`` fields.
+    :param on_event: called with each :class:`~keyguard.KeyEvent` (a key created, updated,
+        rotated, revoked or credited) once the store has been given it (whether or not it
+        could write it); an exception it raises is logged and never undoes or fails the
+        change.
     :param clock: returns the current POSIX time; for tests.
     """
 
@@ -127,11 +140,21 @@ class APIKeyManager:
         counters: CounterStore | None = None,
         record_usage: bool = True,
         deprecation_link: str | None = None,
+        on_event: Callable[[KeyEvent], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store: KeyStore = MemoryStore() if store is None else store
         if not isinstance(self.store, KeyStore):
             raise TypeError(f"store must follow the KeyStore contract, got {self.store!r}")
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be a callable or None, got {on_event!r}")
+        self._on_event = on_event
+        # A wrapper (CachedStore) has the methods whether or not its inner store keeps events.
+        self._event_store = (
+            self.store
+            if isinstance(self.store, EventStore) and getattr(self.store, "keeps_events", True)
+            else None
+        )
         self.format = KeyFormat(prefix, checksum=checksum)
         if isinstance(accept_prefixes, str):
             # A str is an iterable of one-char prefixes, which would accept far too much.
@@ -240,6 +263,7 @@ class APIKeyManager:
         expires_in: timedelta | None = None,
         expires_at: datetime | None = None,
         prefix: str | None = None,
+        actor: str | None = None,
         **fields: Any,
     ) -> tuple[str, KeyInfo]:
         """Issue a key and return it with its record; the key is never stored or shown again.
@@ -248,13 +272,28 @@ class APIKeyManager:
         error). It must hold a non-empty string ``user_id``; ``permissions`` (a list of
         strings) become the key's scopes. ``prefix`` picks one of the accepted prefixes
         (default: the manager's own). Nothing is stored if anything is invalid.
+
+        ``actor`` names who made the key in its ``created`` event (see :meth:`events`); it
+        is never metadata, so a metadata field named ``actor`` must come in the dict.
         """
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
         merged = dict(metadata or {})
         for name in fields.keys() & merged.keys():
             raise TypeError(f"metadata field {name!r} given both in the dict and as a keyword")
-        clean = check_metadata({**merged, **fields})
+        return self._create(
+            {**merged, **fields}, expires_in, expires_at, prefix, check_actor(actor)
+        )
+
+    def _create(
+        self,
+        metadata: dict[str, Any],
+        expires_in: timedelta | None,
+        expires_at: datetime | None,
+        prefix: str | None,
+        actor: str,
+    ) -> tuple[str, KeyInfo]:
+        clean = check_metadata(metadata)
         if expires_in is not None and expires_at is not None:
             raise TypeError("give expires_in or expires_at, not both")
         now = self._clock()
@@ -288,6 +327,7 @@ class APIKeyManager:
                 logger.info(
                     "created key %s (%s) for user %r", info.key_id, info.hint, info.user_id
                 )
+                self._emit("created", info, created_changes(info), actor)
                 return key, info
             logger.warning("key collision on %s; drawing another key", info.hint)
         raise KeyguardError(f"could not draw a unique key in {_MAX_ATTEMPTS} attempts")
@@ -310,11 +350,18 @@ class APIKeyManager:
         expires_in: timedelta | None = None,
         expires_at: datetime | None = None,
         prefix: str | None = None,
+        actor: str | None = None,
         **fields: Any,
     ) -> str:
-        """Issue a key for ``metadata`` and return it (see :meth:`create_key`)."""
+        """Issue a key for ``metadata`` and return it (see :meth:`create_key`; ``actor`` is
+        reserved there too)."""
         key, _ = self.create_key(
-            metadata, expires_in=expires_in, expires_at=expires_at, prefix=prefix, **fields
+            metadata,
+            expires_in=expires_in,
+            expires_at=expires_at,
+            prefix=prefix,
+            actor=actor,
+            **fields,
         )
         return key
 
@@ -511,23 +558,31 @@ class APIKeyManager:
 
     # -- revoking and rotating ---------------------------------------------------------
 
-    def _revoke(self, info: KeyInfo | None) -> bool:
+    def _revoke(self, info: KeyInfo | None, actor: str) -> bool:
         if info is None or info.revoked_at is not None or info.is_expired(self._clock()):
             return False
-        revoked = self.store.revoke(info.digest, utc(self._clock()))
+        at = utc(self._clock())
+        revoked = self.store.revoke(info.digest, at)
         if revoked:
             logger.info("revoked key %s (%s)", info.key_id, info.hint)
+            self._emit("revoked", info, {"revoked_at": at}, actor)
         return revoked
 
-    def revoke_key(self, key: object) -> bool:
-        """Revoke ``key``; True if it was active and is now revoked, else False."""
+    def revoke_key(self, key: object, *, actor: str | None = None) -> bool:
+        """Revoke ``key``; True if it was active and is now revoked, else False.
+
+        ``actor`` names who revoked it in its ``revoked`` event; no event is recorded
+        when nothing was revoked.
+        """
+        actor = check_actor(actor)
         if not self.is_well_formed(key):
             return False
-        return self._revoke(self.store.get(self.digest(key)))
+        return self._revoke(self.store.get(self.digest(key)), actor)
 
-    def revoke_by_id(self, key_id: str) -> bool:
+    def revoke_by_id(self, key_id: str, *, actor: str | None = None) -> bool:
         """Revoke the key with this ``key_id`` (shown in listings); True if it was active."""
-        return self._revoke(self.get_key_info(key_id))
+        actor = check_actor(actor)
+        return self._revoke(self.get_key_info(key_id), actor)
 
     def rotate_key(
         self,
@@ -535,6 +590,7 @@ class APIKeyManager:
         *,
         grace: timedelta = timedelta(hours=24),
         expires_in: timedelta | None = None,
+        actor: str | None = None,
     ) -> str:
         """Issue a replacement for an active ``key``; the old key stops working after ``grace``.
 
@@ -542,11 +598,15 @@ class APIKeyManager:
         limits and quota). Its lifetime is ``expires_in`` if given, else the
         old key's original lifetime (none if it had none). ``grace=timedelta(0)`` revokes the
         old key at once. An invalid ``key`` raises :class:`~keyguard.InvalidKeyError`.
+
+        Two events name ``actor``: ``created`` for the new key (with ``rotated_from``), then
+        ``rotated`` for the old one (``into``, and its new ``expires_at``: None if revoked).
         """
+        actor = check_actor(actor)
         result = self.verify(key)
         if not result.ok or result.key is None:
             raise InvalidKeyError(f"cannot rotate {mask_key(key)}: {result.reason}", result.reason)
-        return self._rotate(result.key, grace, expires_in)
+        return self._rotate(result.key, grace, expires_in, actor)
 
     def rotate_by_id(
         self,
@@ -554,16 +614,20 @@ class APIKeyManager:
         *,
         grace: timedelta = timedelta(hours=24),
         expires_in: timedelta | None = None,
+        actor: str | None = None,
     ) -> str:
         """:meth:`rotate_key` for the key with this ``key_id``."""
+        actor = check_actor(actor)
         info = self.get_key_info(key_id)
         status = "not_found" if info is None else info.status(self._clock())
         if info is None or status != "active":
             shown = key_id if _KEY_ID.fullmatch(str(key_id)) else mask_key(key_id)
             raise InvalidKeyError(f"cannot rotate {shown!r}: {status}", Reason(status))
-        return self._rotate(info, grace, expires_in)
+        return self._rotate(info, grace, expires_in, actor)
 
-    def _rotate(self, old: KeyInfo, grace: timedelta, expires_in: timedelta | None) -> str:
+    def _rotate(
+        self, old: KeyInfo, grace: timedelta, expires_in: timedelta | None, actor: str
+    ) -> str:
         if not isinstance(grace, timedelta) or grace < timedelta(0):
             shown = grace if isinstance(grace, timedelta) else type(grace).__name__
             raise ValueError(f"grace must be a non-negative timedelta, got {shown}")
@@ -576,9 +640,7 @@ class APIKeyManager:
         accepted = any(f.prefix == old.prefix for f in self.formats)
         prefix = old.prefix if accepted else None
         # The family carries the key's rate-limit and quota budget across rotations.
-        new_key, new = self.create_key(
-            rotation_metadata(old), expires_in=expires_in, prefix=prefix
-        )
+        new_key, new = self._create(rotation_metadata(old), expires_in, None, prefix, actor)
         if deadline is not None and old.expires_at is not None and old.expires_at <= deadline:
             deadline = old.expires_at
         # One conditional write marks the old key replaced and sets its deadline, so a
@@ -589,7 +651,9 @@ class APIKeyManager:
         self.store.update(marked)
         if deadline is None:
             self.store.revoke(old.digest, utc(now))
+        ends = deadline
         logger.info("rotated key %s into %s", old.key_id, new.key_id)
+        self._emit("rotated", old, {"into": new.key_id, "expires_at": ends}, actor)
         return new_key
 
     def lineage(self, key_id: str) -> list[KeyInfo]:
@@ -616,6 +680,7 @@ class APIKeyManager:
         quota: int | str | Unset | None = UNSET,
         allowed_ips: Iterable[str] | Unset | None = UNSET,
         allow_widen: bool = False,
+        actor: str | None = None,
     ) -> KeyInfo:
         """Change the fields given of the key with ``key_id``, keeping its secret and id;
         return its new record.
@@ -632,8 +697,10 @@ class APIKeyManager:
         are last-writer-wins. Every worker sees the change as it sees a revocation: at
         once on local stores, within a second through ``CachedStore`` with push
         invalidation (its ``ttl`` otherwise). A missing or revoked key raises
-        :class:`~keyguard.InvalidKeyError`; nothing is written on any error.
+        :class:`~keyguard.InvalidKeyError`; nothing is written on any error. An
+        ``updated`` event names ``actor`` and each changed field as ``[old, new]``.
         """
+        actor = check_actor(actor)
         old = self.get_key_info(key_id)
         if old is None or old.revoked_at is not None:
             status = "not_found" if old is None else "revoked"
@@ -660,6 +727,7 @@ class APIKeyManager:
                 f"cannot update {old.key_id!r}: it was revoked meanwhile", Reason.REVOKED, old
             )
         logger.info("updated key %s (%s): %s", new.key_id, new.hint, ", ".join(changes))
+        self._emit("updated", new, changes, actor)
         return new
 
     # -- usage limits ------------------------------------------------------------------
@@ -773,16 +841,19 @@ class APIKeyManager:
             return None
         return self._limiter().remaining(info, self._clock())
 
-    def add_credits(self, key_id: str, credits: int) -> int:
+    def add_credits(self, key_id: str, credits: int, *, actor: str | None = None) -> int:
         """Top up the quota of the key with ``key_id`` by ``credits``; return the credits left.
 
-        For a quota refilled each period, the credits last until the next refill.
+        For a quota refilled each period, the credits last until the next refill. The
+        ``credited`` event names ``actor``.
         """
+        actor = check_actor(actor)
         if not isinstance(credits, int) or isinstance(credits, bool) or credits <= 0:
             raise ValueError(f"credits must be a positive whole number, got {credits!r}")
         info = self._record(key_id)
         left = self._limiter().add_credits(info, credits, self._clock())
         logger.info("added %d credits to %s; %d left", credits, info.key_id, left)
+        self._emit("credited", info, {"credits": credits, "remaining": left}, actor)
         return left
 
     # -- usage counts ------------------------------------------------------------------
@@ -814,3 +885,55 @@ class APIKeyManager:
             self.usage_recorder.flush()  # this process's latest counts are included
         family = info.family_id
         return usage(self.store, family, since=since, until=until, step=step, clock=self._clock)
+
+    # -- audit events ------------------------------------------------------------------
+
+    def events(
+        self,
+        key_id: str | None = None,
+        *,
+        since: datetime | timedelta | None = None,
+        limit: int = 100,
+    ) -> list[KeyEvent]:
+        """The audit events of the key ``key_id`` (None: of every key), newest first.
+
+        :param since: only events at or after this time: a timezone-aware datetime, or a
+            timedelta meaning that long ago.
+        :param limit: at most this many events (the newest).
+
+        A store that keeps no events raises ``TypeError``; a failing one,
+        :class:`~keyguard.StoreError`.
+        """
+        if key_id is not None and not isinstance(key_id, str):
+            raise TypeError(f"key_id must be a str, not {type(key_id).__name__}")
+        start = events_since(since, self._clock())
+        limit = _page_size("limit", limit)
+        if self._event_store is None:
+            raise TypeError(f"{self.store!r} keeps no audit events")
+        return self._event_store.read_events(key_id, start, limit)
+
+    def _emit(self, action: str, info: KeyInfo, changes: Mapping[str, Any], actor: str) -> None:
+        """Record that ``info``'s key was changed (``action``, ``changes``) by ``actor``.
+
+        Called right after the change, which the store has made: the event is written
+        after it, not in its transaction. A store that fails to write it is logged at
+        ERROR and the change stands; then ``on_event`` is called, and what it raises is
+        logged too. ``changes`` hold JSON values and datetimes (written in ISO 8601);
+        for ``"updated"`` they map each field to ``[old, new]`` (see
+        :func:`keyguard._lifecycle.plan_update`).
+        """
+        if action not in ACTIONS:
+            raise ValueError(f"unknown event action {action!r}")
+        event = KeyEvent(utc(self._clock()), info.key_id, action, actor, jsonable(changes))
+        if self._event_store is not None:
+            try:
+                self._event_store.add_event(event)
+            except StoreError as e:
+                logger.error("could not record the %s event of %s: %s", action, info.key_id, e)
+            except Exception:
+                logger.exception("could not record the %s event of %s", action, info.key_id)
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                logger.exception("on_event failed for the %s event of %s", action, info.key_id)

@@ -108,11 +108,12 @@ def drop_postgres_table(table: str, schema: str = "public") -> None:
 
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
         conn.execute(
-            sql.SQL("DROP TABLE IF EXISTS {}, {}, {}").format(
+            sql.SQL("DROP TABLE IF EXISTS {}, {}, {}, {}, {}").format(
                 sql.Identifier(schema, table),
                 sql.Identifier(schema, f"{table}_meta"),
                 sql.Identifier(schema, f"{table}_counters"),
                 sql.Identifier(schema, f"{table}_usage"),
+                sql.Identifier(schema, f"{table}_events"),
             )
         )
         conn.execute(

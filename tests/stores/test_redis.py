@@ -85,7 +85,9 @@ def test_no_record_ever_gets_a_redis_ttl(store: RedisStore, client: redis.Redis)
 
     keys = list(client.scan_iter(match=f"{store.namespace}:*"))
 
-    assert len(keys) == 6  # two records, ids, user set, all set, meta
+    # Two records, ids, user set, all set, meta; and the audit events: of all, of each key
+    # and their sequence.
+    assert len(keys) == 10
     assert [client.ttl(k) for k in keys] == [-1] * len(keys)
     later = APIKeyManager(store, clock=lambda: T0.timestamp() + 3600)
     assert later.verify(key).reason is Reason.EXPIRED

@@ -5,8 +5,8 @@ Errors are one line on stderr. A key is printed in full only by ``create`` and `
 
 The package holds the parser (``_parser``), the session every command runs in
 (``_session``), the key commands (``_commands``), the ``scan`` command (``_scan``, around
-the public :mod:`keyguard.scan` library), the ``usage`` command (``_usage``) and what they
-print (``_output``).
+the public :mod:`keyguard.scan` library), the ``usage`` command (``_usage``), the ``events``
+command (``_events``) and what they print (``_output``).
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def cmd_create(session: Session) -> int:
         metadata["allowed_ips"] = args.allowed_ip
     manager = session.manager(args.prefix or DEFAULT_PREFIX, create=True)
     try:
-        key, info = manager.create_key(metadata, expires_in=args.expires)
+        key, info = manager.create_key(metadata, expires_in=args.expires, actor=session.actor)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e), EXIT_USAGE) from None
     if args.json:
@@ -169,7 +169,7 @@ def cmd_show(session: Session) -> int:
 def cmd_revoke(session: Session) -> int:
     manager, info = resolve(session, session.args.ref)
     status = info.status(session.now)
-    revoked = status == "active" and manager.revoke_by_id(info.key_id)
+    revoked = status == "active" and manager.revoke_by_id(info.key_id, actor=session.actor)
     if not revoked:
         if status == "active":
             status = "revoked"  # lost a race with another revoker
@@ -185,7 +185,9 @@ def cmd_rotate(session: Session) -> int:
     args = session.args
     manager, old = resolve(session, args.ref)
     try:
-        key = manager.rotate_by_id(old.key_id, grace=args.grace, expires_in=args.expires)
+        key = manager.rotate_by_id(
+            old.key_id, grace=args.grace, expires_in=args.expires, actor=session.actor
+        )
     except InvalidKeyError as e:
         raise CLIError(f"cannot rotate {old.key_id} ({old.hint}): it is {e.reason}") from None
     new = manager.store.get(manager.digest(key))
@@ -214,7 +216,7 @@ def cmd_credits(session: Session) -> int:
     manager, info = resolve(session, session.args.ref)
     credits: int = session.args.credits
     try:
-        left = manager.add_credits(info.key_id, credits)
+        left = manager.add_credits(info.key_id, credits, actor=session.actor)
     except ValueError as e:  # the key has no quota
         raise CLIError(str(e)) from None
     if session.args.json:
@@ -253,7 +255,11 @@ def cmd_update(session: Session) -> int:
         changes["allowed_ips"] = args.allowed_ip or None
     try:
         new = manager.update_key(
-            old.key_id, metadata=metadata or None, allow_widen=args.allow_widen, **changes
+            old.key_id,
+            metadata=metadata or None,
+            allow_widen=args.allow_widen,
+            actor=session.actor,
+            **changes,
         )
     except InvalidKeyError as e:
         raise CLIError(f"cannot update {old.key_id} ({old.hint}): it is {e.reason}") from None

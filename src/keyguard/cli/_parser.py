@@ -15,7 +15,7 @@ from ..keys import DEFAULT_PREFIX, validate_prefix
 from ..limits import parse_quota, parse_rates
 from ..scan import DEFAULT_MAX_FILE_SIZE
 from ..stores import DEFAULT_STORE_URL, STORE_URL_ENV
-from . import _commands, _scan, _usage
+from . import _commands, _events, _scan, _usage
 from ._durations import parse_duration
 from ._session import CHECKSUM_ENV, EXIT_USAGE, CLIError, Session
 
@@ -256,6 +256,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     usage.add_argument(
         "--step", choices=("minute", "hour", "day"), default="hour", help="default: hour"
+    )
+
+    events = command(
+        "events", _events.cmd_events, "show the audit trail of changes to keys, newest first"
+    )
+    events.add_argument(
+        "ref",
+        nargs="?",
+        metavar="KEY_ID",
+        help="only this key's events (a key_id, or a key: '-' reads stdin); default: all keys",
+    )
+    events.add_argument(
+        "--since",
+        type=_argument_type(_usage.parse_since),
+        metavar="WHEN",
+        help="only events since then: how long ago (e.g. 7d), or a UTC date/time",
+    )
+    events.add_argument(
+        "--limit",
+        type=_argument_type(_events.parse_limit),
+        default=_events.DEFAULT_LIMIT,
+        metavar="N",
+        help=f"at most the N newest events (default {_events.DEFAULT_LIMIT})",
     )
 
     scan = command(

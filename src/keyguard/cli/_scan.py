@@ -157,7 +157,7 @@ def cmd_scan(session: Session) -> int:
     if args.revoke and live and manager is not None:
         names = ", ".join(f"{i.key_id} ({i.hint})" for i in live.values())
         if args.yes or _confirm(f"Revoke {len(live)} live key(s): {names}?"):
-            revoked = [kid for kid in live if manager.revoke_by_id(kid)]
+            revoked = [kid for kid in live if manager.revoke_by_id(kid, actor=session.actor)]
     if args.json:
         print_json(
             {

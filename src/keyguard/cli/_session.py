@@ -7,6 +7,7 @@ command's failure is a :class:`CLIError` that ``main`` prints as one line.
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import re
 import sys
@@ -27,6 +28,7 @@ __all__ = [
     "EXIT_USAGE",
     "CLIError",
     "Session",
+    "cli_actor",
     "key_format",
     "read_key",
     "resolve",
@@ -56,6 +58,15 @@ def _env_flag(name: str) -> bool:
     raise CLIError(f"{name} must be 1 or 0, got {value!r}", EXIT_USAGE)
 
 
+def cli_actor() -> str:
+    """Who the audit events of this command name: the OS user, ``alice@cli`` (else ``cli``)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no USER/LOGNAME and no passwd entry (a bare container)
+        return "cli"
+    return f"{user}@cli" if user else "cli"
+
+
 class Session:
     """The store and manager for one command run, opened on first use and closed after."""
 
@@ -67,6 +78,8 @@ class Session:
         self.now = time.time()
         #: The deployment's keys carry a checksum: ``--checksum`` or ``$KEYGUARD_CHECKSUM=1``.
         self.checksum = bool(getattr(args, "checksum", False)) or _env_flag(CHECKSUM_ENV)
+        #: The actor of every change this command makes (see :mod:`keyguard.events`).
+        self.actor = cli_actor()
 
     def missing_sqlite_file(self) -> str | None:
         """The SQLite path of the store URL if that file does not exist yet, else None."""

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from .._counting import Bucket
+from ..events import KeyEvent
 from ..records import KeyInfo
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "AsyncKeyStore",
     "Bucket",
     "CounterStore",
+    "EventStore",
     "InvalidationSource",
     "KeyStore",
     "Subscription",
@@ -216,6 +218,27 @@ class UsageStore(Protocol):
 
     def read_usage(self, key_id: str, step: str, start: int, end: int) -> list[UsageRow]:
         """The non-zero counts of ``key_id`` for ``step`` buckets starting in [start, end)."""
+        ...
+
+
+@runtime_checkable
+class EventStore(Protocol):
+    """The audit events of every key (see :mod:`keyguard.events`), all kept, never forgotten.
+
+    Synchronous only: events are written by operator calls (creating, revoking, rotating a
+    key), never on a request's path. Events read newest first; two events at the same
+    time come in the reverse of the order they were added, so the later one comes first.
+    """
+
+    def add_event(self, event: KeyEvent) -> None:
+        """Keep ``event``."""
+        ...
+
+    def read_events(
+        self, key_id: str | None, since: datetime | None, limit: int
+    ) -> list[KeyEvent]:
+        """At most ``limit`` (a positive int) events, newest first: of the key ``key_id``
+        (None: of every key), at or after ``since`` (None: of all time)."""
         ...
 
 

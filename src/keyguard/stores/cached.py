@@ -5,8 +5,8 @@ reaches it once per ``ttl``. Changes made through this process drop the entry at
 changes made elsewhere are seen within ``ttl`` at most, and within milliseconds when the
 inner store pushes invalidations (Redis pub/sub, PostgreSQL LISTEN/NOTIFY).
 
-Counters and usage counts pass through to the inner store, never cached; with their async
-twins they take the module a little over the house size.
+Counters, usage counts and audit events pass through to the inner store, never cached;
+with their async twins they take the module a little over the house size.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
+from ..events import KeyEvent
 from ..records import KeyInfo
 from ._fork import reset_after_fork
 from .base import (
@@ -27,6 +28,7 @@ from .base import (
     AsyncKeyStore,
     Bucket,
     CounterStore,
+    EventStore,
     InvalidationSource,
     KeyStore,
     Subscription,
@@ -326,6 +328,27 @@ class CachedStore:
 
     def read_usage(self, key_id: str, step: str, start: int, end: int) -> list[UsageRow]:
         return self._usage_store().read_usage(key_id, step, start, end)
+
+    # -- audit events are not cached: they go to the inner store ------------------------
+
+    @property
+    def keeps_events(self) -> bool:
+        """Whether the inner store keeps audit events (this class always has the methods)."""
+        return isinstance(self.inner, EventStore)
+
+    def _event_store(self) -> EventStore:
+        inner = self.inner
+        if not isinstance(inner, EventStore):
+            raise TypeError(f"{inner!r} does not keep audit events")
+        return inner
+
+    def add_event(self, event: KeyEvent) -> None:
+        self._event_store().add_event(event)
+
+    def read_events(
+        self, key_id: str | None, since: datetime | None, limit: int
+    ) -> list[KeyEvent]:
+        return self._event_store().read_events(key_id, since, limit)
 
     def _stop_listening(self) -> Subscription | None:
         with self._lock:

@@ -1,7 +1,7 @@
 """``MemoryStore``: the default, in-process store (a dict, gone when the process ends).
 
-It keeps the rate-limit and quota counters and the usage counts too, shared by the threads
-of one process.
+It keeps the rate-limit and quota counters, the usage counts and the audit events too,
+shared by the threads of one process.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from .._counting import Bucket, apply
+from ..events import KeyEvent
 from ..records import KeyInfo
 from .base import UsageRow, listing_order, unknown_cursor, usage_cutoffs
 
@@ -21,6 +22,10 @@ __all__ = ["MemoryStore"]
 
 # Forgotten buckets are swept once per this many charges, so the map stays bounded.
 _SWEEP_EVERY = 4096
+
+
+def _event_time(event: KeyEvent) -> datetime:
+    return event.at
 
 
 class MemoryStore:
@@ -46,6 +51,9 @@ class MemoryStore:
         self._counters: dict[str, tuple[float, float | None]] = {}
         self._counter_lock = threading.Lock()
         self._charges = 0
+        #: Audit events, oldest first (ties in the order they were added); all kept.
+        self._events: list[KeyEvent] = []
+        self._event_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"MemoryStore(<{len(self._records)} keys>)"
@@ -198,6 +206,25 @@ class MemoryStore:
                 if start <= at < end
                 for code, count in codes.items()
             ]
+
+    # -- audit events ------------------------------------------------------------------
+
+    def add_event(self, event: KeyEvent) -> None:
+        with self._event_lock:
+            # insort_right keeps events of the same time in the order they were added.
+            bisect.insort_right(self._events, event, key=_event_time)
+
+    def read_events(
+        self, key_id: str | None, since: datetime | None, limit: int
+    ) -> list[KeyEvent]:
+        found: list[KeyEvent] = []
+        with self._event_lock:
+            for event in reversed(self._events):
+                if len(found) >= limit or (since is not None and event.at < since):
+                    break
+                if key_id is None or event.key_id == key_id:
+                    found.append(event)
+        return found
 
     def close(self) -> None:
         """Nothing to release; kept for the contract."""

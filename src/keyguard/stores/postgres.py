@@ -14,6 +14,11 @@ workers starting together do not race) and never altered or dropped automaticall
 - ``<schema>.<table>_usage``: usage counts, primary key ``(key_id, step, start, code)``,
   made on the first write of counts (an additive table: the schema version is unchanged,
   so the tables of an earlier keyguard work as before);
+- ``<schema>.<table>_events``: the audit events, all kept: an identity ``id`` (which orders
+  events of the same time by when they were added), ``at`` timestamptz, ``key_id``,
+  ``action``, ``actor`` and ``changes`` jsonb (``changes_json`` keeps the exact text, as
+  ``metadata_json`` does), indexed on ``(key_id, at, id)`` and ``(at, id)``; additive too,
+  and added on open to the tables of an earlier keyguard when ``create_schema`` allows;
 - a trigger that sends ``NOTIFY`` with the digest whenever a row is added, deleted, revoked
   or given a new expiry, by keyguard or by hand, so caches elsewhere can drop it at once.
 
@@ -39,6 +44,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._counting import Bucket
+from ..events import KeyEvent
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._aio import PerLoop
@@ -214,6 +220,17 @@ def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
         last_used_at=_utc(used),
         digest=digest,
         hash_scheme=scheme,
+    )
+
+
+def _row_to_event(row: tuple[Any, ...]) -> KeyEvent:
+    at, key_id, action, actor, changes, exact = row
+    return KeyEvent(
+        at=at,
+        key_id=key_id,
+        action=action,
+        actor=actor,
+        changes=changes if exact is None else json.loads(exact),
     )
 
 
@@ -426,7 +443,7 @@ class PostgresStore:
                     " EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = %(g)s"
                     "   AND tgrelid = to_regclass(%(t)s)),"
                     " to_regclass(%(c)s) IS NOT NULL AND to_regprocedure(%(f)s) IS NOT NULL,"
-                    " to_regclass(%(i)s) IS NOT NULL",
+                    " to_regclass(%(i)s) IS NOT NULL, to_regclass(%(e)s) IS NOT NULL",
                     {
                         "s": f'"{self.schema}"',
                         "t": f'"{self.schema}"."{self.table}"',
@@ -435,9 +452,11 @@ class PostgresStore:
                         "c": f'"{self.schema}"."{self.table}_counters"',
                         "f": f'"{self.schema}"."{self.table}_consume"{_CONSUME_ARGUMENTS}',
                         "i": f'"{self.schema}"."{self.table}_created_idx"',
+                        "e": f'"{self.schema}"."{self.table}_events"',
                     },
                 ).fetchone()
-                has_schema, has_table, has_meta, has_trigger, has_counters, has_list_index = state
+                has_schema, has_table, has_meta, has_trigger, has_counters = state[:5]
+                has_list_index, has_events = state[5:]
                 version = None
                 if has_meta:
                     row = conn.execute(
@@ -462,6 +481,8 @@ class PostgresStore:
                     # only each page of every user's keys then sorts the whole table.
                     if not has_list_index and create_schema:
                         self._create_list_index(conn, table)
+                    if not has_events and create_schema:
+                        self._create_events(conn)
                     return
                 if not create_schema:
                     raise StoreError(
@@ -476,6 +497,7 @@ class PostgresStore:
                     )
                 self._create(conn, table, meta, function, has_trigger)
                 self._create_counters(conn)
+                self._create_events(conn)
         except self._psycopg.Error as e:
             raise StoreError(f"cannot prepare PostgreSQL key store {self!r}: {e}") from e
 
@@ -560,6 +582,29 @@ class PostgresStore:
                 function=sql.Identifier(self.schema, f"{self.table}_consume"), counters=counters
             )
         )
+
+    def _create_events(self, conn: Any) -> None:
+        sql = self._psycopg.sql
+        events = sql.Identifier(self.schema, f"{self.table}_events")
+        conn.execute(
+            sql.SQL(
+                """CREATE TABLE IF NOT EXISTS {} (
+                    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                    at timestamptz NOT NULL,
+                    key_id text NOT NULL,
+                    action text NOT NULL,
+                    actor text NOT NULL,
+                    changes jsonb NOT NULL,
+                    changes_json text
+                )"""
+            ).format(events)
+        )
+        for suffix, columns in (("key", "key_id, at, id"), ("at", "at, id")):
+            conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                    sql.Identifier(f"{self.table}_events_{suffix}_idx"), events, sql.SQL(columns)
+                )
+            )
 
     def _create_list_index(self, conn: Any, table: Any) -> None:
         sql = self._psycopg.sql
@@ -900,6 +945,70 @@ class PostgresStore:
         except self._psycopg.Error as e:
             raise self._fail("read usage", e) from e
         return [(k, s, int(b), c, int(n)) for k, s, b, c, n in rows]
+
+    # -- audit events ------------------------------------------------------------------
+
+    @functools.cached_property
+    def _events_sql(self) -> tuple[bytes, dict[tuple[bool, bool], bytes]]:
+        """The insert, and the reads by (of one key, since a time)."""
+        sql = self._psycopg.sql
+        events = sql.Identifier(self.schema, f"{self.table}_events")
+        columns = "at, key_id, action, actor, changes, changes_json"
+        add = sql.SQL(f"INSERT INTO {{}} ({columns}) VALUES (%s, %s, %s, %s, %s, %s)")
+        select = sql.SQL(f"SELECT {columns} FROM {{}}").format(events)
+        filters = {
+            (False, False): "",
+            (True, False): " WHERE key_id = %s",
+            (False, True): " WHERE at >= %s",
+            (True, True): " WHERE key_id = %s AND at >= %s",
+        }
+        reads = {
+            shape: bytes(
+                sql.SQL("{}{} ORDER BY at DESC, id DESC LIMIT %s")
+                .format(select, sql.SQL(where))
+                .as_bytes(None)
+            )
+            for shape, where in filters.items()
+        }
+        return bytes(add.format(events).as_bytes(None)), reads
+
+    def add_event(self, event: KeyEvent) -> None:
+        changes, exact = event.changes, None
+        if not _jsonb_exact(changes):
+            changes, exact = _without_nul(changes), json.dumps(changes)
+        params = (
+            event.at,
+            event.key_id,
+            event.action,
+            event.actor,
+            self._psycopg.types.json.Jsonb(changes),
+            exact,
+        )
+        try:
+            with self._connection() as conn:
+                conn.execute(self._events_sql[0], params)
+        except self._psycopg.errors.UndefinedTable as e:
+            raise StoreError(
+                f"PostgreSQL key store {self!r} has no events table: its tables were made by"
+                " an older keyguard; open it once with create_schema=True (and DDL rights)"
+                " to add it"
+            ) from e
+        except self._psycopg.Error as e:
+            raise self._fail("record an event", e) from e
+
+    def read_events(
+        self, key_id: str | None, since: datetime | None, limit: int
+    ) -> list[KeyEvent]:
+        query = self._events_sql[1][key_id is not None, since is not None]
+        params = (*(p for p in (key_id, since) if p is not None), limit)
+        try:
+            with self._connection() as conn:
+                rows = conn.execute(query, params).fetchall()
+        except self._psycopg.errors.UndefinedTable:
+            return []  # tables of an earlier version, opened without create_schema
+        except self._psycopg.Error as e:
+            raise self._fail("read events", e) from e
+        return [_row_to_event(row) for row in rows]
 
     def close(self) -> None:
         """Close the pools this store opened (a pool passed in stays open)."""

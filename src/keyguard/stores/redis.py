@@ -11,6 +11,11 @@ Layout under a namespace ``ns`` (so two apps can share one Redis):
   when it may be forgotten (see :mod:`keyguard._counting`);
 - ``ns:usage:<step>:<start>:<key_id>``: one hash of usage counts per bucket, ``code ->
   count``, expiring its step's retention (and one step) after its last write;
+- ``ns:events`` and ``ns:events:key:<key_id>``: the audit events, of every key and of one,
+  sorted sets scored by the event's time (microseconds) whose members are the event as
+  JSON after a 20-digit sequence number from ``ns:events:seq``, which makes each member
+  unique and orders events of the same microsecond by when they were added; never given
+  a TTL (audit keeps everything);
 - ``ns:meta``: ``schema_version``; and the pub/sub channel ``ns:changes``, which carries
   the digest of every record that is added, revoked or given a new expiry.
 
@@ -37,6 +42,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from .._counting import Bucket
 from .._frozen import loads
+from ..events import KeyEvent
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._aio import PerLoop
@@ -162,6 +168,15 @@ else
 end
 return value
 """
+# KEYS: all events, the key's events, the sequence.  ARGV: score, the event as JSON.
+_ADD_EVENT = """
+local member = string.format('%020d', redis.call('INCR', KEYS[3])) .. ARGV[2]
+redis.call('ZADD', KEYS[1], ARGV[1], member)
+redis.call('ZADD', KEYS[2], ARGV[1], member)
+return 1
+"""
+#: Characters of the sequence number before an event's JSON.
+_SEQUENCE_DIGITS = 20
 
 _SCRIPTS = (
     ("add", _ADD),
@@ -293,6 +308,22 @@ def _decode_values(digest: str, values: tuple[Any, ...]) -> KeyInfo:
         raise StoreError(f"Redis record for key {text[0]!r} is corrupt: {e}") from e
 
 
+def _decode_event(member: str | bytes) -> KeyEvent:
+    """The event of a member of an events set: its JSON after the sequence number."""
+    text = _text(member)[_SEQUENCE_DIGITS:]
+    try:
+        body = loads(text)
+        return KeyEvent(
+            at=_from_us(str(body["at"])),
+            key_id=body["key_id"],
+            action=body["action"],
+            actor=body["actor"],
+            changes=body["changes"],
+        )
+    except (ValueError, TypeError, KeyError, OverflowError) as e:
+        raise StoreError(f"a Redis event is corrupt: {e}: {text[:80]!r}") from e
+
+
 def _charged(reply: Any) -> tuple[bool, list[float]]:
     """The consume script's reply: ``[taken, value, …]``, the values as strings."""
     return bool(reply[0]), [float(v) for v in reply[1:]]
@@ -387,6 +418,7 @@ class RedisStore:
         self._touch = client.register_script(_TOUCH)
         self._consume = client.register_script(_CONSUME)
         self._adjust = client.register_script(_ADJUST)
+        self._add_event = client.register_script(_ADD_EVENT)
         self._hmget = client.hmget
 
     def _pool_options(self) -> dict[str, Any]:
@@ -599,6 +631,39 @@ class RedisStore:
             for at, counts in zip(starts, hashes, strict=True)
             for code, count in sorted(counts.items())
         ]
+
+    # -- audit events ------------------------------------------------------------------
+
+    def events_key(self, key_id: str | None = None) -> str:
+        """The Redis key of the sorted set of ``key_id``'s events (None: of every key's)."""
+        if key_id is None:
+            return f"{self.namespace}:events"
+        return f"{self.namespace}:events:key:{key_id}"
+
+    def add_event(self, event: KeyEvent) -> None:
+        """Add the event to both sorted sets in one Lua script."""
+        at = _us(event.at)
+        body = {
+            "at": at,
+            "key_id": event.key_id,
+            "action": event.action,
+            "actor": event.actor,
+            "changes": event.changes,
+        }
+        keys = [self.events_key(), self.events_key(event.key_id), f"{self.namespace}:events:seq"]
+        args = [str(at), json.dumps(body, separators=(",", ":"), ensure_ascii=False)]
+        with self._failing("record an event"):
+            self._add_event(keys=keys, args=args)
+
+    def read_events(
+        self, key_id: str | None, since: datetime | None, limit: int
+    ) -> list[KeyEvent]:
+        low = "-inf" if since is None else str(_us(since))
+        with self._failing("read events"):
+            members = self._client.zrevrangebyscore(
+                self.events_key(key_id), "+inf", low, start=0, num=limit
+            )
+        return [_decode_event(m) for m in cast("list[Any]", members)]
 
     def close(self) -> None:
         """Close the connections this store opened (a client passed in stays open)."""

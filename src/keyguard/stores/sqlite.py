@@ -6,7 +6,9 @@ or revoked elsewhere is seen on the next check.
 
 Usage counts live in a ``keyguard_usage`` table made on the first write of counts: the table
 is additive (the schema version is unchanged), so a file of an earlier keyguard opens as
-before, and a store without the table reads as having no counts.
+before, and a store without the table reads as having no counts. Audit events live in a
+``keyguard_events`` table, made with the schema (and added on open to files made before
+it, when writable); a read-only file without it reads as having no events.
 
 The module also holds what decides whether a file is a keyguard store at all (header,
 schema, foreign files refused untouched) and the counter and usage tables that share the
@@ -30,6 +32,7 @@ from typing import Any
 
 from .._counting import Bucket, apply
 from .._frozen import loads
+from ..events import KeyEvent
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._fork import reset_after_fork
@@ -54,6 +57,18 @@ _COUNTERS_TABLE = """CREATE TABLE IF NOT EXISTS keyguard_counters (
 _LIST_INDEX = (
     "CREATE INDEX IF NOT EXISTS keyguard_keys_created ON keyguard_keys (created_at, key_id)"
 )
+# Audit events, all kept; AUTOINCREMENT ids never repeat, so they order events of the same
+# time by when they were added, in every process. Added to version 1 files in place.
+_EVENTS_TABLE = """CREATE TABLE IF NOT EXISTS keyguard_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    key_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    changes TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS keyguard_events_key ON keyguard_events (key_id, at);
+CREATE INDEX IF NOT EXISTS keyguard_events_at ON keyguard_events (at)"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS keyguard_meta (
     name TEXT PRIMARY KEY,
@@ -75,6 +90,7 @@ CREATE TABLE IF NOT EXISTS keyguard_keys (
 CREATE INDEX IF NOT EXISTS keyguard_keys_user ON keyguard_keys (user_id, created_at);
 {_COUNTERS_TABLE};
 {_LIST_INDEX};
+{_EVENTS_TABLE};
 INSERT OR IGNORE INTO keyguard_meta (name, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
 """
 _SELECT = f"SELECT {_COLUMNS} FROM keyguard_keys"
@@ -101,6 +117,11 @@ _ADD_USAGE = (
 _READ_USAGE = (
     "SELECT key_id, step, start, code, count FROM keyguard_usage"
     " WHERE key_id = ? AND step = ? AND start >= ? AND start < ? ORDER BY start, code"
+)
+
+
+_ADD_EVENT = (
+    "INSERT INTO keyguard_events (at, key_id, action, actor, changes) VALUES (?, ?, ?, ?, ?)"
 )
 
 
@@ -134,6 +155,20 @@ def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
         )
     except (ValueError, TypeError, OverflowError, AttributeError) as e:
         raise StoreError(f"the stored record of {key_id!r} is damaged: {e}") from e
+
+
+def _row_to_event(row: tuple[Any, ...]) -> KeyEvent:
+    at, key_id, action, actor, changes = row
+    try:
+        return KeyEvent(
+            at=datetime.fromtimestamp(at, timezone.utc),
+            key_id=key_id,
+            action=action,
+            actor=actor,
+            changes=loads(changes),
+        )
+    except (ValueError, TypeError, OverflowError) as e:
+        raise StoreError(f"a stored event of {key_id!r} is damaged: {e}") from e
 
 
 class _Closer:
@@ -255,6 +290,8 @@ class SQLiteStore:
                     self._add_counters_table(conn)
                 if ("index", "keyguard_keys_created") not in schema:
                     self._add_list_index(conn)
+                if "keyguard_events" not in tables:
+                    self._add_events_table(conn)
                 return  # nothing else to write: a read-only store file stays readable
             # WAL lets readers in other processes see commits at once, without blocking writers.
             self._enable_wal(conn)
@@ -290,6 +327,21 @@ class SQLiteStore:
         """
         try:
             conn.execute(_COUNTERS_TABLE)
+        except sqlite3.OperationalError as e:
+            if "readonly" not in str(e):
+                raise
+
+    @staticmethod
+    def _add_events_table(conn: sqlite3.Connection) -> None:
+        """Give a store made before events their table, if the file is writable.
+
+        Done on every open (``create_schema=False`` too, as for the list index), so the
+        CLI's first ``revoke`` on an older file is recorded. A read-only file still opens:
+        it reads as having no events, and recording one is an error.
+        """
+        try:
+            for statement in _EVENTS_TABLE.split(";"):
+                conn.execute(statement)
         except sqlite3.OperationalError as e:
             if "readonly" not in str(e):
                 raise
@@ -603,6 +655,55 @@ class SQLiteStore:
         except sqlite3.Error as e:
             raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
         return [(k, s, int(b), c, int(n)) for k, s, b, c, n in rows]
+
+    # -- audit events ------------------------------------------------------------------
+
+    def add_event(self, event: KeyEvent) -> None:
+        params = (
+            event.at.timestamp(),
+            event.key_id,
+            event.action,
+            event.actor,
+            json.dumps(event.changes, separators=(",", ":"), ensure_ascii=False),
+        )
+        try:
+            self._conn().execute(_ADD_EVENT, params)
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                raise StoreError(
+                    f"SQLite key store {str(self.path)!r} has no events table: it was made by an"
+                    " older keyguard and opened read-only or with create_schema=False; open it"
+                    " once with write access to add the table"
+                ) from e
+            raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
+        except sqlite3.Error as e:
+            raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
+
+    def read_events(
+        self, key_id: str | None, since: datetime | None, limit: int
+    ) -> list[KeyEvent]:
+        where: list[str] = []
+        params: list[Any] = []
+        if key_id is not None:
+            where.append("key_id = ?")
+            params.append(key_id)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since.timestamp())
+        sql = "SELECT at, key_id, action, actor, changes FROM keyguard_events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY at DESC, id DESC LIMIT ?"
+        params.append(limit)
+        try:
+            rows = self._conn().execute(sql, tuple(params)).fetchall()
+        except sqlite3.OperationalError as e:
+            if "no such table: keyguard_events" in str(e):
+                return []  # a read-only store of an earlier version
+            raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
+        except sqlite3.Error as e:
+            raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
+        return [_row_to_event(row) for row in rows]
 
     def close(self) -> None:
         with self._lock:
