@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -532,3 +533,171 @@ def test_the_report_holds_no_key_and_no_hash(drf_db: DrfDatabase) -> None:
     for row in drf_db.rows():
         assert row["hashed_key"][-40:] not in text
     assert isinstance(report, ImportReport)
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+def keyguard(folder: Path, *args: str, **env: str) -> Ran:
+    """Run ``python -m keyguard`` on the store ``folder/keys.db``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KEYGUARD_")}
+    environ.update(KEYGUARD_STORE=f"sqlite:///{folder / 'keys.db'}", COLUMNS="200", **env)
+    environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "keyguard", *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=environ,
+        cwd=folder,
+        timeout=60,
+    )
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def assert_no_secret(drf_db: DrfDatabase, *texts: str) -> None:
+    hashes = [row["hashed_key"] for row in drf_db.rows()]
+    for text in texts:
+        for key in drf_db.keys.values():
+            assert key.split(".")[1] not in text
+        for hashed in hashes:
+            assert hashed.rpartition("$")[2][-24:] not in text
+
+
+def test_the_cli_imports_and_reports_each_row(drf_db: DrfDatabase, tmp_path: Path) -> None:
+    ran = keyguard(tmp_path, "import", "--from", "drf-api-key", "--database", str(drf_db.path))
+
+    assert ran.code == 1  # a row was skipped
+    assert "(a new store file, created now)" in ran.err
+    lines = ran.out.splitlines()
+    assert lines[0] == f"drf-api-key table {DRF_TABLE}: 6 rows."
+    assert lines[1].split() == ["PREFIX", "RESULT", "KEY_ID", "STATUS", "REASON"]
+    results = {line.split()[0]: line.split()[1:4] for line in lines[2:-1]}
+    alice = drf_manager(SQLiteStore(tmp_path / "keys.db")).check(drf_db.keys["alice"])
+    assert results[drf_db.prefixes["alice"]] == ["imported", alice.key_id, "active"]
+    assert results[drf_db.prefixes["revoked"]][::2] == ["imported", "revoked"]
+    assert results[drf_db.prefixes["expired"]][::2] == ["imported", "expired"]
+    assert results[drf_db.prefixes["legacy"]][:3] == ["skipped", "-", "-"]
+    assert "pbkdf2_sha256" in lines[-2]
+    assert lines[-1] == "5 imported, 0 already present, 0 revoked now, 1 skipped."
+    assert_no_secret(drf_db, ran.out, ran.err)
+
+    again = keyguard(
+        tmp_path, "import", "--from", "drf-api-key", "--database", str(drf_db.path), "--json"
+    )
+    report = json.loads(again.out)
+    assert (again.code, report["imported"], report["present"], report["skipped"]) == (1, 0, 5, 1)
+    assert {row["result"] for row in report["rows"]} == {"present", "skipped"}
+    assert_no_secret(drf_db, again.out, again.err)
+
+
+def test_the_cli_verifies_shows_and_rotates_an_imported_key(
+    drf_db: DrfDatabase, tmp_path: Path
+) -> None:
+    keyguard(tmp_path, "import", "--from", "drf-api-key", "--database", str(drf_db.path))
+    key, prefix = drf_db.keys["bob"], drf_db.prefixes["bob"]
+
+    ok = keyguard(tmp_path, "verify", key)
+    assert (
+        ok.code == 0 and ok.out.startswith("ok: key_") and f"({prefix}.…) of user 'bob'" in ok.out
+    )
+    shown = keyguard(tmp_path, "show", key)
+    assert "hashed as  drf-sha512+sha256" in shown.out
+    wrong = keyguard(tmp_path, "show", tampered(key))
+    assert (wrong.code, wrong.err.splitlines()[-1]) == (
+        1,
+        f"keyguard: error: no such key {prefix}.…",
+    )
+    rotated = keyguard(tmp_path, "rotate", key, "--grace", "0s")
+    assert rotated.code == 0 and re.search(r"\bsk_[0-9a-f]{32}\b", rotated.out)
+    assert keyguard(tmp_path, "verify", key).out.startswith("revoked: key_")
+    assert_no_secret(drf_db, ok.out, shown.out, wrong.err)
+
+
+def test_a_cli_dry_run_creates_no_store(drf_db: DrfDatabase, tmp_path: Path) -> None:
+    ran = keyguard(
+        tmp_path, "import", "--from", "drf-api-key", "--database", str(drf_db.path), "--dry-run"
+    )
+    assert ran.code == 1
+    assert ran.out.startswith("Dry run, nothing written: drf-api-key table")
+    assert ran.out.endswith(
+        "5 would be imported, 0 already present, 0 would be revoked now, 1 skipped.\n"
+    )
+    assert not (tmp_path / "keys.db").exists()
+
+
+def test_the_cli_takes_the_owner_from_an_option_or_a_column(
+    drf_db: DrfDatabase, tmp_path: Path
+) -> None:
+    database = ("--from", "drf-api-key", "--database", str(drf_db.path), "--json")
+    fixed = json.loads(keyguard(tmp_path, "import", *database, "--user-id", "acme").out)
+    assert fixed["imported"] == 5
+    users = json.loads(keyguard(tmp_path, "list", "--all", "--json").out)["keys"]
+    assert {user["user_id"] for user in users} == {"acme"}
+
+    other = tmp_path / "other"
+    other.mkdir()
+    by_column = json.loads(keyguard(other, "import", *database, "--user-column", "name").out)
+    assert by_column["imported"] == 5
+    missing = json.loads(keyguard(other, "import", *database, "--user-column", "org_id").out)
+    assert missing["present"] == 5  # found by digest before the owner matters
+    third = tmp_path / "third"
+    third.mkdir()
+    none = json.loads(keyguard(third, "import", *database, "--user-column", "org_id").out)
+    assert none["skipped"] == 6
+    assert none["rows"][0]["reason"] == ("user_id: LookupError: the table has no column 'org_id'")
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        pytest.param(
+            ["--database", "missing.sqlite3"],
+            "keyguard: error: no SQLite database at 'missing.sqlite3'",
+            id="missing database",
+        ),
+        pytest.param(
+            ["--database", "DB", "--table", "nope"],
+            'keyguard: error: cannot read table "nope" of DB: no such table: nope',
+            id="missing table",
+        ),
+        pytest.param(
+            ["--database", "DB", "--user-id", "a", "--user-column", "b"],
+            "keyguard: error: argument --user-column: not allowed with argument --user-id"
+            " (see 'keyguard import --help')",
+            id="two owners",
+        ),
+    ],
+)
+def test_cli_import_errors_are_one_line_and_exit_2(
+    drf_db: DrfDatabase, tmp_path: Path, args: list[str], error: str
+) -> None:
+    args = [str(drf_db.path) if arg == "DB" else arg for arg in args]
+    ran = keyguard(tmp_path, "import", "--from", "drf-api-key", *args)
+    assert ran.code == 2
+    assert ran.err.splitlines()[-1] == error.replace("DB", str(drf_db.path))
+    assert ran.out == ""
+
+
+def test_a_scan_of_a_store_of_imported_keys_judges_native_keys(
+    drf_db: DrfDatabase, tmp_path: Path
+) -> None:
+    keyguard(tmp_path, "import", "--from", "drf-api-key", "--database", str(drf_db.path))
+    leak = tmp_path / "leak.txt"
+    leak.write_text("token = sk_" + "0123456789abcdef" * 2 + "\n")
+    ran = keyguard(tmp_path, "scan", str(leak))
+    assert (ran.code, ran.out.splitlines()[-1]) == (
+        0,
+        "Scanned 1 file(s): 1 finding(s): 1 unknown.",
+    )
+    peppered = keyguard(tmp_path, "scan", str(leak), KEYGUARD_PEPPER=PEPPER)
+    assert peppered.code == 2 and "hashed with sha256" in peppered.err
