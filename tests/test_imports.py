@@ -446,6 +446,24 @@ def test_an_open_connection_is_read_and_left_open(drf_db: DrfDatabase) -> None:
         assert db.execute("SELECT 1").fetchone() == (1,)
 
 
+def test_bad_arguments_are_refused_before_anything_is_read() -> None:
+    manager = drf_manager()
+    with pytest.raises(TypeError, match="source must be a SQLite path"):
+        import_drf_api_keys(manager, 42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="user_id must be a str or a function, not int"):
+        import_drf_api_keys(manager, [], user_id=7)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="invalid table name"):
+        import_drf_api_keys(manager, [], table="a.b.c")
+
+
+def test_a_user_id_function_must_return_text() -> None:
+    def number(row: Row) -> Any:
+        return 7
+
+    report = import_drf_api_keys(drf_manager(), [valid_row()], user_id=number)
+    assert [r.reason for r in report.skipped] == ["user_id returned a int, not a str"]
+
+
 def test_an_unknown_imported_form_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown imported key form 'devise'"):
         APIKeyManager(accept_imported=["devise"])
