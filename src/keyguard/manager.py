@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeGuard
 
+from . import _drf
 from ._frozen import thaw
 from ._lifecycle import UNSET, Unset, deprecated_metadata, plan_update, rotation_metadata
 from ._validation import LATEST, check_metadata, deadline_after, positive, utc
@@ -107,6 +108,10 @@ class APIKeyManager:
     :param store: where records live; default a fresh :class:`MemoryStore`.
     :param prefix: prefix of the keys this manager issues (``sk_``, ``pk_``, ``sk_live_``).
     :param accept_prefixes: further prefixes accepted by checks (e.g. during a migration).
+    :param accept_imported: foreign key forms accepted by checks, for keys imported from
+        another system: ``("drf-api-key",)`` accepts djangorestframework-api-key's
+        ``<prefix>.<secret>`` keys (see :mod:`keyguard.imports`). Off by default, so a
+        manager accepts only its own form; a native key's check costs the same either way.
     :param checksum: issue and require keys whose last 8 hex are a CRC32 of the rest.
     :param pepper: server-side secret; keys are then stored as HMAC-SHA-256 instead of
         SHA-256. Default: ``$KEYGUARD_PEPPER`` if set. Changing it invalidates every key.
@@ -134,6 +139,7 @@ class APIKeyManager:
         *,
         prefix: str = DEFAULT_PREFIX,
         accept_prefixes: Iterable[str] = (),
+        accept_imported: Iterable[str] = (),
         checksum: bool = False,
         pepper: str | bytes | None = None,
         last_used_resolution: timedelta | None = timedelta(minutes=1),
@@ -164,6 +170,18 @@ class APIKeyManager:
         # Every accepted prefix in one regex, compiled once: the form check is one fullmatch.
         self._form = re.compile("|".join(f"(?:{f.pattern})" for f in self.formats))
         self._checksum = self.format.checksum
+        if isinstance(accept_imported, str):
+            raise TypeError(f"accept_imported must be a list of sources: [{accept_imported!r}]")
+        imported = tuple(dict.fromkeys(accept_imported))
+        for source in imported:
+            if source != _drf.SOURCE:
+                raise ValueError(
+                    f"unknown imported key form {source!r}: the one known is {_drf.SOURCE!r}"
+                )
+        #: The foreign key forms accepted by checks (``accept_imported``).
+        self.accept_imported: tuple[str, ...] = imported
+        # None unless drf-api-key keys are accepted: the one foreign form there is.
+        self._drf_form = _drf.KEY_FORM if imported else None
         if pepper is None:
             pepper = os.environ.get(PEPPER_ENV) or None
         if isinstance(pepper, str):
@@ -250,7 +268,13 @@ class APIKeyManager:
             self._own_counters.close()
 
     def digest(self, key: str) -> str:
-        """Return the digest the store keeps for ``key`` under this manager's scheme."""
+        """Return the digest the store keeps for ``key`` under this manager's scheme.
+
+        A key of an accepted imported form is first hashed as its source stored it (see
+        ``accept_imported``), since that stored hash is all an import had to digest.
+        """
+        if self._drf_form is not None and self._drf_form.fullmatch(key) is not None:
+            return digest_key(_drf.stored_hash(key), self._pepper)
         return digest_key(key, self._pepper)
 
     # -- issuing -----------------------------------------------------------------------
@@ -368,10 +392,31 @@ class APIKeyManager:
     # -- checking ----------------------------------------------------------------------
 
     def is_well_formed(self, key: object) -> TypeGuard[str]:
-        """Whether ``key`` has the form of a key this manager accepts; pure, never raises."""
+        """Whether ``key`` has the form of a key this manager accepts; pure, never raises.
+
+        Its own forms, and the imported forms of ``accept_imported``.
+        """
+        if self._is_native(key):
+            return True
+        form = self._drf_form
+        return form is not None and type(key) is str and form.fullmatch(key) is not None
+
+    def _is_native(self, key: object) -> TypeGuard[str]:
+        """Whether ``key`` has one of this manager's own forms (prefix, body, checksum)."""
         if type(key) is not str or self._form.fullmatch(key) is None:
             return False
         return not self._checksum or has_valid_checksum(key)
+
+    def _imported_digest(self, key: object) -> str:
+        """The digest of a key of an accepted imported form; else the key is malformed.
+
+        Reached only once the native form check has failed, so a native key never pays
+        for it, and a string of no accepted form never reaches the store.
+        """
+        form = self._drf_form
+        if form is None or type(key) is not str or form.fullmatch(key) is None:
+            raise InvalidKeyError("the API key is malformed", Reason.MALFORMED)
+        return digest_key(_drf.stored_hash(key), self._pepper)
 
     def check(self, key: object) -> KeyInfo:
         """Return the record of an active ``key``, or raise :class:`~keyguard.InvalidKeyError`.
@@ -380,11 +425,15 @@ class APIKeyManager:
         middleware call it, so a subclass that overrides it changes them all. The steps, in
         order: the form check (a string that is not of this manager's form is ``malformed``
         without touching the store), the digest, one store lookup, then revocation and
-        expiry. A failing store raises :class:`~keyguard.StoreError`.
+        expiry. A failing store raises :class:`~keyguard.StoreError`. A key of an imported
+        form (``accept_imported``) takes the same steps, its digest computed as
+        :meth:`digest` says.
         """
-        if not self.is_well_formed(key):
-            raise InvalidKeyError("the API key is malformed", Reason.MALFORMED)
-        info = self.store.get(digest_key(key, self._pepper))
+        if self._is_native(key):
+            digest = digest_key(key, self._pepper)
+        else:
+            digest = self._imported_digest(key)
+        info = self.store.get(digest)
         now = self._clock()
         if info is None or now >= info.valid_until:
             raise _refusal(info)
@@ -405,9 +454,11 @@ class APIKeyManager:
         store = self._async_store
         if store is None:
             return self.check(key)
-        if not self.is_well_formed(key):
-            raise InvalidKeyError("the API key is malformed", Reason.MALFORMED)
-        info = await store.aget(digest_key(key, self._pepper))
+        if self._is_native(key):
+            digest = digest_key(key, self._pepper)
+        else:
+            digest = self._imported_digest(key)
+        info = await store.aget(digest)
         now = self._clock()
         if info is None or now >= info.valid_until:
             raise _refusal(info)

@@ -11,11 +11,12 @@ from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 
 from .. import __version__
+from ..imports import DRF_TABLE
 from ..keys import DEFAULT_PREFIX, validate_prefix
 from ..limits import parse_quota, parse_rates
 from ..scan import DEFAULT_MAX_FILE_SIZE
 from ..stores import DEFAULT_STORE_URL, STORE_URL_ENV
-from . import _commands, _events, _scan, _usage
+from . import _commands, _events, _import, _scan, _usage
 from ._durations import parse_duration
 from ._session import CHECKSUM_ENV, EXIT_USAGE, CLIError, Session
 
@@ -279,6 +280,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=_events.DEFAULT_LIMIT,
         metavar="N",
         help=f"at most the N newest events (default {_events.DEFAULT_LIMIT})",
+    )
+
+    importing = command(
+        "import",
+        _import.cmd_import,
+        "import another system's stored keys so its callers' keys keep working",
+    )
+    importing.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=("drf-api-key",),
+        help="the system the keys come from (djangorestframework-api-key)",
+    )
+    importing.add_argument(
+        "--database",
+        required=True,
+        metavar="DB",
+        help="its database: a SQLite file (read-only) or a postgresql:// URL",
+    )
+    importing.add_argument(
+        "--table", default=DRF_TABLE, help=f"the table, or schema.table (default {DRF_TABLE})"
+    )
+    owner = importing.add_mutually_exclusive_group()
+    owner.add_argument(
+        "--user-id",
+        metavar="USER",
+        help="the owner (user_id) of every imported key (default: each key's drf name)",
+    )
+    owner.add_argument(
+        "--user-column",
+        metavar="COLUMN",
+        help="take each key's owner from this column (e.g. organization_id)",
+    )
+    importing.add_argument(
+        "--dry-run", action="store_true", help="report what would be imported; write nothing"
     )
 
     scan = command(

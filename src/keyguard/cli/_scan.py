@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from .. import _drf
 from ..keys import DEFAULT_PREFIX, KeyFormat
 from ..manager import APIKeyManager
 from ..records import KeyInfo
@@ -39,14 +40,20 @@ def _survey(manager: APIKeyManager | None) -> tuple[set[str], set[str]]:
     """The key prefixes and hash schemes in use in the store (none without a store).
 
     The store is read a page at a time and only these two small sets are kept, so memory
-    stays flat however many keys it holds.
+    stays flat however many keys it holds. An imported drf-api-key record adds its scheme
+    as keyguard applied it (the pepper is the servers' all the same) and no prefix: its
+    prefix is its own, not a format the scanner could look for.
     """
     prefixes: set[str] = set()
     schemes: set[str] = set()
     if manager is not None:
         for info in manager.iter_keys(include_inactive=True):
-            prefixes.add(info.prefix)
-            schemes.add(info.hash_scheme)
+            scheme = info.hash_scheme
+            if scheme.startswith(_drf.SCHEME_TAG):
+                schemes.add(scheme.removeprefix(_drf.SCHEME_TAG))
+            else:
+                prefixes.add(info.prefix)
+                schemes.add(scheme)
     return prefixes, schemes
 
 

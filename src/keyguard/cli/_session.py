@@ -14,6 +14,7 @@ import sys
 import time
 from urllib.parse import quote, unquote, urlsplit
 
+from .. import _drf
 from ..keys import DEFAULT_PREFIX, KEY_BODY_LENGTH, KeyFormat, mask_key
 from ..manager import COUNTERS_ENV, APIKeyManager
 from ..records import KeyInfo
@@ -146,7 +147,8 @@ class Session:
     ) -> APIKeyManager:
         """A manager over the store that never records "last used": a look is not a use.
 
-        Its keys have a checksum if ``checksum`` says so, else if the session's does.
+        Its keys have a checksum if ``checksum`` says so, else if the session's does. It
+        accepts imported drf-api-key keys too, so that they can be verified and named.
         """
         checksum = self.checksum if checksum is None else checksum
         store = self.store(create=create)
@@ -154,6 +156,7 @@ class Session:
             return APIKeyManager(
                 store,
                 prefix=prefix,
+                accept_imported=(_drf.SOURCE,),
                 checksum=checksum,
                 last_used_resolution=None,
                 counters=self.counters(),
@@ -198,7 +201,8 @@ def resolve(session: Session, ref: str) -> tuple[APIKeyManager, KeyInfo]:
     The manager returned issues keys of the record's format, so a rotation keeps it: the
     record's prefix, and a checksum if the session asks for one or the given key has one.
     A record does not say whether its key had a checksum, so by key_id only the session
-    (``--checksum``, ``$KEYGUARD_CHECKSUM``) can tell.
+    (``--checksum``, ``$KEYGUARD_CHECKSUM``) can tell. An imported key is named by its
+    record, and rotates into a key of the default format.
     """
     if _KEY_ID.fullmatch(ref):
         info = session.manager().get_key_info(ref)
@@ -207,6 +211,13 @@ def resolve(session: Session, ref: str) -> tuple[APIKeyManager, KeyInfo]:
         return session.manager(info.prefix), info
     key = read_key(ref)
     fmt = key_format(key)
+    if fmt is None and _drf.KEY_FORM.fullmatch(key):
+        # An imported drf-api-key key: found by its digest; a rotation issues a native key.
+        manager = session.manager()
+        imported = manager.store.get(manager.digest(key))
+        if imported is None:
+            raise CLIError(f"no such key {key[:8]}.…")
+        return manager, imported
     if fmt is None:
         raise CLIError(
             f"{mask_key(key)!r} is neither a key_id (key_ and 16 hex) nor a well-formed key"
