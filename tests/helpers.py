@@ -62,9 +62,9 @@ class CountingStore(MemoryStore):
         self.calls["set_expiry"] += 1
         return super().set_expiry(digest, expires_at)
 
-    def update(self, info: KeyInfo) -> bool:
+    def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
         self.calls["update"] += 1
-        return super().update(info)
+        return super().update(info, expected)
 
     def touch(self, digest: str, at: datetime) -> None:
         self.calls["touch"] += 1
@@ -129,8 +129,8 @@ class KeysOnlyStore:
     def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
         return self._inner.set_expiry(digest, expires_at)
 
-    def update(self, info: KeyInfo) -> bool:
-        return self._inner.update(info)
+    def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
+        return self._inner.update(info, expected)
 
     def touch(self, digest: str, at: datetime) -> None:
         self._inner.touch(digest, at)

@@ -231,3 +231,16 @@ def test_query_param_warning_names_the_users_line(manager: APIKeyManager) -> Non
     with pytest.warns(UserWarning, match="query parameter") as factory:
         guard.init_app(Flask(__name__))
     assert [w.filename for w in (*direct, *factory)] == [__file__, __file__]
+
+
+def test_a_route_refusal_of_a_replaced_key_keeps_its_deprecation_fields(
+    manager: APIKeyManager, client: FlaskClient
+) -> None:
+    old = manager.generate_key(user_id="u", permissions=["read"], rate_limits=["100/minute"])
+    manager.rotate_key(old)
+
+    refused = client.post("/items", headers={"Authorization": f"Bearer {old}"})
+
+    assert refused.status_code == 403
+    assert {"Deprecation", "Sunset"} <= set(refused.headers.keys())
+    assert "RateLimit" not in refused.headers, "dropped with the charge given back"

@@ -885,8 +885,8 @@ def test_a_limited_key_on_a_store_without_counters_is_503_not_500_or_unlimited(
         def set_expiry(self, digest: str, expires_at: Any) -> bool:
             return self.keys.set_expiry(digest, expires_at)
 
-        def update(self, info: Any) -> bool:
-            return self.keys.update(info)
+        def update(self, info: Any, expected: Any) -> bool:
+            return self.keys.update(info, expected)
 
         def touch(self, digest: str, at: Any) -> None:
             self.keys.touch(digest, at)

@@ -541,7 +541,8 @@ def test_rotated_key_keeps_the_old_lifetime_unless_told(
 
     same_lifetime = manager.rotate_key(old)
     same_info = manager.verify(same_lifetime).key
-    own_lifetime = manager.rotate_key(old, expires_in=timedelta(days=1))
+    other = manager.generate_key(user_id="u1", expires_in=timedelta(days=30))
+    own_lifetime = manager.rotate_key(other, expires_in=timedelta(days=1))
     own_info = manager.verify(own_lifetime).key
 
     assert same_info is not None and same_info.expires_at == at(clock()) + timedelta(days=30)

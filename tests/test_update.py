@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from keyguard import APIKeyManager, InvalidKeyError, KeyInfo, MemoryStore
+from keyguard import (
+    APIKeyManager,
+    InvalidKeyError,
+    KeyguardError,
+    KeyInfo,
+    MemoryStore,
+    StoreError,
+)
 from keyguard.verification import Reason
 from tests.helpers import Clock, CountingStore
 from tests.test_cli import CLI, error_line
@@ -186,17 +193,81 @@ def test_an_update_racing_a_revocation_never_brings_the_key_back(clock: Clock) -
     class RevokedMeanwhile(MemoryStore):
         """Revokes the key between the manager's read and its write, as another worker."""
 
-        def update(self, info: KeyInfo) -> bool:
+        def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
             self.revoke(info.digest, datetime.now(timezone.utc))
-            return super().update(info)
+            return super().update(info, expected)
 
     manager = APIKeyManager(RevokedMeanwhile(), clock=clock)
     key, info = manager.create_key(user_id="u", permissions=["read"])
 
-    with pytest.raises(InvalidKeyError, match="revoked meanwhile"):
+    with pytest.raises(InvalidKeyError, match="revoked"):
         manager.update_key(info.key_id, scopes=[])
     assert manager.verify(key).reason is Reason.REVOKED
     assert manager.get_key_info(info.key_id).scopes == ("read",)  # type: ignore[union-attr]
+
+
+class OnceBefore(MemoryStore):
+    """Runs ``meanwhile`` once, just before the first compare-and-set, as another worker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meanwhile: Any = None
+
+    def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
+        if self.meanwhile is not None:
+            action, self.meanwhile = self.meanwhile, None
+            action()
+        return super().update(info, expected)
+
+
+def test_an_update_racing_another_is_decided_again_and_undoes_nothing(clock: Clock) -> None:
+    store = OnceBefore()
+    manager = APIKeyManager(store, clock=clock)
+    key, info = manager.create_key(user_id="u", permissions=["read", "admin"])
+
+    # Another operator narrows the key while this one renames it.
+    store.meanwhile = lambda: manager.update_key(info.key_id, scopes=["read"])
+    renamed = manager.update_key(info.key_id, name="ci")
+
+    assert renamed.scopes == ("read",) and renamed.metadata["name"] == "ci"
+    assert manager.check(key) == renamed
+
+
+def test_a_widening_cannot_slip_in_on_a_racing_update(clock: Clock) -> None:
+    store = OnceBefore()
+    manager = APIKeyManager(store, clock=clock)
+    _, info = manager.create_key(user_id="u", permissions=["read", "admin"])
+
+    # Decided against ["read", "admin"], but another operator narrowed it to ["read"] first.
+    store.meanwhile = lambda: manager.update_key(info.key_id, scopes=["read"])
+    with pytest.raises(PermissionError, match="admin"):
+        manager.update_key(info.key_id, scopes=["admin"])
+    assert manager.get_key_info(info.key_id).scopes == ("read",)  # type: ignore[union-attr]
+
+
+def test_scopes_given_as_an_iterator_are_read_once(manager: APIKeyManager) -> None:
+    _, info = manager.create_key(user_id="u", permissions=["read", "write"])
+    assert manager.update_key(info.key_id, scopes=iter(["read"])).scopes == ("read",)
+
+
+def test_a_replaced_key_keeps_its_grace_period_unless_widened(
+    manager: APIKeyManager, clock: Clock
+) -> None:
+    old = manager.generate_key(user_id="u")
+    manager.rotate_key(old, grace=timedelta(hours=1))
+    old_id = manager.check(old).key_id
+    for extend in ({"expires_at": None}, {"expires_in": timedelta(days=1)}):
+        with pytest.raises(PermissionError, match="grace period"):
+            manager.update_key(old_id, **extend)
+    manager.update_key(old_id, expires_in=timedelta(minutes=5))  # shortening is fine
+    clock.advance(timedelta(minutes=6))
+    assert not manager.validate_key(old)
+
+
+def test_name_must_be_text(manager: APIKeyManager) -> None:
+    _, info = manager.create_key(user_id="u")
+    with pytest.raises(TypeError, match="name must be a str"):
+        manager.update_key(info.key_id, name=123)  # type: ignore[arg-type]
 
 
 @TRANSPORTS
@@ -238,6 +309,69 @@ def test_a_rotation_records_where_each_key_came_from(manager: APIKeyManager, clo
     assert manager.lineage(info.key_id) == lineage
 
 
+def test_lineage_follows_the_rotations_even_within_one_instant(manager: APIKeyManager) -> None:
+    keys = [manager.generate_key(user_id="u")]
+    for _ in range(4):  # the fake clock stands still: every key has one created_at
+        keys.append(manager.rotate_key(keys[-1], grace=timedelta(hours=1)))
+    ids = [manager.check(k).key_id for k in keys]
+    assert [k.key_id for k in manager.lineage(ids[2])] == ids
+
+
+def test_a_key_already_rotated_into_a_live_successor_is_not_rotated_again(
+    manager: APIKeyManager,
+) -> None:
+    old = manager.generate_key(user_id="u")
+    new = manager.rotate_key(old)
+    with pytest.raises(KeyguardError, match="already rotated into"):
+        manager.rotate_key(old)
+    # Once the successor is revoked (its secret was lost, say), the old key may be rotated.
+    manager.revoke_key(new)
+    newer = manager.rotate_key(old)
+    assert manager.check(old).replaced_by == manager.check(newer).key_id
+
+
+def test_a_rotation_racing_a_revocation_issues_no_working_key(clock: Clock) -> None:
+    store = OnceBefore()
+    manager = APIKeyManager(store, clock=clock)
+    old, info = manager.create_key(user_id="u", permissions=["admin"])
+    before = len(manager.list_keys(include_inactive=True))
+
+    store.meanwhile = lambda: manager.revoke_by_id(info.key_id)
+    with pytest.raises(InvalidKeyError, match="revoked"):
+        manager.rotate_key(old)
+    assert manager.list_keys() == [], "the withdrawn successor does not work"
+    assert len(manager.list_keys(include_inactive=True)) == before + 1
+
+
+def test_a_rotation_racing_a_narrowing_gives_the_successor_the_narrow_scopes(
+    clock: Clock,
+) -> None:
+    store = OnceBefore()
+    manager = APIKeyManager(store, clock=clock)
+    old, info = manager.create_key(user_id="u", permissions=["read", "admin"])
+
+    store.meanwhile = lambda: manager.update_key(info.key_id, scopes=["read"])
+    new = manager.rotate_key(old)
+
+    assert manager.check(new).scopes == ("read",)
+    assert manager.check(old).scopes == ("read",)
+    assert [k.scopes for k in manager.list_keys()] == [("read",), ("read",)]
+
+
+def test_rotating_with_no_grace_keeps_the_old_expiry_if_the_revocation_fails(
+    clock: Clock,
+) -> None:
+    class RevokeFails(MemoryStore):
+        def revoke(self, digest: str, at: datetime) -> bool:
+            raise StoreError("database is unreachable")
+
+    manager = APIKeyManager(RevokeFails(), clock=clock)
+    old, info = manager.create_key(user_id="u", expires_in=timedelta(days=1))
+    with pytest.raises(StoreError):
+        manager.rotate_key(old, grace=timedelta(0))
+    assert manager.check(old).expires_at == info.expires_at
+
+
 def test_usage_counts_follow_the_key_across_rotations(kind_free_manager: APIKeyManager) -> None:
     manager = kind_free_manager
     old, info = manager.create_key(user_id="u")
@@ -246,10 +380,16 @@ def test_usage_counts_follow_the_key_across_rotations(kind_free_manager: APIKeyM
     new = manager.rotate_key(old)
     client.get(new)
     client.get(new)
+    client.get(old)  # still in its grace period
+    new_id = manager.check(new).key_id
 
-    for key_id in (info.key_id, manager.check(new).key_id):
+    for key_id in (info.key_id, new_id):
         (point,) = manager.usage(key_id, step="day", since=timedelta(days=1))
-        assert point.requests == 3
+        assert point.requests == 4
+    (own,) = manager.usage(info.key_id, step="day", since=timedelta(days=1), family=False)
+    assert own.requests == 2, "the old key's own use, to see whether it is still in use"
+    (own,) = manager.usage(new_id, step="day", since=timedelta(days=1), family=False)
+    assert own.requests == 2
 
 
 @pytest.fixture
@@ -280,9 +420,7 @@ def test_a_replaced_key_carries_deprecation_and_sunset_during_its_grace(
     assert response.headers["deprecation"] == f"@{int(rotated_at)}"
     sunset = parsedate_to_datetime(response.headers["sunset"])
     assert sunset.timestamp() == int(rotated_at) + 86400
-    assert response.headers["link"] == (
-        '<https://example.com/docs/keys>; rel="deprecation"; type="text/html"'
-    )
+    assert response.headers["link"] == ('<https://example.com/docs/keys>; rel="deprecation"')
     fresh = client.get(new)
     assert fresh.status_code == 200
     assert not {"deprecation", "sunset", "link"} & set(fresh.headers)
@@ -308,7 +446,14 @@ def test_deprecation_fields_ride_along_with_rate_limit_fields_and_refusals(
 
 
 def test_the_deprecation_link_must_be_a_plain_url() -> None:
-    for bad in ["ftp://x", "https://example.com/a b", 'https://x/"', "https://x/>", 42]:
+    for bad in [
+        "ftp://x",
+        "https://example.com/a b",
+        'https://x/"',
+        "https://x/>",
+        "https://x/{",
+        42,
+    ]:
         with pytest.raises(ValueError, match="deprecation_link"):
             APIKeyManager(deprecation_link=bad)  # type: ignore[arg-type]
 
@@ -378,6 +523,11 @@ def test_cli_update_refuses_widening_bad_values_and_missing_keys(cli: CLI) -> No
     owner = cli("update", key_id, "--meta", "user_id=b")
     assert owner.code == 2 and "--user" in error_line(owner)
 
+    assert cli("update", key_id, "--email", "b@example.com").code == 0
+    assert cli("show", key_id, "--json").json()["metadata"]["email"] == "b@example.com"
+    assert cli("update", key_id, "--email", "").code == 0
+    assert "email" not in cli("show", key_id, "--json").json()["metadata"]
+
     missing = cli("update", "key_0000000000000000", "--name", "x")
     assert missing.code == 1 and "no key with key_id" in error_line(missing)
     cli("revoke", key_id)
@@ -400,3 +550,25 @@ def test_an_update_records_an_event_with_each_change_and_the_actor(
         "name": ["ci", None],
         "permissions": [["read", "write"], ["read"]],
     }
+
+
+def test_an_updated_quota_keeps_what_the_period_has_used(manager: APIKeyManager) -> None:
+    key, info = manager.create_key(user_id="u", quota="3/day")
+    for _ in range(3):
+        assert manager.charge(manager.check(key)).allowed  # type: ignore[union-attr]
+
+    manager.update_key(info.key_id, quota="2/day")
+    assert manager.remaining(key) == 0
+    assert not manager.charge(manager.check(key)).allowed  # type: ignore[union-attr]
+    manager.update_key(info.key_id, quota="5/day")
+    assert manager.remaining(key) == 2
+
+
+def test_lineage_fields_are_not_the_callers_to_set(manager: APIKeyManager) -> None:
+    for field in ("family_id", "rotated_from", "replaced_by", "deprecated_at"):
+        forged: dict[str, Any] = {field: "key_0000000000000000"}
+        with pytest.raises(TypeError, match="kept by keyguard for rotations"):
+            manager.create_key(user_id="u", **forged)
+        with pytest.raises(TypeError, match="kept by keyguard for rotations"):
+            manager.create_key({"user_id": "u", field: "x"})
+    assert manager.list_keys() == []

@@ -7,8 +7,9 @@ testable without a store and keeps the manager about storage and logging.
 **Why widening needs ``allow_widen=True``.** An update keeps the secret: whoever holds the
 key (including whoever may have copied it from a log or a laptop) gains what the update
 grants, without anything new being handed out. Narrowing only takes power away, so it
-is always allowed; adding a scope, allowing more networks (or any network), or bringing an
-expired key back must be asked for explicitly. Issuing a new key is the safer way to grant
+is always allowed; adding a scope, allowing more networks (or any network), bringing an
+expired key back, or extending the grace period of a key a rotation replaced must be asked
+for explicitly. Issuing a new key is the safer way to grant
 more. Rate limits, quotas and a later expiry of an active key are budgets, not powers,
 and are not gated.
 """
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from ._frozen import thaw
 from ._validation import LATEST, check_metadata, deadline_after, positive, utc
@@ -29,8 +31,8 @@ __all__ = [
     "LINEAGE_FIELDS",
     "UNSET",
     "Unset",
+    "Update",
     "deprecated_metadata",
-    "plan_update",
     "rotation_metadata",
 ]
 
@@ -67,75 +69,82 @@ def _field_error(name: str) -> TypeError | None:
     return None if reason is None else TypeError(f"metadata field {name!r}: {reason}")
 
 
-def plan_update(
-    old: KeyInfo,
-    now: float,
-    *,
-    scopes: Iterable[str] | Unset | None,
-    metadata: Mapping[str, Any] | None,
-    expires_at: datetime | Unset | None,
-    expires_in: timedelta | None,
-    name: str | Unset | None,
-    rate_limits: Iterable[str] | Unset | None,
-    quota: int | str | Unset | None,
-    allowed_ips: Iterable[str] | Unset | None,
-    allow_widen: bool,
-) -> tuple[dict[str, Any], datetime | None, dict[str, list[Any]]]:
-    """The new metadata and expiry of ``old``, and the changes as ``field: [old, new]``.
+@dataclass(frozen=True)
+class Update:
+    """The fields an update was given, checked for form once (before any store read).
 
-    Only the fields given change; a field given as None is removed (no scopes, no limits,
-    never expires…). In ``metadata``, each field is set, or removed when its value is
-    None. Raises ``TypeError``/``ValueError`` naming the field for invalid values, and
-    ``PermissionError`` for a widening without ``allow_widen``; nothing is written then.
+    ``fields`` maps metadata field names (``permissions`` for scopes) to their new value,
+    None meaning "remove"; ``metadata`` the caller's own fields the same way.
     """
-    given = {
-        "permissions": scopes,
-        "name": name,
-        "rate_limits": rate_limits,
-        "quota": quota,
-        "allowed_ips": allowed_ips,
-    }
-    if metadata is not None and not isinstance(metadata, Mapping):
-        raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
-    if expires_at is not UNSET and expires_in is not None:
-        raise TypeError("give expires_at or expires_in, not both")
-    if (
-        all(v is UNSET for v in given.values())
-        and not metadata
-        and expires_at is UNSET
-        and expires_in is None
-    ):
-        raise ValueError("nothing to update: give at least one field to change")
-    merged = thaw(old.metadata)
-    for field, value in (metadata or {}).items():
-        error = _field_error(field) if isinstance(field, str) else None
-        if error is not None:
-            raise error
-        if value is None:
-            merged.pop(field, None)
-        else:
-            merged[field] = value
-    for field, value in given.items():
-        if value is UNSET:
-            continue
-        if value is None or (field == "permissions" and _empty(value)):
-            merged.pop(field, None)
-        elif field in ("permissions", "rate_limits", "allowed_ips"):
-            if isinstance(value, str):
-                raise TypeError(f"{_argument(field)} takes a list, not the string {value!r}")
-            merged[field] = list(cast("Iterable[Any]", value))
-        else:
-            merged[field] = value
-    clean = check_metadata(merged)
-    expiry = _new_expiry(old, now, expires_at, expires_in)
-    changes = _changes(old, clean, expiry)
-    if not allow_widen:
-        _refuse_widening(old, clean, expiry, now)
-    return clean, expiry, changes
 
+    fields: dict[str, Any]
+    metadata: dict[str, Any]
+    expires_at: datetime | Unset | None
+    expires_in: timedelta | None
 
-def _empty(value: object) -> bool:
-    return not isinstance(value, str) and isinstance(value, Iterable) and not list(value)
+    @classmethod
+    def given(
+        cls,
+        *,
+        scopes: Iterable[str] | Unset | None,
+        metadata: Mapping[str, Any] | None,
+        expires_at: datetime | Unset | None,
+        expires_in: timedelta | None,
+        name: str | Unset | None,
+        rate_limits: Iterable[str] | Unset | None,
+        quota: int | str | Unset | None,
+        allowed_ips: Iterable[str] | Unset | None,
+    ) -> Update:
+        """The update of the arguments given; ``TypeError``/``ValueError`` for bad forms."""
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
+        if expires_at is not UNSET and expires_in is not None:
+            raise TypeError("give expires_at or expires_in, not both")
+        if name is not UNSET and name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        fields: dict[str, Any] = {}
+        for field, value in (
+            ("permissions", scopes),
+            ("name", name),
+            ("rate_limits", rate_limits),
+            ("quota", quota),
+            ("allowed_ips", allowed_ips),
+        ):
+            if value is UNSET:
+                continue
+            if field in ("permissions", "rate_limits", "allowed_ips") and value is not None:
+                if isinstance(value, str) or not isinstance(value, Iterable):
+                    raise TypeError(f"{_argument(field)} takes a list, not {value!r}")
+                value = list(value) or None  # an iterator is read once, here
+            fields[field] = value
+        for field in metadata or {}:
+            error = _field_error(field) if isinstance(field, str) else None
+            if error is not None:
+                raise error
+        if not fields and not metadata and expires_at is UNSET and expires_in is None:
+            raise ValueError("nothing to update: give at least one field to change")
+        return cls(fields, dict(metadata or {}), expires_at, expires_in)
+
+    def plan(
+        self, old: KeyInfo, now: float, allow_widen: bool
+    ) -> tuple[dict[str, Any], datetime | None, dict[str, list[Any]]]:
+        """The new metadata and expiry of ``old``, and the changes as ``field: [old, new]``.
+
+        Raises ``TypeError``/``ValueError`` naming the field for invalid values, and
+        ``PermissionError`` for a widening without ``allow_widen``.
+        """
+        merged = thaw(old.metadata)
+        for field, value in (*self.metadata.items(), *self.fields.items()):
+            if value is None:
+                merged.pop(field, None)
+            else:
+                merged[field] = value
+        clean = check_metadata(merged)
+        expiry = _new_expiry(old, now, self.expires_at, self.expires_in)
+        changes = _changes(old, clean, expiry)
+        if not allow_widen:
+            _refuse_widening(old, clean, expiry, now)
+        return clean, expiry, changes
 
 
 def _argument(field: str) -> str:
@@ -195,6 +204,11 @@ def _refuse_widening(
         )
     if old.is_expired(now) and (expiry is None or expiry.timestamp() > now):
         raise PermissionError(f"{old.key_id} has expired; bringing it back needs allow_widen=True")
+    if old.replaced_by and (expiry is None or (old.expires_at and expiry > old.expires_at)):
+        raise PermissionError(
+            f"{old.key_id} was replaced by {old.replaced_by}; extending its grace period"
+            " needs allow_widen=True"
+        )
 
 
 def _within(networks: tuple[Network, ...], allowed: tuple[Network, ...]) -> bool:

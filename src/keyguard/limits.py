@@ -276,7 +276,9 @@ class Plan:
             period = Period(-math.inf, math.inf, rate_buckets, self._policy(None))
         else:
             label, first, last = quota.window(now)
-            name = f"quota:{self.family}:{quota}:{label}"
+            # Named by family and period, not by the count: an updated quota keeps what
+            # the period has used (and any credits added).
+            name = f"quota:{self.family}:{label}"
             if first is None or last is None:
                 bucket = Bucket(name, 0.0, quota.count, None)
                 period = Period(-math.inf, math.inf, (*rate_buckets, bucket), self._policy(None))

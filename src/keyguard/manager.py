@@ -22,7 +22,14 @@ from typing import Any, TypeGuard
 
 from . import _drf
 from ._frozen import thaw
-from ._lifecycle import UNSET, Unset, deprecated_metadata, plan_update, rotation_metadata
+from ._lifecycle import (
+    LINEAGE_FIELDS,
+    UNSET,
+    Unset,
+    Update,
+    deprecated_metadata,
+    rotation_metadata,
+)
 from ._validation import LATEST, check_metadata, deadline_after, positive, utc
 from .events import (
     ACTIONS,
@@ -54,7 +61,7 @@ from .stores.base import (
     UsageStore,
 )
 from .stores.memory import MemoryStore
-from .usage import UsagePoint, UsageRecorder, usage
+from .usage import UsagePoint, UsageRecorder, sum_points, usage
 from .verification import Reason, Verification
 
 __all__ = ["COUNTERS_ENV", "PEPPER_ENV", "APIKeyManager"]
@@ -66,8 +73,8 @@ PEPPER_ENV = "KEYGUARD_PEPPER"
 COUNTERS_ENV = "KEYGUARD_COUNTERS"
 _MAX_ATTEMPTS = 8
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
-# Printable ASCII without spaces, quotes or angle brackets: safe inside a Link field.
-_LINK_URL = re.compile(r"https?://[\x21\x23-\x3b\x3d\x3f-\x7e]+")
+# The characters of an RFC 3986 URI: never a space, quote or angle bracket in a Link field.
+_LINK_URL = re.compile(r"https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
 _TOUCH_CACHE_LIMIT = 100_000
 DEFAULT_PAGE_SIZE = 1000
 
@@ -227,9 +234,7 @@ class APIKeyManager:
                 raise ValueError(
                     f"deprecation_link must be an http(s) URL, got {deprecation_link!r}"
                 )
-            self.deprecation_link = (
-                ("Link", f'<{deprecation_link}>; rel="deprecation"; type="text/html"'),
-            )
+            self.deprecation_link = (("Link", f'<{deprecation_link}>; rel="deprecation"'),)
         # Asked once: a Protocol isinstance check costs more than a whole key check.
         self._async_store = self.store if isinstance(self.store, AsyncKeyStore) else None
 
@@ -305,6 +310,8 @@ class APIKeyManager:
         merged = dict(metadata or {})
         for name in fields.keys() & merged.keys():
             raise TypeError(f"metadata field {name!r} given both in the dict and as a keyword")
+        for name in LINEAGE_FIELDS & (fields.keys() | merged.keys()):
+            raise TypeError(f"metadata field {name!r} is kept by keyguard for rotations")
         return self._create(
             {**merged, **fields}, expires_in, expires_at, prefix, check_actor(actor)
         )
@@ -669,12 +676,7 @@ class APIKeyManager:
     ) -> str:
         """:meth:`rotate_key` for the key with this ``key_id``."""
         actor = check_actor(actor)
-        info = self.get_key_info(key_id)
-        status = "not_found" if info is None else info.status(self._clock())
-        if info is None or status != "active":
-            shown = key_id if _KEY_ID.fullmatch(str(key_id)) else mask_key(key_id)
-            raise InvalidKeyError(f"cannot rotate {shown!r}: {status}", Reason(status))
-        return self._rotate(info, grace, expires_in, actor)
+        return self._rotate(self._active_record(key_id, "rotate"), grace, expires_in, actor)
 
     def _rotate(
         self, old: KeyInfo, grace: timedelta, expires_in: timedelta | None, actor: str
@@ -682,39 +684,83 @@ class APIKeyManager:
         if not isinstance(grace, timedelta) or grace < timedelta(0):
             shown = grace if isinstance(grace, timedelta) else type(grace).__name__
             raise ValueError(f"grace must be a non-negative timedelta, got {shown}")
-        if expires_in is None and old.expires_at is not None:
-            expires_in = old.expires_at - old.created_at
-        # Check the old key's new deadline before issuing anything, so a bad grace leaves
-        # no orphan replacement behind.
-        now = self._clock()
-        deadline = None if grace == timedelta(0) else deadline_after("grace", now, grace)
-        accepted = any(f.prefix == old.prefix for f in self.formats)
-        prefix = old.prefix if accepted else None
-        # The family carries the key's rate-limit and quota budget across rotations.
-        new_key, new = self._create(rotation_metadata(old), expires_in, None, prefix, actor)
-        if deadline is not None and old.expires_at is not None and old.expires_at <= deadline:
-            deadline = old.expires_at
-        # One conditional write marks the old key replaced and sets its deadline, so a
-        # revocation racing the rotation is never undone.
-        marked = dataclasses.replace(
-            old, metadata=deprecated_metadata(old, new.key_id, now), expires_at=deadline
-        )
-        self.store.update(marked)
-        if deadline is None:
-            self.store.revoke(old.digest, utc(now))
-        ends = deadline
-        logger.info("rotated key %s into %s", old.key_id, new.key_id)
-        self._emit("rotated", old, {"into": new.key_id, "expires_at": ends}, actor)
-        return new_key
+        for _ in range(_MAX_ATTEMPTS):
+            # Read afresh (never from a cache): the record written back must be the current one.
+            current = self._active_record(old.key_id, "rotate")
+            now = self._clock()
+            self._refuse_second_rotation(current, now)
+            lifetime = expires_in
+            if lifetime is None and current.expires_at is not None:
+                lifetime = current.expires_at - current.created_at
+            # Checked before anything is issued, so a bad grace leaves no orphan behind.
+            deadline = None if grace == timedelta(0) else deadline_after("grace", now, grace)
+            if deadline is None or (current.expires_at and current.expires_at <= deadline):
+                deadline = current.expires_at
+            accepted = any(f.prefix == current.prefix for f in self.formats)
+            prefix = current.prefix if accepted else None
+            # The family carries the key's rate-limit and quota budget across rotations.
+            new_key, new = self._create(rotation_metadata(current), lifetime, None, prefix, actor)
+            # One compare-and-set marks the old key replaced and sets its deadline: a
+            # revocation or update racing the rotation is never undone.
+            marked = dataclasses.replace(
+                current,
+                metadata=deprecated_metadata(current, new.key_id, now),
+                expires_at=deadline,
+            )
+            if self.store.update(marked, current):
+                ends = deadline
+                if grace == timedelta(0):
+                    self.store.revoke(current.digest, utc(now))
+                    ends = None
+                logger.info("rotated key %s into %s", current.key_id, new.key_id)
+                self._emit("rotated", current, {"into": new.key_id, "expires_at": ends}, actor)
+                return new_key
+            # The old key changed meanwhile: withdraw the replacement nobody has seen yet,
+            # and decide again from the record as it now is.
+            self._revoke(new, actor)
+        raise KeyguardError(f"{old.key_id} kept changing during the rotation; try again")
+
+    def _active_record(self, key_id: str, doing: str) -> KeyInfo:
+        """The current record of an active key, or the InvalidKeyError saying why not."""
+        info = self.get_key_info(key_id)
+        status = "not_found" if info is None else info.status(self._clock())
+        if info is None or status != "active":
+            shown = key_id if _KEY_ID.fullmatch(str(key_id)) else mask_key(key_id)
+            raise InvalidKeyError(f"cannot {doing} {shown!r}: {status}", Reason(status), info)
+        return info
+
+    def _refuse_second_rotation(self, info: KeyInfo, now: float) -> None:
+        """A key already rotated into a live successor is not rotated again: one family
+        has one line of generations, and the successor is the key to rotate."""
+        successor = None if info.replaced_by is None else self.get_key_info(info.replaced_by)
+        if successor is not None and successor.status(now) == "active":
+            raise KeyguardError(
+                f"{info.key_id} was already rotated into {successor.key_id}:"
+                " rotate that key (or revoke it first)"
+            )
 
     def lineage(self, key_id: str) -> list[KeyInfo]:
         """Every generation of the key with this ``key_id``: the keys of its family
-        (rotated from one another), oldest first, revoked and expired ones included."""
+        (rotated from one another), oldest first, revoked and expired ones included.
+
+        Generations are ordered by how many rotations separate them from the first key,
+        not by creation time, which two quick rotations can share.
+        """
         info = self._record(key_id)
-        family = info.family_id
-        return [
-            k for k in self.iter_keys(info.user_id, include_inactive=True) if k.family_id == family
-        ]
+        family = {
+            k.key_id: k
+            for k in self.iter_keys(info.user_id, include_inactive=True)
+            if k.family_id == info.family_id
+        }
+
+        def depth(key: KeyInfo) -> int:
+            steps = 0
+            while key.rotated_from in family and steps < len(family):
+                key = family[key.rotated_from]
+                steps += 1
+            return steps
+
+        return sorted(family.values(), key=lambda k: (depth(k), k.created_at, k.key_id))
 
     # -- updating ----------------------------------------------------------------------
 
@@ -743,23 +789,18 @@ class APIKeyManager:
         unless ``allow_widen=True``: the secret stays the same, so whoever holds it gains
         what the update grants (see :mod:`keyguard._lifecycle`).
 
-        The write is one conditional store call that never touches a revoked key, so an
-        update racing a revocation cannot bring the key back. Concurrent updates of one key
-        are last-writer-wins. Every worker sees the change as it sees a revocation: at
-        once on local stores, within a second through ``CachedStore`` with push
-        invalidation (its ``ttl`` otherwise). A missing or revoked key raises
+        The write is a compare-and-set against the record the change was decided on: an
+        update racing a revocation cannot bring the key back, and one racing another
+        update is decided again on the record as the other left it (so neither undoes the
+        other, nor slips a widening past the check). Every worker sees the change as it
+        sees a revocation: at once on local stores, within a second through
+        ``CachedStore`` with push invalidation (its ``ttl`` otherwise). A missing or
+        revoked key raises
         :class:`~keyguard.InvalidKeyError`; nothing is written on any error. An
         ``updated`` event names ``actor`` and each changed field as ``[old, new]``.
         """
         actor = check_actor(actor)
-        old = self.get_key_info(key_id)
-        if old is None or old.revoked_at is not None:
-            status = "not_found" if old is None else "revoked"
-            shown = key_id if _KEY_ID.fullmatch(str(key_id)) else mask_key(key_id)
-            raise InvalidKeyError(f"cannot update {shown!r}: {status}", Reason(status), old)
-        clean, expiry, changes = plan_update(
-            old,
-            self._clock(),
+        update = Update.given(
             scopes=scopes,
             metadata=metadata,
             expires_at=expires_at,
@@ -768,18 +809,23 @@ class APIKeyManager:
             rate_limits=rate_limits,
             quota=quota,
             allowed_ips=allowed_ips,
-            allow_widen=allow_widen,
         )
-        if not changes:
-            return old
-        new = dataclasses.replace(old, metadata=clean, expires_at=expiry)
-        if not self.store.update(new):
-            raise InvalidKeyError(
-                f"cannot update {old.key_id!r}: it was revoked meanwhile", Reason.REVOKED, old
-            )
-        logger.info("updated key %s (%s): %s", new.key_id, new.hint, ", ".join(changes))
-        self._emit("updated", new, changes, actor)
-        return new
+        for _ in range(_MAX_ATTEMPTS):
+            # Read afresh (never from a cache): the compare-and-set compares with it.
+            old = self.get_key_info(key_id)
+            if old is None or old.revoked_at is not None:
+                status = "not_found" if old is None else "revoked"
+                shown = key_id if _KEY_ID.fullmatch(str(key_id)) else mask_key(key_id)
+                raise InvalidKeyError(f"cannot update {shown!r}: {status}", Reason(status), old)
+            clean, expiry, changes = update.plan(old, self._clock(), allow_widen)
+            if not changes:
+                return old
+            new = dataclasses.replace(old, metadata=clean, expires_at=expiry)
+            if self.store.update(new, old):
+                logger.info("updated key %s (%s): %s", new.key_id, new.hint, ", ".join(changes))
+                self._emit("updated", new, changes, actor)
+                return new
+        raise KeyguardError(f"{key_id} kept changing during the update; try again")
 
     # -- usage limits ------------------------------------------------------------------
 
@@ -832,8 +878,8 @@ class APIKeyManager:
         recorder = self.usage_recorder
         if recorder is not None:
             now = self._clock()
-            recorder.record(info.family_id, "ok", now, -1)
-            recorder.record(info.family_id, code, now)
+            recorder.record(info.key_id, "ok", now, -1)
+            recorder.record(info.key_id, code, now)
 
     def limit_headers(
         self, info: KeyInfo, default_rates: tuple[Rate, ...] = ()
@@ -916,11 +962,14 @@ class APIKeyManager:
         since: datetime | timedelta | None = None,
         until: datetime | None = None,
         step: str = "hour",
+        family: bool = True,
     ) -> list[UsagePoint]:
         """The usage of the key with this ``key_id``: one point per ``step``, zeros included.
 
-        Counts are kept per family: the usage of a rotated key continues its
-        predecessor's, whichever generation's ``key_id`` is asked for.
+        Counts are recorded per key. With ``family=True`` (the default) they are summed
+        over every generation of a rotated key, so usage follows the key across rotations
+        whichever generation is named; ``family=False`` gives this key's own counts (is
+        the old key still in use during its grace period?).
 
         See :func:`keyguard.usage.usage` for ``since``, ``until`` and ``step``. An unknown
         ``key_id`` raises :class:`ValueError`; a store that keeps no counts, ``TypeError``.
@@ -934,8 +983,17 @@ class APIKeyManager:
             raise ValueError(f"no key with id {shown!r}")
         if self.usage_recorder is not None:
             self.usage_recorder.flush()  # this process's latest counts are included
-        family = info.family_id
-        return usage(self.store, family, since=since, until=until, step=step, clock=self._clock)
+        members = [info.key_id]
+        if family and (info.rotated_from or info.replaced_by):
+            members = [k.key_id for k in self.lineage(info.key_id)]
+            until = until or utc(self._clock())  # one set of buckets for every generation
+        series = [
+            usage(self.store, k, since=since, until=until, step=step, clock=self._clock)
+            for k in members
+        ]
+        return (
+            series[0] if len(series) == 1 else [sum_points(p) for p in zip(*series, strict=True)]
+        )
 
     # -- audit events ------------------------------------------------------------------
 

@@ -316,7 +316,7 @@ class Pipeline:
             outcome = _deprecated(outcome, (*info.deprecation, *manager.deprecation_link))
         recorder = manager.usage_recorder
         if recorder is not None:
-            recorder.record(info.family_id, outcome.code if type(outcome) is Problem else OK, now)
+            recorder.record(info.key_id, outcome.code if type(outcome) is Problem else OK, now)
         return outcome
 
     async def aauthenticate(
@@ -356,7 +356,7 @@ class Pipeline:
             outcome = _deprecated(outcome, (*info.deprecation, *manager.deprecation_link))
         recorder = manager.usage_recorder
         if recorder is not None:
-            recorder.record(info.family_id, outcome.code if type(outcome) is Problem else OK, now)
+            recorder.record(info.key_id, outcome.code if type(outcome) is Problem else OK, now)
         return outcome
 
     def _throttled(
@@ -376,7 +376,7 @@ class Pipeline:
             if self.failure_limit is not None and address:
                 manager.failure_throttle(self.failure_limit).failed(address, now)
             if error.info is not None and manager.usage_recorder is not None:
-                manager.usage_recorder.record(error.info.family_id, problem.code, now)
+                manager.usage_recorder.record(error.info.key_id, problem.code, now)
         return problem
 
     def _charged(self, info: KeyInfo, usage: Usage | None) -> KeyInfo | Admission | Problem:
@@ -535,7 +535,7 @@ def admitted(
 def refund(mapping: MutableMapping[str, Any], code: str) -> None:
     """Undo the admission left in a scope or environ, for a route that refuses it with
     ``code`` after the middleware let it in: its charge is given back, its RateLimit
-    headers are dropped, and it is counted as refused."""
+    headers are dropped (its deprecation fields stay), and it is counted as refused."""
     manager, info, charged = _admission_of(mapping)
     if manager is not None and info is not None:
         manager.refund(info, charged, code)
@@ -551,7 +551,12 @@ async def arefund(mapping: MutableMapping[str, Any], code: str) -> None:
 def _admission_of(
     mapping: MutableMapping[str, Any],
 ) -> tuple[APIKeyManager | None, KeyInfo | None, tuple[Bucket, ...]]:
-    mapping.pop("keyguard.headers", None)
+    # The RateLimit fields described a charge that is given back; the deprecation fields
+    # of a replaced key still hold.
+    headers = mapping.pop("keyguard.headers", ())
+    kept = tuple(h for h in headers if h[0].lower() not in _RATELIMIT)
+    if kept:
+        mapping["keyguard.headers"] = kept
     charged = mapping.pop("keyguard.charged", ())
     manager = mapping.pop("keyguard.manager", None)
     info = mapping.get("keyguard.key")
@@ -567,6 +572,9 @@ def _deprecated(
     if isinstance(outcome, Admission):
         return Admission(outcome.key, (*outcome.headers, *headers), outcome.charged)
     return Admission(outcome, headers)
+
+
+_RATELIMIT = frozenset({"ratelimit", "ratelimit-policy"})
 
 
 def _with_headers(problem: Problem, headers: tuple[tuple[str, str], ...]) -> Problem:

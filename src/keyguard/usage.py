@@ -38,7 +38,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -54,6 +54,7 @@ __all__ = [
     "USAGE_STEPS",
     "UsagePoint",
     "UsageRecorder",
+    "sum_points",
     "usage",
 ]
 
@@ -86,6 +87,15 @@ class UsagePoint:
     def total(self) -> int:
         """Every request counted in the step, admitted or refused."""
         return self.requests + sum(self.refused.values())
+
+
+def sum_points(points: Iterable[UsagePoint]) -> UsagePoint:
+    """One point adding up ``points`` of the same step (the generations of a key)."""
+    points = list(points)
+    refused: collections.Counter[str] = collections.Counter()
+    for point in points:
+        refused.update(point.refused)
+    return UsagePoint(points[0].start, sum(p.requests for p in points), dict(refused))
 
 
 class UsageRecorder:

@@ -468,7 +468,9 @@ def shared(request: pytest.FixtureRequest) -> Iterator[tuple[CachedStore, KeySto
         pytest.param(lambda s, d: s.revoke(d, T0), id="revoke"),
         pytest.param(lambda s, d: s.set_expiry(d, T0), id="set_expiry"),
         pytest.param(
-            lambda s, d: s.update(dataclasses.replace(s.get(d), metadata={"user_id": "u2"})),
+            lambda s, d: s.update(
+                dataclasses.replace(s.get(d), metadata={"user_id": "u2"}), s.get(d)
+            ),
             id="update",
         ),
     ],

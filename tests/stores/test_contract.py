@@ -266,12 +266,12 @@ def test_update_replaces_metadata_and_expiry_only(store: KeyStore) -> None:
     deadline = T0 + timedelta(days=3, microseconds=11)
     wanted = dataclasses.replace(info, metadata=metadata, expires_at=deadline)
 
-    assert store.update(wanted) is True
+    assert store.update(wanted, stored(store, info)) is True
     assert stored(store, info) == wanted
     assert store.get_by_id(info.key_id) == wanted
     assert stored(store, bystander) == bystander
     # Back to never expiring, with the user's fields as they were.
-    assert store.update(info) is True
+    assert store.update(info, stored(store, info)) is True
     assert stored(store, info) == info
     assert store.list_keys() == [info, bystander]
 
@@ -283,10 +283,32 @@ def test_update_never_touches_a_revoked_or_unknown_record(store: KeyStore) -> No
     revoked = stored(store, info)
 
     changed = dataclasses.replace(info, metadata={"user_id": "u1", "permissions": ["admin"]})
-    assert store.update(changed) is False
+    assert store.update(changed, info) is False
+    assert store.update(changed, revoked) is False
     assert stored(store, info) == revoked
-    assert store.update(record()) is False
+    unknown = record()
+    assert store.update(unknown, unknown) is False
     assert len(store.list_keys()) == 1
+
+
+@pytest.mark.parametrize(
+    "meanwhile",
+    [
+        pytest.param({"metadata": {"user_id": "u1", "permissions": []}}, id="metadata"),
+        pytest.param({"expires_at": T0 + timedelta(days=1)}, id="expiry"),
+    ],
+)
+def test_update_is_a_compare_and_set(store: KeyStore, meanwhile: dict[str, Any]) -> None:
+    info = record()
+    store.add(info)
+    other = dataclasses.replace(info, **meanwhile)
+    assert store.update(other, info) is True  # another writer got there first
+
+    mine = dataclasses.replace(info, metadata={"user_id": "u1", "permissions": ["read", "admin"]})
+    assert store.update(mine, info) is False
+    assert stored(store, info) == other
+    assert store.update(mine, other) is True
+    assert stored(store, info) == mine
 
 
 def test_touch_records_the_last_use(store: KeyStore) -> None:

@@ -505,8 +505,8 @@ class KeysOnly:
     def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
         return self.keys.set_expiry(digest, expires_at)
 
-    def update(self, info: KeyInfo) -> bool:
-        return self.keys.update(info)
+    def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
+        return self.keys.update(info, expected)
 
     def touch(self, digest: str, at: datetime) -> None:
         self.keys.touch(digest, at)

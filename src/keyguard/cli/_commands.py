@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from ..exceptions import InvalidKeyError
+from ..exceptions import InvalidKeyError, KeyguardError, StoreError
 from ..keys import DEFAULT_PREFIX
 from ..records import KeyInfo
 from ._output import (
@@ -190,6 +190,10 @@ def cmd_rotate(session: Session) -> int:
         )
     except InvalidKeyError as e:
         raise CLIError(f"cannot rotate {old.key_id} ({old.hint}): it is {e.reason}") from None
+    except StoreError:
+        raise
+    except KeyguardError as e:  # already rotated, or changed during the rotation
+        raise CLIError(str(e)) from None
     new = manager.store.get(manager.digest(key))
     after = manager.get_key_info(old.key_id)
     if new is None or after is None:
@@ -238,6 +242,8 @@ def cmd_update(session: Session) -> int:
         if name in _RESERVED_META:
             raise CLIError(f"{name!r} cannot be removed with --unset-meta", EXIT_USAGE)
         metadata[name] = None
+    if args.email is not None:
+        metadata["email"] = args.email or None
     changes: dict[str, Any] = {}
     if args.scope or args.no_scopes:
         changes["scopes"] = list(dict.fromkeys(args.scope or ()))
@@ -263,6 +269,10 @@ def cmd_update(session: Session) -> int:
         )
     except InvalidKeyError as e:
         raise CLIError(f"cannot update {old.key_id} ({old.hint}): it is {e.reason}") from None
+    except StoreError:
+        raise
+    except KeyguardError as e:  # changed by others throughout
+        raise CLIError(str(e)) from None
     except PermissionError as e:
         raise CLIError(f"{e} (--allow-widen)") from None
     except (ValueError, TypeError) as e:

@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scopes.add_argument("--no-scopes", action="store_true", help="remove every scope")
     update.add_argument("--name", help="a new label")
+    update.add_argument("--email", help="a new email ('' removes it)")
     update.add_argument(
         "--meta", action="append", type=_meta_arg, metavar="K=V", help="set metadata; repeat"
     )
@@ -242,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     usage = command("usage", _usage.cmd_usage, "show a key's requests and refusals over time")
     usage.add_argument("ref", metavar="KEY_ID|KEY", help="'-' reads the key from stdin")
+    usage.add_argument(
+        "--key-only",
+        action="store_true",
+        help="this key's own counts (default: summed over every generation of a rotated key)",
+    )
     usage.add_argument(
         "--since",
         type=_argument_type(_usage.parse_since),

@@ -69,7 +69,13 @@ def cmd_usage(session: Session) -> int:
     args = session.args
     manager, info = resolve(session, args.ref)
     try:
-        points = manager.usage(info.key_id, since=args.since, until=args.until, step=args.step)
+        points = manager.usage(
+            info.key_id,
+            since=args.since,
+            until=args.until,
+            step=args.step,
+            family=not args.key_only,
+        )
     except (ValueError, TypeError) as e:
         raise CLIError(str(e), EXIT_USAGE) from None
     # The manager checked the range: there is at least one point.

@@ -79,12 +79,14 @@ class KeyStore(Protocol):
         """Replace ``expires_at``; return whether a record was changed."""
         ...
 
-    def update(self, info: KeyInfo) -> bool:
+    def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
         """Give the record with ``info.digest`` the ``metadata`` and ``expires_at`` of
-        ``info``, unless it is revoked; atomic, so an update racing a revocation never
-        brings the key back. Returns whether a record was changed.
+        ``info``, if it is unrevoked and its own still equal ``expected``'s; atomic.
 
-        Stores that push invalidations announce the change like a revocation.
+        A compare-and-set: an update racing a revocation never brings the key back, and
+        one racing another update never undoes it (the loser gets False, re-reads and
+        decides again). Returns whether the record was changed. Stores that push
+        invalidations announce the change like a revocation.
         """
         ...
 
@@ -263,6 +265,17 @@ class InvalidationSource(Protocol):
         sent each time the subscription is (re-)established.
         """
         ...
+
+
+def unchanged(current: KeyInfo | None, expected: KeyInfo) -> bool:
+    """Whether ``current`` is unrevoked with ``expected``'s metadata and expiry: the
+    condition of :meth:`KeyStore.update`."""
+    return (
+        current is not None
+        and current.revoked_at is None
+        and current.expires_at == expected.expires_at
+        and current.metadata == expected.metadata
+    )
 
 
 def listing_order(info: KeyInfo) -> tuple[datetime, str]:

@@ -274,9 +274,9 @@ class CachedStore:
         finally:
             self.invalidate(digest)
 
-    def update(self, info: KeyInfo) -> bool:
+    def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
         try:
-            return self.inner.update(info)
+            return self.inner.update(info, expected)
         finally:
             self.invalidate(info.digest)
 

@@ -16,7 +16,7 @@ from typing import Any
 from .._counting import Bucket, apply
 from ..events import KeyEvent
 from ..records import KeyInfo
-from .base import UsageRow, listing_order, unknown_cursor, usage_cutoffs
+from .base import UsageRow, listing_order, unchanged, unknown_cursor, usage_cutoffs
 
 __all__ = ["MemoryStore"]
 
@@ -114,10 +114,10 @@ class MemoryStore:
             self._replace(info, expires_at=expires_at)
             return True
 
-    def update(self, info: KeyInfo) -> bool:
+    def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
         with self._lock:
             old = self._records.get(info.digest)
-            if old is None or old.revoked_at is not None:
+            if old is None or not unchanged(old, expected):
                 return False
             self._replace(old, metadata=info.metadata, expires_at=info.expires_at)
             return True

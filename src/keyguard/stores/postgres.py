@@ -52,7 +52,7 @@ from ._fork import reset_after_fork
 from ._listener import POLL_SECONDS, Listener
 from ._pgwait import bounded_classes
 from ._redact import redact_url
-from .base import UsageRow, unknown_cursor, usage_cutoffs
+from .base import UsageRow, unchanged, unknown_cursor, usage_cutoffs
 
 if TYPE_CHECKING:
     import psycopg_pool
@@ -363,6 +363,7 @@ class PostgresStore:
             return bytes(query.as_bytes(None))
 
         self._q_get = render(sql.SQL("{} WHERE digest = %s").format(select))
+        self._q_get_for_update = render(sql.SQL("{} WHERE digest = %s FOR UPDATE").format(select))
         self._q_get_by_id = render(sql.SQL("{} WHERE key_id = %s").format(select))
         # Keyset pages in (created_at, key_id) order; key_ids compare as bytes ("C"), as
         # they do in every other store. LIMIT NULL is no limit.
@@ -394,7 +395,7 @@ class PostgresStore:
         self._q_update = render(
             sql.SQL(
                 "WITH changed AS (UPDATE {} SET metadata = %s, metadata_json = %s,"
-                " expires_at = %s WHERE digest = %s AND revoked_at IS NULL RETURNING digest)"
+                " expires_at = %s WHERE digest = %s RETURNING digest)"
                 " SELECT pg_notify(%s, digest) FROM changed"
             ).format(table)
         )
@@ -769,16 +770,17 @@ class PostgresStore:
     def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
         return self._write(self._q_set_expiry, (expires_at, digest), "change an expiry")
 
-    def update(self, info: KeyInfo) -> bool:
-        params = (
-            *self._metadata(info.metadata),
-            info.expires_at,
-            info.digest,
-            self.channel,
-        )
+    def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
+        """Compare and set in one transaction: the row is read ``FOR UPDATE``, so no other
+        writer changes it before the update (which announces itself) commits."""
+        params = (*self._metadata(info.metadata), info.expires_at, info.digest, self.channel)
         try:
-            with self._connection() as conn:
-                return conn.execute(self._q_update, params).fetchone() is not None
+            with self._connection() as conn, conn.transaction():
+                row = conn.execute(self._q_get_for_update, (info.digest,)).fetchone()
+                if not unchanged(None if row is None else _row_to_info(row), expected):
+                    return False
+                conn.execute(self._q_update, params)
+                return True
         except self._psycopg.Error as e:
             raise self._fail("update a key", e) from e
 

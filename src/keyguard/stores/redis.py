@@ -94,10 +94,13 @@ end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
-# KEYS: record.  ARGV: metadata, expires_at ('' for none), channel, digest.
+# KEYS: record.  ARGV: metadata, expires_at ('' for none), channel, digest, and the
+# metadata and expires_at the record must still have (compare and set).
 _UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'revoked_at') == 1 then return 0 end
+if redis.call('HGET', KEYS[1], 'metadata') ~= ARGV[5] then return 0 end
+if (redis.call('HGET', KEYS[1], 'expires_at') or '') ~= ARGV[6] then return 0 end
 redis.call('HSET', KEYS[1], 'metadata', ARGV[1])
 if ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], 'expires_at')
@@ -234,6 +237,14 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _metadata_text(info: KeyInfo) -> str:
+    return json.dumps(info.metadata, separators=(",", ":"))
+
+
+def _expiry_text(info: KeyInfo) -> str:
+    return "" if info.expires_at is None else str(_us(info.expires_at))
+
+
 def _fields(info: KeyInfo) -> list[str]:
     fields = [
         "key_id",
@@ -247,7 +258,7 @@ def _fields(info: KeyInfo) -> list[str]:
         "user_id",
         info.user_id,
         "metadata",
-        json.dumps(info.metadata, separators=(",", ":")),
+        _metadata_text(info),
         "created_at",
         str(_us(info.created_at)),
     ]
@@ -560,16 +571,18 @@ class RedisStore:
                 )
             )
 
-    def update(self, info: KeyInfo) -> bool:
-        expires = "" if info.expires_at is None else str(_us(info.expires_at))
-        metadata = json.dumps(info.metadata, separators=(",", ":"))
+    def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
+        """Compare and set in one script, against the fields as this store writes them."""
+        args = [
+            _metadata_text(info),
+            _expiry_text(info),
+            self.channel,
+            info.digest,
+            _metadata_text(expected),
+            _expiry_text(expected),
+        ]
         with self._failing("update a key"):
-            return bool(
-                self._update(
-                    keys=[self.record_key(info.digest)],
-                    args=[metadata, expires, self.channel, info.digest],
-                )
-            )
+            return bool(self._update(keys=[self.record_key(info.digest)], args=args))
 
     def touch(self, digest: str, at: datetime) -> None:
         with self._failing("record a key's use"):

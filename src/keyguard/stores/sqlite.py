@@ -36,7 +36,7 @@ from ..events import KeyEvent
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._fork import reset_after_fork
-from .base import UsageRow, unknown_cursor, usage_cutoffs
+from .base import UsageRow, unchanged, unknown_cursor, usage_cutoffs
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -482,13 +482,31 @@ class SQLiteStore:
         )
         return cursor.rowcount == 1
 
-    def update(self, info: KeyInfo) -> bool:
-        cursor = self._execute(
-            "UPDATE keyguard_keys SET metadata = ?, expires_at = ?"
-            " WHERE digest = ? AND revoked_at IS NULL",
-            (json.dumps(info.metadata, separators=(",", ":")), _ts(info.expires_at), info.digest),
-        )
-        return cursor.rowcount == 1
+    def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
+        """Compare and set in one write transaction: ``BEGIN IMMEDIATE`` takes the file's
+        write lock before the record is read, so no other process changes it between."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(_GET, (info.digest,)).fetchone()
+                changed = unchanged(None if row is None else self._decode(row), expected)
+                if changed:
+                    conn.execute(
+                        "UPDATE keyguard_keys SET metadata = ?, expires_at = ? WHERE digest = ?",
+                        (
+                            json.dumps(info.metadata, separators=(",", ":")),
+                            _ts(info.expires_at),
+                            info.digest,
+                        ),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
+        return changed
 
     def touch(self, digest: str, at: datetime) -> None:
         """Record a use, but never wait for another process's write lock.
