@@ -497,6 +497,32 @@ async def test_the_asgi_middleware_admits_an_imported_key(drf_db: DrfDatabase) -
     assert revoked.json()["code"] == "revoked_api_key"
 
 
+@pytest.mark.anyio
+async def test_drf_callers_keep_sending_authorization_api_key(drf_db: DrfDatabase) -> None:
+    manager = drf_manager()
+    import_drf_api_keys(manager, drf_db.path)
+
+    async def whoami(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(request.user.display_name)
+
+    key = drf_db.keys["alice"]
+    routes = [Route("/me", whoami)]
+    plain = ASGIMiddleware(Starlette(routes=routes), manager=manager)
+    drf_style = ASGIMiddleware(
+        Starlette(routes=routes),
+        manager=manager,
+        auth_schemes=["Bearer", "Api-Key"],
+        strip_credentials=True,
+    )
+    answers = []
+    for app in (plain, drf_style):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            answers.append(await client.get("/me", headers={"Authorization": f"Api-Key {key}"}))
+    assert answers[0].status_code == 401 and answers[0].json()["code"] == "missing_api_key"
+    assert (answers[1].status_code, answers[1].text) == (200, "alice")
+
+
 def test_the_wsgi_middleware_admits_an_imported_key(drf_db: DrfDatabase) -> None:
     manager = drf_manager()
     import_drf_api_keys(manager, drf_db.path)
@@ -505,8 +531,10 @@ def test_the_wsgi_middleware_admits_an_imported_key(drf_db: DrfDatabase) -> None
         start_response("200 OK", [("content-type", "text/plain")])
         return [environ["REMOTE_USER"].encode()]
 
-    client = Client(WSGIMiddleware(app, manager=manager))
+    client = Client(WSGIMiddleware(app, manager=manager, auth_schemes=["Bearer", "Api-Key"]))
     ok = client.get("/", headers={"X-API-Key": drf_db.keys["bob"]})
+    drf_style = client.get("/", headers={"Authorization": f"api-key {drf_db.keys['bob']}"})
+    assert (drf_style.status_code, drf_style.get_data(as_text=True)) == (200, "bob")
     wrong = client.get("/", headers={"X-API-Key": tampered(drf_db.keys["bob"])})
     expired = client.get("/", headers={"X-API-Key": drf_db.keys["expired"]})
     assert (ok.status_code, ok.get_data(as_text=True)) == (200, "bob")

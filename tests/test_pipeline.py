@@ -297,3 +297,17 @@ def test_a_repeated_value_reads_as_the_value_alone(bearer: bool, value: str) -> 
     # A server or proxy may repeat a credential header: the same key twice is one key.
     pipeline = make_pipeline()
     assert pipeline.read([(bearer, value)]) == pipeline.read([(bearer, value), (bearer, value)])
+
+
+def test_auth_schemes_choose_which_authorization_values_carry_a_key() -> None:
+    from keyguard.pipeline import Pipeline
+
+    default = Pipeline()
+    both = Pipeline(auth_schemes=["Bearer", "Api-Key"])
+    assert default.read([(True, "Api-Key sk_x")]) is None  # another scheme: not ours
+    assert both.read([(True, "Api-Key sk_x")]) == "sk_x"
+    assert both.read([(True, "bearer sk_x")]) == "sk_x"
+    assert both.carries_key(True, "API-KEY sk_x") and not default.carries_key(True, "Api-Key x")
+    for bad, error in [("Bearer", TypeError), ([], ValueError), (["Api Key"], ValueError)]:
+        with pytest.raises(error):
+            Pipeline(auth_schemes=bad)

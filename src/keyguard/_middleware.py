@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from urllib.parse import unquote
 
 from .keys import mask_key, redact_keys
-from .pipeline import DEFAULT_FAILURE_LIMIT, DEFAULT_HEADER_NAMES, Pipeline
+from .pipeline import DEFAULT_AUTH_SCHEMES, DEFAULT_FAILURE_LIMIT, DEFAULT_HEADER_NAMES, Pipeline
 from .problems import ErrorResponder, ErrorResponse, InvalidResponse, Problem, checked_response
 
 if TYPE_CHECKING:
@@ -202,6 +202,7 @@ class Middleware(Generic[_App]):
         optional: bool = False,
         required_scopes: Iterable[str] = (),
         header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
+        auth_schemes: Iterable[str] = DEFAULT_AUTH_SCHEMES,
         query_param: str | None = None,
         strip_credentials: bool = False,
         realm: str = "api",
@@ -218,6 +219,7 @@ class Middleware(Generic[_App]):
         self.manager = manager
         self.pipeline = Pipeline(
             header_names=header_names,
+            auth_schemes=auth_schemes,
             query_param=query_param,
             realm=realm,
             required_scopes=required_scopes,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._middleware import Guard, Middleware
 from .identity import AnonymousUser, APIKeyUser
-from .pipeline import Admission, Pipeline, admitted, carries_key, client_address
+from .pipeline import Admission, Pipeline, admitted, client_address
 from .problems import ErrorResponder, ErrorResponse, Problem
 from .records import KeyInfo
 
@@ -80,6 +80,9 @@ class APIKeyMiddleware(Middleware[ASGIApp]):
     :param header_names: headers that carry the key, matched in any case and named in
         messages as given here; ``Authorization`` means ``Bearer <key>``, any other name
         carries the bare key.
+    :param auth_schemes: the ``Authorization`` schemes that carry a key (default
+        ``["Bearer"]``); ``["Bearer", "Api-Key"]`` also reads djangorestframework-api-key's
+        ``Authorization: Api-Key <key>``.
     :param query_param: also read the key from this query parameter (off by default: URLs
         leak into logs). Setting it warns once, when the middleware is built: the warning
         names the line that builds it, except under ``Middleware(...)``, where Starlette
@@ -159,10 +162,11 @@ class APIKeyMiddleware(Middleware[ASGIApp]):
 
     def _strip_credentials(self, scope: Scope) -> None:
         names = self.pipeline.raw_header_names
+        carries = self.pipeline.carries_key
         scope["headers"] = [
             (name, value)
             for name, value in scope["headers"]
-            if name not in names or not carries_key(names[name], value.decode("latin-1"))
+            if name not in names or not carries(names[name], value.decode("latin-1"))
         ]
         pipeline = self.pipeline
         if pipeline.query_param is not None and scope.get("query_string"):

@@ -34,6 +34,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from .asgi import ASGIApp, Receive, Scope, Send, authenticate, caller, with_response_headers
 from .manager import APIKeyManager
 from .pipeline import (
+    DEFAULT_AUTH_SCHEMES,
     DEFAULT_FAILURE_LIMIT,
     DEFAULT_HEADER_NAMES,
     Admission,
@@ -264,6 +265,7 @@ def require_api_key(
     manager: APIKeyManager | None = None,
     *,
     header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
+    auth_schemes: Iterable[str] = DEFAULT_AUTH_SCHEMES,
     realm: str = "api",
     rate_limits: Iterable[str] = (),
     failure_limit: str | None = DEFAULT_FAILURE_LIMIT,
@@ -282,6 +284,7 @@ def require_api_key(
     :param header_names: headers that carry the key, matched in any case and named in
         messages and the OpenAPI document as given here; ``Authorization`` means
         ``Bearer <key>``. Each becomes a security scheme in the OpenAPI document.
+    :param auth_schemes: the ``Authorization`` schemes that carry a key (default ``Bearer``).
     :param realm: the realm in ``WWW-Authenticate`` challenges.
     :param rate_limits: ``failure_limit``, ``trusted_proxies``, ``fail_open``: as for
         :class:`keyguard.asgi.APIKeyMiddleware`, for keys this dependency checks itself (a
@@ -290,6 +293,7 @@ def require_api_key(
     """
     pipeline = Pipeline(
         header_names=header_names,
+        auth_schemes=auth_schemes,
         realm=realm,
         required_scopes=scopes,
         rate_limits=rate_limits,

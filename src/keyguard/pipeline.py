@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from .manager import APIKeyManager
 
 __all__ = [
+    "DEFAULT_AUTH_SCHEMES",
     "DEFAULT_FAILURE_LIMIT",
     "DEFAULT_HEADER_NAMES",
     "Admission",
@@ -69,6 +70,9 @@ logger = logging.getLogger("keyguard")
 
 #: The headers read by default, spelled as messages show them.
 DEFAULT_HEADER_NAMES = ("Authorization", "X-API-Key")
+
+#: The ``Authorization`` schemes read by default.
+DEFAULT_AUTH_SCHEMES = ("Bearer",)
 
 #: Failed key checks allowed per client address (per process) before it gets 429s.
 DEFAULT_FAILURE_LIMIT = "20/minute"
@@ -95,6 +99,12 @@ def check_scopes(scopes: Iterable[object]) -> tuple[str, ...]:
         if not isinstance(scope, str) or not _SCOPE_RE.fullmatch(scope):
             raise ValueError(f"invalid scope {scope!r}: use visible ASCII without spaces")
     return cast(tuple[str, ...], checked)
+
+
+def _scheme(name: object) -> str:
+    if not isinstance(name, str) or not _TOKEN_RE.fullmatch(name):
+        raise ValueError(f"invalid Authorization scheme {name!r}")
+    return name.lower()
 
 
 def how_to_send(header_names: Iterable[str], query_param: str | None = None) -> str:
@@ -179,6 +189,9 @@ class Pipeline:
     :param header_names: headers that carry the key, matched in any case and named in
         messages as given here; ``Authorization`` means ``Bearer <key>``, any other name
         carries the bare key.
+    :param auth_schemes: the ``Authorization`` schemes that carry a key (default
+        ``["Bearer"]``); add ``"Api-Key"`` to keep the callers of a djangorestframework-
+        api-key deployment working unchanged. Other schemes are left to other readers.
     :param query_param: also read the key from this query parameter (off by default: URLs
         leak into logs); setting it warns once, naming the line that set it.
     :param realm: the realm in ``WWW-Authenticate`` challenges.
@@ -198,6 +211,7 @@ class Pipeline:
         self,
         *,
         header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
+        auth_schemes: Iterable[str] = DEFAULT_AUTH_SCHEMES,
         query_param: str | None = None,
         realm: str = "api",
         required_scopes: Iterable[str] = (),
@@ -220,6 +234,12 @@ class Pipeline:
                 raise ValueError(f"the {name!r} header cannot carry an API key")
             self.header_names[lower] = lower == "authorization"
             self.display_names.setdefault(lower, name)
+        if isinstance(auth_schemes, str):
+            raise TypeError(f"auth_schemes takes a list of schemes: [{auth_schemes!r}]")
+        #: The Authorization schemes that carry a key, lower-cased.
+        self.auth_schemes = frozenset(_scheme(s) for s in auth_schemes)
+        if not self.auth_schemes:
+            raise ValueError("auth_schemes needs at least one scheme (e.g. 'Bearer')")
         if query_param is not None and (
             not isinstance(query_param, str) or not _TOKEN_RE.fullmatch(query_param)
         ):
@@ -418,6 +438,7 @@ class Pipeline:
         since another reader could take ``K2`` for the credential.
         """
         problems = self.problems
+        schemes = self.auth_schemes
         found: str | None = None
         conflict = False
         for bearer, value in values:
@@ -435,7 +456,7 @@ class Pipeline:
                     continue
                 if bearer:
                     scheme, _, token = part.partition(" ")
-                    if scheme.lower() != "bearer":
+                    if scheme.lower() not in schemes:
                         # Another scheme is for someone else to handle, unless it is a lone
                         # token: then the header names no scheme for it.
                         bare = bare or not token
@@ -464,6 +485,11 @@ class Pipeline:
             conflict = conflict or (found is not None and value != found)
             found = value
         return problems.conflicting if conflict else found
+
+    def carries_key(self, bearer: bool, value: str) -> bool:
+        """Whether a header value would be read as a credential (for ``strip_credentials``):
+        any value of a bare-key header, an ``Authorization`` value of an accepted scheme."""
+        return not bearer or value.lstrip(" \t").partition(" ")[0].lower() in self.auth_schemes
 
     def refusal(self, reason: Reason) -> Problem:
         """The problem for a key the manager refused for ``reason``."""
@@ -582,8 +608,3 @@ def _with_headers(problem: Problem, headers: tuple[tuple[str, str], ...]) -> Pro
     if not headers:
         return problem
     return dataclasses.replace(problem, extra_headers=(*problem.extra_headers, *headers))
-
-
-def carries_key(bearer: bool, value: str) -> bool:
-    """Whether a header value would be read as a credential (for ``strip_credentials``)."""
-    return not bearer or value.lstrip(" \t")[:6].lower() == "bearer"

@@ -42,6 +42,7 @@ from ._middleware import Guard
 from .asgi import authenticate, render, send_refusal, with_response_headers
 from .manager import APIKeyManager
 from .pipeline import (
+    DEFAULT_AUTH_SCHEMES,
     DEFAULT_FAILURE_LIMIT,
     DEFAULT_HEADER_NAMES,
     Pipeline,
@@ -95,6 +96,7 @@ class APIKeyBackend(AuthenticationBackend):
     :param header_names: headers that carry the key, matched in any case and named in
         messages as given here; ``Authorization`` means ``Bearer <key>``, any other name
         carries the bare key.
+    :param auth_schemes: the ``Authorization`` schemes that carry a key (default ``Bearer``).
     :param realm: the realm in ``WWW-Authenticate`` challenges.
     :param rate_limits: ``failure_limit``, ``trusted_proxies``, ``fail_open``: as for
         :class:`keyguard.asgi.APIKeyMiddleware`. The RateLimit response headers are added
@@ -106,6 +108,7 @@ class APIKeyBackend(AuthenticationBackend):
         manager: APIKeyManager,
         *,
         header_names: Iterable[str] = DEFAULT_HEADER_NAMES,
+        auth_schemes: Iterable[str] = DEFAULT_AUTH_SCHEMES,
         realm: str = "api",
         rate_limits: Iterable[str] = (),
         failure_limit: str | None = DEFAULT_FAILURE_LIMIT,
@@ -115,6 +118,7 @@ class APIKeyBackend(AuthenticationBackend):
         self.manager = manager
         pipeline = Pipeline(
             header_names=header_names,
+            auth_schemes=auth_schemes,
             realm=realm,
             rate_limits=rate_limits,
             failure_limit=failure_limit,

@@ -12,7 +12,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from ._middleware import Guard, Middleware
-from .pipeline import Admission, Pipeline, admitted, carries_key
+from .pipeline import Admission, Pipeline, admitted
 from .problems import ErrorResponder, ErrorResponse, Problem
 from .records import KeyInfo
 
@@ -90,7 +90,7 @@ class APIKeyMiddleware(Middleware[WSGIApp]):
     def _strip_credentials(self, environ: WSGIEnvironment) -> None:
         for name, bearer in self.pipeline.environ_names:
             value = environ.get(name)
-            if value is not None and carries_key(bearer, value):
+            if value is not None and self.pipeline.carries_key(bearer, value):
                 del environ[name]
         query = environ.get("QUERY_STRING")
         if self.pipeline.query_param is not None and query:
