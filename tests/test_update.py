@@ -500,6 +500,10 @@ def test_cli_update_changes_fields_and_shows_the_lineage(cli: CLI) -> None:
     assert "team" not in shown["metadata"]
 
     rotated = cli("rotate", key_id, "--json").json()
+    family = cli("list", "--family", rotated["key_id"], "--json").json()["keys"]
+    assert [k["key_id"] for k in family] == [key_id, rotated["key_id"]]
+    both = cli("list", "--family", key_id, "--user", "a")
+    assert both.code == 2 and "--family" in error_line(both)
     lines = cli("show", rotated["key_id"]).out.splitlines()
     assert f"previous   {key_id}" in lines
     assert f"successor  {rotated['key_id']}" in cli("show", key_id).out.splitlines()

@@ -102,7 +102,14 @@ def cmd_list(session: Session) -> int:
     """List keys a page at a time, so memory stays flat however many keys there are."""
     args = session.args
     manager = session.manager()
-    if args.expiring is not None:
+    if args.family is not None:
+        if args.expiring is not None or args.user is not None:
+            raise CLIError(
+                "--family lists one key's generations; drop --user and --expiring", EXIT_USAGE
+            )
+        _, info = resolve(session, args.family)
+        keys = iter(manager.lineage(info.key_id))
+    elif args.expiring is not None:
         if args.all:
             raise CLIError("--expiring lists active keys only; drop --all", EXIT_USAGE)
         keys = manager.expiring(args.expiring, args.user)

@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--user", help="only this user's keys")
     listing.add_argument("--all", action="store_true", help="include revoked and expired keys")
     listing.add_argument(
+        "--family",
+        metavar="KEY_ID",
+        help="every generation of this key (rotated from one another), oldest first",
+    )
+    listing.add_argument(
         "--expiring",
         type=_duration_arg(False),
         metavar="DURATION",
