@@ -281,7 +281,7 @@ def cmd_update(session: Session) -> int:
     except KeyguardError as e:  # changed by others throughout
         raise CLIError(str(e)) from None
     except PermissionError as e:
-        raise CLIError(f"{e} (--allow-widen)") from None
+        raise CLIError(str(e).replace("allow_widen=True", "--allow-widen")) from None
     except (ValueError, TypeError) as e:
         raise CLIError(str(e), EXIT_USAGE) from None
     if args.json:
