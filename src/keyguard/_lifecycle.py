@@ -19,11 +19,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from ._frozen import thaw
-from ._validation import LATEST, check_metadata, deadline_after, positive, utc
+from ._validation import check_metadata, deadline_after, expiry_at, positive, utc
 from .networks import Network, parse_networks
 from .records import KeyInfo
 
@@ -158,15 +158,7 @@ def _new_expiry(
         return deadline_after("expires_in", now, positive("expires_in", expires_in))
     if expires_at is UNSET:
         return old.expires_at
-    if expires_at is None:
-        return None
-    if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
-        raise TypeError("expires_at must be a timezone-aware datetime")
-    if expires_at.timestamp() <= now:
-        raise ValueError("expires_at is in the past")
-    if expires_at > LATEST:
-        raise ValueError(f"expires_at must be before {LATEST:%Y-%m-%d}")
-    return expires_at.astimezone(timezone.utc)
+    return None if expires_at is None else expiry_at(expires_at, now)
 
 
 def _changes(

@@ -13,7 +13,15 @@ from typing import Any
 from .limits import parse_quota, parse_rates
 from .networks import parse_networks
 
-__all__ = ["LATEST", "MAX_METADATA_BYTES", "check_metadata", "deadline_after", "positive", "utc"]
+__all__ = [
+    "LATEST",
+    "MAX_METADATA_BYTES",
+    "check_metadata",
+    "deadline_after",
+    "expiry_at",
+    "positive",
+    "utc",
+]
 
 MAX_METADATA_BYTES = 64 * 1024
 
@@ -87,6 +95,18 @@ def deadline_after(name: str, now: float, delta: timedelta) -> datetime:
     if deadline is None or deadline > LATEST:
         raise ValueError(f"{name} {delta} ends after {LATEST:%Y-%m-%d}")
     return deadline
+
+
+def expiry_at(expires_at: object, now: float) -> datetime:
+    """``expires_at`` as a UTC datetime if it is an aware datetime after ``now`` that every
+    store can keep, else the ``TypeError``/``ValueError`` saying why not."""
+    if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
+        raise TypeError("expires_at must be a timezone-aware datetime")
+    if expires_at.timestamp() <= now:
+        raise ValueError("expires_at is in the past")
+    if expires_at > LATEST:
+        raise ValueError(f"expires_at must be before {LATEST:%Y-%m-%d}")
+    return expires_at.astimezone(timezone.utc)
 
 
 def positive(name: str, value: timedelta) -> timedelta:

@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, TypeGuard
 
 from . import _drf
@@ -30,7 +30,7 @@ from ._lifecycle import (
     deprecated_metadata,
     rotation_metadata,
 )
-from ._validation import LATEST, check_metadata, deadline_after, positive, utc
+from ._validation import check_metadata, deadline_after, expiry_at, positive, utc
 from .events import (
     ACTIONS,
     KeyEvent,
@@ -332,13 +332,7 @@ class APIKeyManager:
         if expires_in is not None:
             expiry = deadline_after("expires_in", now, positive("expires_in", expires_in))
         elif expires_at is not None:
-            if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
-                raise TypeError("expires_at must be a timezone-aware datetime")
-            if expires_at.timestamp() <= now:
-                raise ValueError("expires_at is in the past")
-            if expires_at > LATEST:
-                raise ValueError(f"expires_at must be before {LATEST:%Y-%m-%d}")
-            expiry = expires_at.astimezone(timezone.utc)
+            expiry = expiry_at(expires_at, now)
         fmt = self.format if prefix is None else self._format_for(prefix)
         created = utc(now)
         for _ in range(_MAX_ATTEMPTS):
