@@ -28,10 +28,12 @@ def test_every_digest_added_is_held(added: list[str], capacity: int) -> None:
 def test_no_false_negative_among_many_real_digests() -> None:
     bloom = BloomFilter(20_000)
     held = digests(20_000)
-    for digest in held:
-        bloom.add(digest)
+
+    # Filling up, it wrongly holds ~0.25 % of the newcomers already: those are not counted.
+    assert bloom.update(iter(held)) == bloom.count >= 19_800
 
     assert all(digest in bloom for digest in held)
+    assert bloom.update(held[:100]) == 0  # all held already
 
 
 @pytest.mark.parametrize(

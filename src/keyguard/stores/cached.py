@@ -10,10 +10,12 @@ filter of every digest in the store, loaded on a background thread and kept curr
 same pushes, so a key nobody issued is refused without a round trip. Such keys reach the
 store only as the filter's false positives and through ``ruled_out_lookups``: a few
 lookups a second granted anyway, so that a key created elsewhere an instant before its push
-arrives is found while no flood takes them.
+arrives is found while no flood takes them. It is on by default wherever it can be kept
+right (push on, a store that lists its digests), because a flood is a risk for every such
+deployment and the filter costs 2.4 bytes a key and one background load per process.
 
 Counters and usage counts pass through to the inner store, never cached; with their async
-twins they take the module a little over the house size.
+twins and the filter's wiring they take the module over the house size.
 """
 
 from __future__ import annotations
