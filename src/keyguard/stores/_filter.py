@@ -225,7 +225,9 @@ class FloodFilter:
         backoff = _MIN_BACKOFF
         while True:
             try:
-                bloom = BloomFilter(max(MIN_CAPACITY, 2 * self.source.count_keys()))
+                # Never smaller than the full one it replaces, should the count fall short.
+                held = self.bloom.count if self.bloom is not None else 0
+                bloom = BloomFilter(max(MIN_CAPACITY, 2 * self.source.count_keys(), 2 * held))
                 digests = self.source.iter_digests(_PAGE)
                 while page := list(itertools.islice(digests, _PAGE)):
                     if self._generation != generation:
@@ -263,7 +265,7 @@ class FloodFilter:
             self._pending = None
             loader, self._loader = self._loader, None
         if loader is not None and loader is not threading.current_thread():
-            # A load gives up at its next digest, or after the page in flight.
+            # A load gives up at its next page, or once the round trip in flight is over.
             loader.join(timeout=10)
 
     def reset_after_fork(self) -> None:
