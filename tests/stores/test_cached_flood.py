@@ -325,6 +325,19 @@ def test_a_failing_load_is_retried(inner: PushingStore, caplog: pytest.LogCaptur
     cache.close()
 
 
+def test_close_stops_a_load_waiting_to_retry(inner: PushingStore) -> None:
+    inner.failures_left = 10**6  # the store stays down
+    cache = CachedStore(inner, ttl=60)
+    assert wait_for(lambda: inner.failures_left < 10**6 - 3, timeout=5) is not None
+
+    started = time.monotonic()
+    cache.close()
+
+    assert time.monotonic() - started < 5  # not after the back-off, let alone ten retries
+    assert not [t for t in threading.enumerate() if t.name == "keyguard-filter-load"]
+    assert repr(cache).endswith("push=True, flood_filter=True)")
+
+
 def test_close_stops_a_load_in_progress(inner: PushingStore) -> None:
     inner.loads_may_finish.clear()
     cache = CachedStore(inner, ttl=60)
