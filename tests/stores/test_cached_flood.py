@@ -476,8 +476,11 @@ def test_after_a_reconnection_keys_whose_pushes_were_lost_pass(kind: str) -> Non
         assert not any(manager.validate_key(key) for key in lost)  # the filter never heard
 
         cache.deaf = False
+        flood = cache._filter
+        assert flood is not None
+        deaf = flood.bloom
         kill_listener(kind, cache)  # the reconnection says pushes may have been missed
-        assert wait_for(lambda: not cache.filtering, timeout=5) is not None
+        assert wait_for(lambda: flood.bloom not in (None, deaf), timeout=30) is not None
         assert cache.wait_until_filtering(30)
 
         assert all(manager.validate_key(key) for key in lost)
