@@ -148,6 +148,7 @@ class FloodFilter:
     :param source: the store whose digests it holds.
     :param spare_per_second: lookups a second :meth:`spare_lookup` grants for digests the
         filter rules out anyway (a token bucket of one second's worth).
+    :param now: the owner's clock now, from which spare lookups accrue.
     """
 
     def __init__(self, source: DigestSource, spare_per_second: float, now: float) -> None:

@@ -70,7 +70,8 @@ class CachedStore:
         its digests (Redis, PostgreSQL). True where it cannot be is a ValueError: without
         pushes the filter would refuse a key created in another process for good.
     :param ruled_out_lookups: store lookups a second still made for digests the filter
-        rules out (0 for none).
+        rules out (0 for none), so that a key created elsewhere an instant before its push
+        arrives is found while no flood spends them.
     :param clock: monotonic seconds; for tests.
 
     Listing and lookups by ``key_id`` are operator paths and always go to the inner store.
