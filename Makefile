@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint docs docs-check bench fuzz durability clean
+.PHONY: install demo test lint docs docs-check bench bench-flood fuzz durability clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ bench: install
 	$(BIN)/python benchmarks/bench_records.py
 	$(BIN)/python benchmarks/bench_limits.py
 	$(BIN)/python benchmarks/bench_propagation.py
+
+# 1,000,000 keys in Redis and PostgreSQL, then floods of invented keys: several minutes.
+bench-flood: install
+	$(BIN)/python benchmarks/bench_flood.py
 
 clean:
 	rm -rf $(VENV) site .site-check .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -2,7 +2,8 @@
 
 The Redis and PostgreSQL stores are imported only when their URL is used, so their
 drivers stay optional. Any URL may add ``cache_ttl=<seconds>`` (and optionally
-``cache_max_entries=<n>``, ``cache_push=0``) to wrap the store in a :class:`CachedStore`.
+``cache_max_entries=<n>``, ``cache_push=0``, ``cache_flood_filter=0``) to wrap the store
+in a :class:`CachedStore`.
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ def _number(name: str, value: str, kind: type[Any]) -> Any:
     return number
 
 
-_CACHE_PARAMETERS = ("cache_ttl", "cache_max_entries", "cache_push")
+_CACHE_PARAMETERS = ("cache_ttl", "cache_max_entries", "cache_push", "cache_flood_filter")
+#: The cache's on/off switches: URL parameter -> CachedStore option.
+_CACHE_SWITCHES = {"cache_push": "push", "cache_flood_filter": "flood_filter"}
 
 
 def _cache_options(url: SplitResult, params: dict[str, str]) -> dict[str, Any] | None:
@@ -119,12 +122,11 @@ def _cache_options(url: SplitResult, params: dict[str, str]) -> dict[str, Any] |
     options: dict[str, Any] = {"ttl": _number("cache_ttl", found["cache_ttl"], float)}
     if "cache_max_entries" in found:
         options["max_entries"] = _number("cache_max_entries", found["cache_max_entries"], int)
-    if "cache_push" in found:
-        if found["cache_push"] not in ("0", "1"):
-            raise ValueError(
-                f"store URL parameter cache_push must be 0 or 1, got {found['cache_push']!r}"
-            )
-        options["push"] = found["cache_push"] == "1"
+    for name, option in _CACHE_SWITCHES.items():
+        if name in found:
+            if found[name] not in ("0", "1"):
+                raise ValueError(f"store URL parameter {name} must be 0 or 1, got {found[name]!r}")
+            options[option] = found[name] == "1"
     return options
 
 

@@ -15,7 +15,7 @@ value that made a round trip through Python, and because callers already hold it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
@@ -30,6 +30,7 @@ __all__ = [
     "AsyncKeyStore",
     "Bucket",
     "CounterStore",
+    "DigestSource",
     "EventStore",
     "InvalidationSource",
     "KeyStore",
@@ -278,9 +279,39 @@ def unchanged(current: KeyInfo | None, expected: KeyInfo) -> bool:
     )
 
 
+@runtime_checkable
+class DigestSource(Protocol):
+    """A store that can name every digest it holds without reading the records.
+
+    :class:`~keyguard.CachedStore` loads its flood filter from it: at 1,000,000 keys,
+    decoding every record through :meth:`KeyStore.list_keys` would cost several seconds
+    more than reading one column.
+    """
+
+    def count_keys(self) -> int:
+        """How many records the store holds (of every status)."""
+        ...
+
+    def iter_digests(self, page_size: int = 10_000) -> Iterator[str]:
+        """Yield the digest of every record, reading ``page_size`` of them per round trip.
+
+        A record that exists throughout the walk is yielded at least once (Redis may yield
+        one twice); one added or removed meanwhile may or may not be. No connection is held
+        between pages, so a slow consumer holds up no one.
+        """
+        ...
+
+
 def listing_order(info: KeyInfo) -> tuple[datetime, str]:
     """The sort key of every listing: oldest first, ties broken by ``key_id``."""
     return info.created_at, info.key_id
+
+
+def page_size_checked(page_size: object) -> int:
+    """``page_size`` if it is a positive int; a page of 0 would never end a walk."""
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+    return page_size
 
 
 def unknown_cursor(after: str) -> ValueError:

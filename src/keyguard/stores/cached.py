@@ -5,14 +5,24 @@ reaches it once per ``ttl``. Changes made through this process drop the entry at
 changes made elsewhere are seen within ``ttl`` at most, and within milliseconds when the
 inner store pushes invalidations (Redis pub/sub, PostgreSQL LISTEN/NOTIFY).
 
+Over such a store it also keeps a flood filter (:mod:`keyguard.stores._filter`): a Bloom
+filter of every digest in the store, loaded on a background thread and kept current by the
+same pushes, so a key nobody issued is refused without a round trip. Such keys reach the
+store only as the filter's false positives and through ``ruled_out_lookups``: a few
+lookups a second granted anyway, so that a key created elsewhere an instant before its push
+arrives is found while no flood takes them. It is on by default wherever it can be kept
+right (push on, a store that lists its digests), because a flood is a risk for every such
+deployment and the filter costs 2.4 bytes a key and one background load per process.
+
 Counters, usage counts and audit events pass through to the inner store, never cached;
-with their async twins they take the module a little over the house size.
+with their async twins and the filter's wiring they take the module over the house size.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import sys
 import threading
 import time
@@ -22,12 +32,14 @@ from datetime import datetime
 
 from ..events import KeyEvent
 from ..records import KeyInfo
+from ._filter import FloodFilter
 from ._fork import reset_after_fork
 from .base import (
     AsyncCounterStore,
     AsyncKeyStore,
     Bucket,
     CounterStore,
+    DigestSource,
     EventStore,
     InvalidationSource,
     KeyStore,
@@ -54,12 +66,24 @@ class CachedStore:
         hot keys out.
     :param push: subscribe to the inner store's invalidations when it offers them, so that
         every process sees a revocation within about a second.
+    :param flood_filter: answer "not found" without asking the store for a digest it does
+        not hold, judged by a filter of every digest it holds (see the module docstring).
+        None (the default) turns it on when push invalidation is on and the store can list
+        its digests (Redis, PostgreSQL). True where it cannot be is a ValueError: without
+        pushes the filter would refuse a key created in another process for good.
+    :param ruled_out_lookups: store lookups a second still made for digests the filter
+        rules out (0 for none), so that a key created elsewhere an instant before its push
+        arrives is found while no flood spends them.
     :param clock: monotonic seconds; for tests.
 
     Listing and lookups by ``key_id`` are operator paths and always go to the inner store.
     Counters (rate limits and quotas) are never cached: every call goes to ``inner``, so
     workers share one count. A ``CachedStore`` has the :class:`CounterStore` methods whatever
     its inner store; they raise TypeError if ``inner`` keeps no counters.
+
+    While the filter loads (at start, in a forked child, and each time the listener
+    reconnects, since pushes may have been missed) and while the listener is disconnected,
+    every lookup goes to the store as it would without a filter.
     """
 
     def __init__(
@@ -69,6 +93,8 @@ class CachedStore:
         ttl: float = 5.0,
         max_entries: int = 10_000,
         push: bool = True,
+        flood_filter: bool | None = None,
+        ruled_out_lookups: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(inner, KeyStore):
@@ -77,6 +103,15 @@ class CachedStore:
             raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise ValueError(f"max_entries must be a positive int, got {max_entries!r}")
+        if (
+            isinstance(ruled_out_lookups, bool)
+            or not isinstance(ruled_out_lookups, (int, float))
+            or not 0 <= ruled_out_lookups < math.inf
+        ):
+            raise ValueError(
+                f"ruled_out_lookups must be a number of lookups a second >= 0,"
+                f" got {ruled_out_lookups!r}"
+            )
         self.inner = inner
         self.ttl = float(ttl)
         self.max_entries = max_entries
@@ -95,7 +130,17 @@ class CachedStore:
         self._lock = threading.Lock()
         self._push = push and isinstance(inner, InvalidationSource)
         self._subscription: Subscription | None = None
+        #: The subscription's ``ready``: set while it is live.
+        self._live = threading.Event()
         self._closed = False
+        self._filter: FloodFilter | None = None
+        if flood_filter is not False and self._push and isinstance(inner, DigestSource):
+            self._filter = FloodFilter(inner, float(ruled_out_lookups), clock())
+        elif flood_filter:
+            raise ValueError(
+                "flood_filter needs push invalidation and a store that lists its digests"
+                f" (Redis, PostgreSQL); {inner!r} with push={push} has not both"
+            )
         if self._push:
             self._subscribe()
         reset_after_fork(self, type(self)._reset_after_fork)
@@ -103,7 +148,7 @@ class CachedStore:
     def __repr__(self) -> str:
         return (
             f"CachedStore({self.inner!r}, ttl={self.ttl:g}, max_entries={self.max_entries},"
-            f" push={self._push})"
+            f" push={self._push}, flood_filter={self.flood_filter})"
         )
 
     # -- the cache ---------------------------------------------------------------------
@@ -121,7 +166,8 @@ class CachedStore:
                     pass
                 return entry[1]
         now = self._clock()
-        cached = self._probe(digest, now)
+        ruled_out = self._ruled_out(digest)
+        cached = self._probe(digest, now, ruled_out)
         if cached is not _MISS:
             return cached  # type: ignore[return-value]
         try:
@@ -129,6 +175,8 @@ class CachedStore:
         except BaseException:
             self._settle(digest, None, now, keep=False)
             raise
+        if ruled_out and info is not None:
+            self._learn(digest)  # created elsewhere an instant ago: its push is on the way
         self._settle(digest, info, now)
         return info
 
@@ -142,7 +190,8 @@ class CachedStore:
                     pass
                 return entry[1]
         now = self._clock()
-        cached = self._probe(digest, now)
+        ruled_out = self._ruled_out(digest)
+        cached = self._probe(digest, now, ruled_out)
         if cached is not _MISS:
             return cached  # type: ignore[return-value]
         try:
@@ -153,11 +202,16 @@ class CachedStore:
         except BaseException:
             self._settle(digest, None, now, keep=False)
             raise
+        if ruled_out and info is not None:
+            self._learn(digest)  # created elsewhere an instant ago: its push is on the way
         self._settle(digest, info, now)
         return info
 
-    def _probe(self, digest: str, now: float) -> KeyInfo | object | None:
-        """The cached answer, or ``_MISS`` after registering a read in flight."""
+    def _probe(self, digest: str, now: float, ruled_out: bool) -> KeyInfo | object | None:
+        """The cached answer, or ``_MISS`` after registering a read in flight.
+
+        A digest the flood filter ruled out is not found, unless a spare lookup is left.
+        """
         with self._lock:
             entry = self._found.get(digest)
             if entry is not None:
@@ -171,6 +225,9 @@ class CachedStore:
                     self._missing.move_to_end(digest)
                     return None
                 del self._missing[digest]
+            flood = self._filter
+            if ruled_out and flood is not None and not flood.spare_lookup(now):
+                return None
             self._inflight[digest] = self._inflight.get(digest, 0) + 1
             if self._subscription is None and self._push and not self._closed:
                 self._subscribe()
@@ -217,38 +274,80 @@ class CachedStore:
         """Answers held now (found and not found), expired ones included until reused."""
         return len(self._found) + len(self._missing)
 
+    # -- the flood filter --------------------------------------------------------------
+
+    @property
+    def flood_filter(self) -> bool:
+        """Whether this cache keeps a flood filter (it answers once loaded and listening)."""
+        return self._filter is not None
+
+    def _ruled_out(self, digest: str) -> bool:
+        """Whether the filter says the store holds no ``digest``, and may be believed now."""
+        flood = self._filter
+        return flood is not None and self._live.is_set() and flood.rules_out(digest)
+
+    def _learn(self, digest: str) -> None:
+        if self._filter is not None:
+            self._filter.learn(digest)
+
+    @property
+    def filtering(self) -> bool:
+        """Whether the flood filter answers now: loaded, and push invalidation live."""
+        return self._filter is not None and self._filter.loaded.is_set() and self._live.is_set()
+
+    def wait_until_filtering(self, timeout: float = 30.0) -> bool:
+        """Block until the flood filter answers; False on timeout or if there is none."""
+        deadline = time.monotonic() + timeout
+        if self._filter is None or not self.wait_until_listening(timeout):
+            return False
+        return self._filter.loaded.wait(max(0.0, deadline - time.monotonic())) and self.filtering
+
     # -- push invalidation -------------------------------------------------------------
 
     def _subscribe(self) -> None:
         assert isinstance(self.inner, InvalidationSource)
-        self._subscription = self.inner.subscribe_invalidations(self.invalidate)
+        self._subscription = self.inner.subscribe_invalidations(self._changed)
+        ready = getattr(self._subscription, "ready", None)
+        # A subscription that cannot say it is live never lets the filter answer.
+        self._live = ready if isinstance(ready, threading.Event) else threading.Event()
+
+    def _changed(self, digest: str | None) -> None:
+        """The listener's callback: a record changed, or changes may have been missed."""
+        if digest is not None:
+            self._learn(digest)  # before its entry goes, so no lookup misses both
+        elif self._filter is not None:
+            self._filter.reload()
+        self.invalidate(digest)
 
     @property
     def listening(self) -> bool:
         """Whether push invalidation is live (a revocation elsewhere is seen at once)."""
-        ready = getattr(self._subscription, "ready", None)
-        return isinstance(ready, threading.Event) and ready.is_set()
+        return self._subscription is not None and self._live.is_set()
 
     def wait_until_listening(self, timeout: float = 5.0) -> bool:
         """Block until push invalidation is live; False on timeout or if there is none."""
         with self._lock:
             if self._subscription is None and self._push and not self._closed:
                 self._subscribe()
-        ready = getattr(self._subscription, "ready", None)
-        return isinstance(ready, threading.Event) and ready.wait(timeout)
+        return self._subscription is not None and self._live.wait(timeout)
 
     def _reset_after_fork(self) -> None:
-        """A forked child has no listener thread: forget all, resubscribe on first use."""
+        """A forked child has no listener thread: forget all, resubscribe on first use (and
+        load the filter again once listening: a salt of its own, no push missed)."""
         self._lock = threading.Lock()
         self._found.clear()
         self._missing.clear()
         self._inflight.clear()
         self._stale.clear()
         self._subscription = None
+        self._live = threading.Event()
+        if self._filter is not None:
+            self._filter.reset_after_fork()
 
     # -- writes go through, then drop the entry ----------------------------------------
 
     def add(self, info: KeyInfo) -> bool:
+        self._learn(info.digest)  # before the store has it: the filter may hold one too many
         try:
             return self.inner.add(info)
         finally:
@@ -350,24 +449,27 @@ class CachedStore:
     ) -> list[KeyEvent]:
         return self._event_store().read_events(key_id, since, limit)
 
-    def _stop_listening(self) -> Subscription | None:
+    def _stop_listening(self) -> None:
+        """Stop the listener and the filter's loading, waiting for both; drop the cache."""
         with self._lock:
             self._closed = True
             subscription, self._subscription = self._subscription, None
             self._found.clear()
             self._missing.clear()
-        return subscription
-
-    def close(self) -> None:
-        """Stop push invalidation, drop the cache and close the inner store."""
-        subscription = self._stop_listening()
         if subscription is not None:
             subscription.close()
+        if self._filter is not None:
+            self._filter.close()
+
+    def close(self) -> None:
+        """Stop push invalidation and the filter, drop the cache, close the inner store."""
+        self._stop_listening()
         self.inner.close()
 
     # -- the async twin ----------------------------------------------------------------
 
     async def aadd(self, info: KeyInfo) -> bool:
+        self._learn(info.digest)
         try:
             if self._ainner is not None:
                 return await self._ainner.aadd(info)
@@ -427,9 +529,7 @@ class CachedStore:
 
     async def aclose(self) -> None:
         """:meth:`close` for event loops: the listener thread is joined off the loop."""
-        subscription = self._stop_listening()
-        if subscription is not None:
-            await asyncio.to_thread(subscription.close)
+        await asyncio.to_thread(self._stop_listening)
         if self._ainner is not None:
             await self._ainner.aclose()
         else:

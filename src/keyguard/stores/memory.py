@@ -9,14 +9,21 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
 from .._counting import Bucket, apply
 from ..events import KeyEvent
 from ..records import KeyInfo
-from .base import UsageRow, listing_order, unchanged, unknown_cursor, usage_cutoffs
+from .base import (
+    UsageRow,
+    listing_order,
+    page_size_checked,
+    unchanged,
+    unknown_cursor,
+    usage_cutoffs,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -80,6 +87,16 @@ class MemoryStore:
 
     def get(self, digest: str) -> KeyInfo | None:
         return self._records.get(digest)
+
+    def count_keys(self) -> int:
+        return len(self._records)
+
+    def iter_digests(self, page_size: int = 10_000) -> Iterator[str]:
+        """Every digest held when the walk starts (a copy, so adds cannot upset it)."""
+        page_size_checked(page_size)
+        with self._lock:
+            digests = list(self._records)
+        yield from digests
 
     def get_by_id(self, key_id: str) -> KeyInfo | None:
         return self._by_id.get(key_id)

@@ -38,7 +38,7 @@ import json
 import math
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -52,7 +52,7 @@ from ._fork import reset_after_fork
 from ._listener import POLL_SECONDS, Listener
 from ._pgwait import bounded_classes
 from ._redact import redact_url
-from .base import UsageRow, unchanged, unknown_cursor, usage_cutoffs
+from .base import UsageRow, page_size_checked, unchanged, unknown_cursor, usage_cutoffs
 
 if TYPE_CHECKING:
     import psycopg_pool
@@ -377,6 +377,16 @@ class PostgresStore:
                 sql.SQL("{} WHERE user_id = %s AND {} {}").format(select, after, page)
             ),
         }
+        # The primary key's own collation, so each page is a range of its index.
+        self._q_digests = render(
+            sql.SQL("SELECT digest FROM {} ORDER BY digest LIMIT %s").format(table)
+        )
+        self._q_digests_after = render(
+            sql.SQL("SELECT digest FROM {} WHERE digest > %s ORDER BY digest LIMIT %s").format(
+                table
+            )
+        )
+        self._q_count = render(sql.SQL("SELECT count(*) FROM {}").format(table))
         self._q_created_at = render(
             sql.SQL("SELECT created_at FROM {} WHERE key_id = %s").format(table)
         )
@@ -737,6 +747,30 @@ class PostgresStore:
 
     def get_by_id(self, key_id: str) -> KeyInfo | None:
         return self._one(self._q_get_by_id, (key_id,), "read a key")
+
+    def count_keys(self) -> int:
+        try:
+            with self._connection() as conn:
+                row = conn.execute(self._q_count).fetchone()
+        except self._psycopg.Error as e:
+            raise self._fail("count keys", e) from e
+        return int(row[0])
+
+    def iter_digests(self, page_size: int = 10_000) -> Iterator[str]:
+        """Pages in digest order, each after the last digest of the one before (keyset)."""
+        page_size_checked(page_size)
+        query: bytes = self._q_digests
+        params: tuple[Any, ...] = (page_size,)
+        while True:
+            try:
+                with self._connection() as conn:
+                    rows = conn.execute(query, params).fetchall()
+            except self._psycopg.Error as e:
+                raise self._fail("list digests", e) from e
+            yield from (digest for (digest,) in rows)
+            if len(rows) < page_size:
+                return
+            query, params = self._q_digests_after, (rows[-1][0], page_size)
 
     def _list_query(
         self, user_id: str | None, limit: int | None, after: str | None, created: Any

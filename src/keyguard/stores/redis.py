@@ -48,7 +48,14 @@ from ..records import KeyInfo
 from ._aio import PerLoop
 from ._listener import POLL_SECONDS, Listener
 from ._redact import redact_url
-from .base import USAGE_RETENTION, USAGE_STEPS, UsageRow, listing_order, unknown_cursor
+from .base import (
+    USAGE_RETENTION,
+    USAGE_STEPS,
+    UsageRow,
+    listing_order,
+    page_size_checked,
+    unknown_cursor,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -505,6 +512,28 @@ class RedisStore:
             digest = self._client.hget(self._ids, key_id)
         return None if digest is None else self.get(_text(digest))
 
+    def count_keys(self) -> int:
+        with self._failing("count keys"):
+            return int(self._client.hlen(self._ids))
+
+    def iter_digests(self, page_size: int = 10_000) -> Iterator[str]:
+        """HSCAN over ``ns:ids``, whose values are the digests: this namespace's only.
+
+        SCAN over the record keys would walk every key in the database (counters, usage,
+        other namespaces) to find them; HSCAN may yield a digest twice, never skip one.
+        """
+        page_size_checked(page_size)
+        cursor = 0
+        while True:
+            with self._failing("list digests"):
+                cursor, page = cast(
+                    "tuple[int, dict[Any, Any]]",
+                    self._client.hscan(self._ids, cursor, count=page_size),
+                )
+            yield from (_text(digest) for digest in page.values())
+            if not cursor:
+                return
+
     def list_keys(
         self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
     ) -> list[KeyInfo]:
@@ -691,7 +720,8 @@ class RedisStore:
         return Listener(f"keyguard-listener-redis-{self.namespace}", self._listen, callback)
 
     def _listen(self, stop: threading.Event, emit: Callable[[str | None], None]) -> None:
-        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
+        # redis-py before 6 left pubsub() untyped.
+        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call,unused-ignore]
         try:
             pubsub.subscribe(self.channel)
             while not stop.is_set():

@@ -36,7 +36,7 @@ from ..events import KeyEvent
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._fork import reset_after_fork
-from .base import UsageRow, unchanged, unknown_cursor, usage_cutoffs
+from .base import UsageRow, page_size_checked, unchanged, unknown_cursor, usage_cutoffs
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -97,6 +97,8 @@ _SELECT = f"SELECT {_COLUMNS} FROM keyguard_keys"
 _GET = f"{_SELECT} WHERE digest = ?"
 _GET_BY_ID = f"{_SELECT} WHERE key_id = ?"
 _CREATED_AT = "SELECT created_at FROM keyguard_keys WHERE key_id = ?"
+_DIGESTS = "SELECT digest FROM keyguard_keys ORDER BY digest LIMIT ?"
+_DIGESTS_AFTER = "SELECT digest FROM keyguard_keys WHERE digest > ? ORDER BY digest LIMIT ?"
 _DECODE_CACHE = 4096
 # Forgotten counters are deleted once per this many charges by a process, not on every call.
 _SWEEP_EVERY = 4096
@@ -446,6 +448,19 @@ class SQLiteStore:
     def get_by_id(self, key_id: str) -> KeyInfo | None:
         row = self._execute(_GET_BY_ID, (key_id,)).fetchone()
         return None if row is None else self._decode(row)
+
+    def count_keys(self) -> int:
+        return int(self._execute("SELECT count(*) FROM keyguard_keys").fetchone()[0])
+
+    def iter_digests(self, page_size: int = 10_000) -> Iterator[str]:
+        """Pages in digest order, each after the last digest of the one before (keyset)."""
+        page_size_checked(page_size)
+        rows = self._execute(_DIGESTS, (page_size,)).fetchall()
+        while True:
+            yield from (digest for (digest,) in rows)
+            if len(rows) < page_size:
+                return
+            rows = self._execute(_DIGESTS_AFTER, (rows[-1][0], page_size)).fetchall()
 
     def list_keys(
         self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
