@@ -215,6 +215,16 @@ def print_table(title: str, floor_name: str, rows: list[Row], request_level: boo
                 base_added = [t - f for t, f in zip(base.times, base.floors, strict=True)]
                 line += f" {factor(ratios(added, base_added), 10)}"
         print(line, flush=True)
+    print(f"  {load()}")
+
+
+def load() -> str:
+    """The machine's load: on a shared machine, what the figures were measured under."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.1f}, {five:.1f}, {fifteen:.1f} (1, 5, 15 min)"
 
 
 # -- the environment -----------------------------------------------------------------------
@@ -237,7 +247,7 @@ def machine() -> str:
             versions.append(f"{name} (not installed)")
     lines = [
         f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"machine: {platform.platform()}; {cpu}; {os.cpu_count()} cores",
+        f"machine: {platform.platform()}; {cpu}; {os.cpu_count()} cores; {load()}",
         f"python: {platform.python_implementation()} {platform.python_version()};"
         f" SQLite {sqlite3.sqlite_version}",
         "packages: " + ", ".join(versions),
