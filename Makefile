@@ -50,7 +50,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_propagation.py
 
 # keyguard beside djangorestframework-api-key, fastapi-keygate and keyshield, on the same
-# SQLite file and PostgreSQL server (about 5 minutes). The peers get a venv of their own,
+# SQLite file and PostgreSQL server (about 8 minutes). The peers get a venv of their own,
 # so they never enter $(VENV); make bench does not run this.
 BENCH_VENV ?= .venv-bench
 
