@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint docs docs-check bench bench-flood fuzz durability clean
+.PHONY: install demo test lint docs docs-check bench bench-flood bench-peers fuzz durability clean
 
 install: $(VENV)/.installed
 
@@ -53,5 +53,19 @@ bench: install
 bench-flood: install
 	$(BIN)/python benchmarks/bench_flood.py
 
+# keyguard beside djangorestframework-api-key, fastapi-keygate and keyshield, on the same
+# SQLite file and PostgreSQL server (about 8 minutes). The peers get a venv of their own,
+# so they never enter $(VENV); make bench does not run this.
+BENCH_VENV ?= .venv-bench
+
+bench-peers: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/bench_peers.py
+
+$(BENCH_VENV)/.installed: pyproject.toml benchmarks/peers-requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q -r benchmarks/peers-requirements.txt -e '.[all]'
+	touch $@
+
 clean:
-	rm -rf $(VENV) site .site-check .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) $(BENCH_VENV) site .site-check .pytest_cache .mypy_cache .ruff_cache .coverage
