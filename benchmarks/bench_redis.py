@@ -3,15 +3,15 @@
 The floor is ``client.get(name)`` of the key's record on a redis-py client built the way
 the store builds its own (a ``BlockingConnectionPool`` from the same URL and options, bytes
 replies, TCP): the round trip, the pool and the driver, before keyguard does anything. In
-each repeat, one loop times in turn, on the same keys:
+each repeat, one loop alternates, 50 calls at a time and on the same keys:
 
-- sync: ``client.get`` of each record, then ``manager.validate_key`` of each key;
-- async: ``await aclient.get`` of each record, then ``await manager.averify`` of each key;
+- sync: ``client.get`` of each record and ``manager.validate_key`` of each key;
+- async: ``await aclient.get`` of each record and ``await manager.averify`` of each key;
 
 over two workloads: **hot** re-checks 5 keys (the store's decode cache hits), **spread**
 checks ``--keys`` distinct keys once each per pass (every record is decoded anew). Wall
-time, as a check waits on the server. The ratio of each repeat is kept; min / median / max
-over the repeats are printed against the target.
+time, as a check waits on the server. A repeat's ratio is the median over its blocks;
+min / median / max over the repeats are printed against the target.
 
 Last-use writes are left out of the timed passes: the manager records a key's use at most
 once an hour (``last_used_resolution``; by default once a minute), and every key's use is
@@ -35,10 +35,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 TARGET = 1.15
 HOT_KEYS = 5
+#: Calls timed together: the floor and the check alternate block by block, so that a busy
+#: moment on a shared machine weighs on both alike.
+BLOCK = 50
 #: Longer than a run, so that no timed check writes a key's last use.
 RESOLUTION = timedelta(hours=1)
 REDIS_URL = os.environ.get("KEYGUARD_TEST_REDIS_URL") or "redis://127.0.0.1:6379/0"
@@ -135,18 +137,50 @@ class Bench:
                 client.delete(*names[start : start + 5000])
 
 
-def timed(fn: Callable[[Any], object], items: list[Any]) -> float:
-    start = time.perf_counter_ns()
-    for item in items:
-        fn(item)
-    return (time.perf_counter_ns() - start) / len(items) / 1000
+def blocks(items: list[int]) -> list[list[int]]:
+    return [items[start : start + BLOCK] for start in range(0, len(items), BLOCK)]
 
 
-async def atimed(fn: Callable[[Any], Awaitable[object]], items: list[Any]) -> float:
-    start = time.perf_counter_ns()
-    for item in items:
-        await fn(item)
-    return (time.perf_counter_ns() - start) / len(items) / 1000
+def paired(
+    floor: Callable[[int], object], check: Callable[[int], object], items: list[int], flip: int
+) -> tuple[float, float]:
+    """Time ``floor`` and ``check`` over ``items`` in alternating blocks; the median over the
+    blocks of check / floor, and of the µs per call that check adds."""
+    ratios, extra = [], []
+    clock = time.perf_counter_ns
+    for n, block in enumerate(blocks(items)):
+        order = (floor, check) if (n + flip) % 2 else (check, floor)
+        took = {}
+        for fn in order:
+            start = clock()
+            for i in block:
+                fn(i)
+            took[fn] = clock() - start
+        ratios.append(took[check] / took[floor])
+        extra.append((took[check] - took[floor]) / len(block) / 1000)
+    return statistics.median(ratios), statistics.median(extra)
+
+
+async def apaired(
+    floor: Callable[[int], Awaitable[object]],
+    check: Callable[[int], Awaitable[object]],
+    items: list[int],
+    flip: int,
+) -> tuple[float, float]:
+    """:func:`paired` for coroutine functions, awaited one at a time."""
+    ratios, extra = [], []
+    clock = time.perf_counter_ns
+    for n, block in enumerate(blocks(items)):
+        order = (floor, check) if (n + flip) % 2 else (check, floor)
+        took = {}
+        for fn in order:
+            start = clock()
+            for i in block:
+                await fn(i)
+            took[fn] = clock() - start
+        ratios.append(took[check] / took[floor])
+        extra.append((took[check] - took[floor]) / len(block) / 1000)
+    return statistics.median(ratios), statistics.median(extra)
 
 
 def run(bench: Bench, loop: asyncio.AbstractEventLoop, args: argparse.Namespace) -> None:
@@ -177,23 +211,13 @@ def run(bench: Bench, loop: asyncio.AbstractEventLoop, args: argparse.Namespace)
         gc.collect()
         started = time.monotonic()
         for name, items in workloads.items():
-            # Which of the pair goes first alternates, so neither always finds warm caches.
-            if repeat % 2:
-                value = timed(check, items)
-                floor = timed(raw, items)
-                avalue = loop.run_until_complete(atimed(acheck, items))
-                afloor = loop.run_until_complete(atimed(araw, items))
-            else:
-                floor = timed(raw, items)
-                value = timed(check, items)
-                afloor = loop.run_until_complete(atimed(araw, items))
-                avalue = loop.run_until_complete(atimed(acheck, items))
-            for label, (top, bottom) in {
-                f"sync {name}": (value, floor),
-                f"async {name}": (avalue, afloor),
-            }.items():
-                ratios.setdefault(label, []).append(top / bottom)
-                micros.setdefault(label, []).append(top - bottom)
+            found = {
+                f"sync {name}": paired(raw, check, items, repeat),
+                f"async {name}": loop.run_until_complete(apaired(araw, acheck, items, repeat)),
+            }
+            for label, (ratio, extra) in found.items():
+                ratios.setdefault(label, []).append(ratio)
+                micros.setdefault(label, []).append(extra)
         repeat_took = time.monotonic() - started
         print(f"  repeat {repeat + 1}/{args.repeats} took {repeat_took:.0f} s", file=sys.stderr)
 
