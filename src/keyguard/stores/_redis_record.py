@@ -1,6 +1,6 @@
 """One Redis string per record: its encoding, its decoder, and the Lua that edits it.
 
-A record of layout 2 is eleven fields joined by tabs::
+A record (schema version 2) is eleven fields joined by tabs::
 
     v2  created_at  expires_at  revoked_at  last_used_at
         key_id  hash_scheme  prefix  hint  user_id  metadata
@@ -12,8 +12,9 @@ escaped (``\\\\`` and ``\\t``), which real keys never need. The metadata comes l
 script changes a time by cutting at the first five tabs and never parses the metadata
 (Redis' cjson would rewrite its numbers and escapes).
 
-Layout 1 kept each record as a hash of the same fields. :data:`UPGRADE` rewrites such a
-hash as the string above, in one atomic step per record, copying every field verbatim.
+Schema version 1 kept each record as a hash of the same fields. :data:`UPGRADE` rewrites
+such a hash as the string above, in one atomic step per record, copying every field
+verbatim.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from .._frozen import loads
 from ..exceptions import StoreError
 from ..records import KeyInfo
 
-__all__ = ["FORMAT", "RECORD_LUA", "UPGRADE", "created_of", "decode", "encode", "us"]
+__all__ = [
+    "FORMAT",
+    "RECORD_LUA",
+    "UPGRADE",
+    "created_of",
+    "decode",
+    "encode",
+    "metadata_json",
+    "us",
+]
 
 FORMAT = "v2"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -38,13 +48,13 @@ _UNESCAPE = {"t": "\t", "\\": "\\"}
 
 # Helpers shared by every script that reads or edits a record; ``KEYS`` are record keys.
 RECORD_LUA = r"""
-local LAYOUT_1 = {'created_at', 'expires_at', 'revoked_at', 'last_used_at', 'key_id',
+local HASH_FIELDS = {'created_at', 'expires_at', 'revoked_at', 'last_used_at', 'key_id',
   'hash_scheme', 'prefix', 'hint', 'user_id', 'metadata'}
 
--- A record of layout 1 (a hash) rewritten as one string, which is returned; a hash that
+-- A record of schema version 1 (a hash) rewritten as one string, which is returned; a hash that
 -- lacks a required field is left as it is and false returned.
 local function upgrade(key)
-  local values = redis.call('HMGET', key, unpack(LAYOUT_1))
+  local values = redis.call('HMGET', key, unpack(HASH_FIELDS))
   local fields = {'v2'}
   for i = 1, 10 do
     local value = values[i]
@@ -87,7 +97,7 @@ end
 
 # KEYS: records.  ARGV: 'values' to reply with each record as it now is (false if there is
 # none, its fields and values if it is a hash that cannot be upgraded), else the count
-# upgraded.  Records already in layout 2 are left alone, so running it twice is harmless.
+# upgraded.  Records already strings are left alone, so running it twice is harmless.
 UPGRADE = (
     RECORD_LUA
     + """
@@ -159,15 +169,15 @@ def encode(info: KeyInfo) -> str:
 def decode(digest: str, value: Any) -> KeyInfo | None:
     """The record from a ``GET`` (None: there is none) or an upgrade's reply.
 
-    An upgrade replies with a hash's fields and values (a list) for a record of layout 1
-    that it could not convert: that is a damaged record, as it would have been before.
+    An upgrade replies with a hash's fields and values (a list) for a record of schema
+    version 1 that it could not convert: a damaged record, as it would have been before.
     """
     if value is None:
         return None
     if isinstance(value, list):
         fields = {_text(k): _text(v) for k, v in zip(value[::2], value[1::2], strict=True)}
         raise StoreError(
-            f"Redis record for key {fields.get('key_id')!r} is corrupt: a layout 1 hash"
+            f"Redis record for key {fields.get('key_id')!r} is corrupt: a schema version 1 hash"
             f" with only {', '.join(sorted(fields)) or 'no fields'}"
         )
     return _decode(digest, value)

@@ -75,8 +75,8 @@ redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
 # The record scripts below read a record with ``fields`` (RECORD_LUA), which upgrades one
-# still in layout 1, and write it back whole with the changed fields: 2 created_at,
-# 3 expires_at, 4 revoked_at, 5 last_used_at, 11 metadata.
+# still a hash (schema version 1), and write it back whole with the changed fields:
+# 2 created_at, 3 expires_at, 4 revoked_at, 5 last_used_at, 11 metadata.
 # KEYS: record.  ARGV: revoked_at, channel, digest.
 _REVOKE = f"""{RECORD_LUA}
 local record = fields(KEYS[1], 5)
