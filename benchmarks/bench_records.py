@@ -33,7 +33,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from keyguard import APIKeyManager, MemoryStore
-from keyguard.stores import postgres, redis, sqlite
+from keyguard.stores import _redis_record, postgres, sqlite
 
 DECODE_TARGET_US = 1.5
 MEMORY_TARGET_BYTES = 500
@@ -60,17 +60,9 @@ SQLITE_ROW = (
     None,
     USED.timestamp(),
 )
-REDIS_VALUES = (
-    b"key_3f9a1c0b7d2e4f60",
-    b"sha256",
-    b"sk_",
-    "sk_…7d2e".encode(),
-    b"u123",
-    TEXT.encode(),
-    us(CREATED),
-    None,
-    None,
-    us(USED),
+#: A Redis record as GET returns it: one string, format tag first, metadata last.
+REDIS_VALUE = b"\t".join(
+    (b"v2", us(CREATED), b"", b"", us(USED), *(f.encode() for f in HEAD[1:]), TEXT.encode())
 )
 
 
@@ -122,7 +114,7 @@ def decode_figures(passes: int, number: int) -> dict[str, float]:
         "json": lambda: json.loads(TEXT),
         "frozen": bare_record,
         "sqlite": lambda: sqlite._row_to_info(SQLITE_ROW),
-        "redis": lambda: redis._decode_values.__wrapped__(DIGEST, REDIS_VALUES),
+        "redis": lambda: _redis_record._decode.__wrapped__(DIGEST, REDIS_VALUE),
         "postgres": lambda: postgres._row_to_info(pg_rows.pop()),
     }
     runs: dict[str, list[float]] = {name: [] for name in candidates}

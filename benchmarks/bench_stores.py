@@ -5,8 +5,8 @@ where the store has an async twin. ``cached(…)`` rows are ``CachedStore`` hits
 same keys checked again within the ttl). Baselines measured in the same run:
 
 - ``floor``: one bare ``hashlib.sha256`` of the key plus one lookup in a dict of all keys;
-- ``redis RTT`` / ``postgres RTT``: the bare driver call a check needs (``HMGET`` of
-  one hash; ``SELECT`` of one row by primary key on a pooled connection), i.e. what the
+- ``redis RTT`` / ``postgres RTT``: the bare driver call a check needs (``GET`` of
+  one record; ``SELECT`` of one row by primary key on a pooled connection), i.e. what the
   network and the server cost before keyguard does anything;
 - ``drf-api-key``: djangorestframework-api-key's ``APIKey.objects.is_valid`` (one Django
   ORM query + SHA-512) on the same PostgreSQL with as many keys, when it is installed.
@@ -50,7 +50,6 @@ from keyguard import (
     SQLiteStore,
     digest_key,
 )
-from keyguard.stores.redis import _FIELDS as FIELDS
 
 REDIS_URL = os.environ.get("KEYGUARD_TEST_REDIS_URL") or "redis://127.0.0.1:6379/0"
 POSTGRES_DSN = (
@@ -309,12 +308,12 @@ def measure(
 def round_trip_floor(store: KeyStore) -> tuple[Callable[[str], object], str] | None:
     """For a networked store, the bare driver call one check needs, and what it is."""
     if isinstance(store, RedisStore):
-        hmget, record_key = store._client.hmget, store.record_key
+        get, record_key = store._client.get, store.record_key
 
         def fetch(key: str) -> object:
-            return hmget(record_key(digest_key(key)), FIELDS)
+            return get(record_key(digest_key(key)))
 
-        return fetch, "bare HMGET of one record (+ sha256)"
+        return fetch, "bare GET of one record (+ sha256)"
     if isinstance(store, PostgresStore):
         query, pool = store._q_get, store._sync_pool()
 

@@ -56,26 +56,24 @@ def record(user_id: str = "u1") -> KeyInfo:
 # -- layout --------------------------------------------------------------------------------
 
 
-def test_a_record_is_one_hash_indexed_by_user_and_key_id(
+def test_a_record_is_one_string_indexed_by_user_and_key_id(
     store: RedisStore, client: redis.Redis
 ) -> None:
     info = record()
     store.add(info)
     ns = store.namespace
 
-    assert client.hgetall(f"{ns}:key:{info.digest}") == {
-        b"key_id": info.key_id.encode(),
-        b"hash_scheme": b"sha256",
-        b"prefix": b"sk_",
-        b"hint": "sk_…abcd".encode(),
-        b"user_id": b"u1",
-        b"metadata": b'{"user_id":"u1","permissions":["read"]}',
-        b"created_at": str(int(T0.timestamp()) * 1_000_000).encode(),
-    }
+    assert (
+        client.get(f"{ns}:key:{info.digest}")
+        == (
+            f"v2\t{int(T0.timestamp()) * 1_000_000}\t\t\t\t{info.key_id}\tsha256\tsk_\tsk_…abcd"
+            '\tu1\t{"user_id":"u1","permissions":["read"]}'
+        ).encode()
+    )
     assert client.hget(f"{ns}:ids", info.key_id) == info.digest.encode()
     assert client.zrange(f"{ns}:user:u1", 0, -1) == [info.digest.encode()]
     assert client.zrange(f"{ns}:all", 0, -1) == [info.digest.encode()]
-    assert client.hget(f"{ns}:meta", "schema_version") == b"1"
+    assert client.hget(f"{ns}:meta", "schema_version") == b"2"
 
 
 def test_no_record_ever_gets_a_redis_ttl(store: RedisStore, client: redis.Redis) -> None:

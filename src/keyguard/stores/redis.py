@@ -2,8 +2,10 @@
 
 Layout under a namespace ``ns`` (so two apps can share one Redis):
 
-- ``ns:key:<digest>``: one hash per record (times as integer microseconds since the epoch,
-  metadata as JSON); never given a TTL, so an expired key still answers ``expired``;
+- ``ns:key:<digest>``: one string per record, tab-separated fields behind a format tag
+  (times as integer microseconds since the epoch, metadata as JSON; see
+  :mod:`keyguard.stores._redis_record`); never given a TTL, so an expired key still
+  answers ``expired``;
 - ``ns:ids``: a hash ``key_id -> digest``;
 - ``ns:user:<user_id>`` and ``ns:all``: sorted sets of digests scored by creation time
   (microseconds), which a listing reads a page at a time;
@@ -20,8 +22,13 @@ Layout under a namespace ``ns`` (so two apps can share one Redis):
   the digest of every record that is added, revoked or given a new expiry.
 
 Every write is one Lua script, so "add if absent" and "revoke if active" are decided by
-the server atomically, and a read (one ``HMGET``) is one round trip. redis-py is imported
+the server atomically, and a read (one ``GET``) is one round trip. redis-py is imported
 only when a store is built (``pip install 'keyguard[redis]'``).
+
+Schema version 1 kept each record as a hash. A record still in that form is upgraded where
+it is met: a script that writes it upgrades it first, and a read that meets one (``GET``
+answers ``WRONGTYPE``, ``MGET`` nil) upgrades it, then, once per process, upgrades the
+whole namespace (:meth:`RedisStore._migrate`).
 
 The module holds the sync store, its async twin and the Lua scripts both run, for the
 keys, the counters and the usage counts, so it is longer than most: splitting the twins
@@ -30,14 +37,13 @@ or the key families apart would split one layout across files.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from .._counting import Bucket
@@ -48,6 +54,16 @@ from ..records import KeyInfo
 from ._aio import PerLoop
 from ._listener import POLL_SECONDS, Listener
 from ._redact import redact_url
+from ._redis_record import (
+    RECORD_LUA,
+    UPGRADE,
+    created_of,
+    decode,
+    encode,
+    from_us,
+    metadata_json,
+    us,
+)
 from .base import (
     USAGE_RETENTION,
     USAGE_STEPS,
@@ -63,19 +79,18 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_NAMESPACE", "SCHEMA_VERSION", "RedisStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_NAMESPACE = "keyguard"
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.:{}\-]{1,64}")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MICROSECOND = timedelta(microseconds=1)
-_TIMES = ("expires_at", "revoked_at", "last_used_at")
+#: Records upgraded per script call when a namespace of schema version 1 is migrated.
+_MIGRATION_BATCH = 500
 
-# KEYS: record, ids, user set, all set, meta.  ARGV: digest, key_id, score, channel, fields…
+# KEYS: record, ids, user set, all set, meta.  ARGV: digest, key_id, score, channel, record.
 _ADD = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then
   return 0
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('SET', KEYS[1], ARGV[5])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
@@ -83,44 +98,45 @@ redis.call('HSETNX', KEYS[5], 'schema_version', '{SCHEMA_VERSION}')
 redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
+# The record scripts below read a record with ``fields`` (RECORD_LUA), which upgrades one
+# still a hash (schema version 1), and write it back whole with the changed fields:
+# 2 created_at, 3 expires_at, 4 revoked_at, 5 last_used_at, 11 metadata.
 # KEYS: record.  ARGV: revoked_at, channel, digest.
-_REVOKE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HSETNX', KEYS[1], 'revoked_at', ARGV[1]) == 0 then return 0 end
+_REVOKE = f"""{RECORD_LUA}
+local record = fields(KEYS[1], 5)
+if not record or record[4] ~= '' then return 0 end
+record[4] = ARGV[1]
+redis.call('SET', KEYS[1], table.concat(record, '\t'))
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 # KEYS: record.  ARGV: expires_at ('' for none), channel, digest.
-_SET_EXPIRY = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if ARGV[1] == '' then
-  redis.call('HDEL', KEYS[1], 'expires_at')
-else
-  redis.call('HSET', KEYS[1], 'expires_at', ARGV[1])
-end
+_SET_EXPIRY = f"""{RECORD_LUA}
+local record = fields(KEYS[1], 5)
+if not record then return 0 end
+record[3] = ARGV[1]
+redis.call('SET', KEYS[1], table.concat(record, '\t'))
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 # KEYS: record.  ARGV: metadata, expires_at ('' for none), channel, digest, and the
 # metadata and expires_at the record must still have (compare and set).
-_UPDATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HEXISTS', KEYS[1], 'revoked_at') == 1 then return 0 end
-if redis.call('HGET', KEYS[1], 'metadata') ~= ARGV[5] then return 0 end
-if (redis.call('HGET', KEYS[1], 'expires_at') or '') ~= ARGV[6] then return 0 end
-redis.call('HSET', KEYS[1], 'metadata', ARGV[1])
-if ARGV[2] == '' then
-  redis.call('HDEL', KEYS[1], 'expires_at')
-else
-  redis.call('HSET', KEYS[1], 'expires_at', ARGV[2])
-end
+_UPDATE = f"""{RECORD_LUA}
+local record = fields(KEYS[1], 10)
+if not record or record[4] ~= '' then return 0 end
+if record[11] ~= ARGV[5] or record[3] ~= ARGV[6] then return 0 end
+record[3] = ARGV[2]
+record[11] = ARGV[1]
+redis.call('SET', KEYS[1], table.concat(record, '\t'))
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 # KEYS: record.  ARGV: last_used_at.  Never creates a record.
-_TOUCH = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'last_used_at', ARGV[1])
+_TOUCH = f"""{RECORD_LUA}
+local record = fields(KEYS[1], 5)
+if record then
+  record[5] = ARGV[1]
+  redis.call('SET', KEYS[1], table.concat(record, '\t'))
 end
 return 0
 """
@@ -194,6 +210,7 @@ _SCRIPTS = (
     ("set_expiry", _SET_EXPIRY),
     ("update", _UPDATE),
     ("touch", _TOUCH),
+    ("upgrade", UPGRADE),
     ("consume", _CONSUME),
     ("adjust", _ADJUST),
 )
@@ -232,98 +249,17 @@ def _import_redis() -> Any:
     return redis
 
 
-def _us(value: datetime) -> int:
-    return (value - _EPOCH) // _MICROSECOND
-
-
-def _from_us(value: str) -> datetime:
-    return _EPOCH + timedelta(microseconds=int(value))
-
-
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _metadata_text(info: KeyInfo) -> str:
-    return json.dumps(info.metadata, separators=(",", ":"))
-
-
 def _expiry_text(info: KeyInfo) -> str:
-    return "" if info.expires_at is None else str(_us(info.expires_at))
+    return "" if info.expires_at is None else us(info.expires_at)
 
 
-def _fields(info: KeyInfo) -> list[str]:
-    fields = [
-        "key_id",
-        info.key_id,
-        "hash_scheme",
-        info.hash_scheme,
-        "prefix",
-        info.prefix,
-        "hint",
-        info.hint,
-        "user_id",
-        info.user_id,
-        "metadata",
-        _metadata_text(info),
-        "created_at",
-        str(_us(info.created_at)),
-    ]
-    for name in _TIMES:
-        value: datetime | None = getattr(info, name)
-        if value is not None:
-            fields += [name, str(_us(value))]
-    return fields
-
-
-#: A record's hash fields, in the order one HMGET returns them.
-_FIELDS = (
-    "key_id",
-    "hash_scheme",
-    "prefix",
-    "hint",
-    "user_id",
-    "metadata",
-    "created_at",
-    "expires_at",
-    "revoked_at",
-    "last_used_at",
-)
-
-
-def _decode(digest: str, values: Sequence[Any]) -> KeyInfo | None:
-    """The record from an HMGET of ``_FIELDS``, or None if there is none."""
-    if values[0] is None:  # key_id is always set in a record
-        return None
-    return _decode_values(digest, tuple(values))
-
-
-# An unchanged record decodes to the same KeyInfo; JSON parsing and datetime building would
-# otherwise cost as much as a tenth of the round trip on every check of a hot key.
-@functools.lru_cache(maxsize=4096)
-def _decode_values(digest: str, values: tuple[Any, ...]) -> KeyInfo:
-    text = [None if v is None else _text(v) for v in values]
-    missing = [name for name, value in zip(_FIELDS, text[:7], strict=False) if value is None]
-    try:
-        if missing:
-            raise ValueError(f"missing {', '.join(missing)}")
-        key_id, scheme, prefix, hint, user_id, metadata, created = cast("list[str]", text[:7])
-        expires, revoked, used = text[7:]
-        return KeyInfo(
-            key_id=key_id,
-            prefix=prefix,
-            hint=hint,
-            user_id=user_id,
-            metadata=loads(metadata),
-            created_at=_from_us(created),
-            expires_at=None if expires is None else _from_us(expires),
-            revoked_at=None if revoked is None else _from_us(revoked),
-            last_used_at=None if used is None else _from_us(used),
-            digest=digest,
-            hash_scheme=scheme,
-        )
-    except ValueError as e:
-        raise StoreError(f"Redis record for key {text[0]!r} is corrupt: {e}") from e
+def _wrong_type(error: Exception) -> bool:
+    """Whether ``error`` is Redis refusing a string command on a record still a hash."""
+    return str(error).startswith("WRONGTYPE")
 
 
 def _decode_event(member: str | bytes) -> KeyEvent:
@@ -332,7 +268,7 @@ def _decode_event(member: str | bytes) -> KeyEvent:
     try:
         body = loads(text)
         return KeyEvent(
-            at=_from_us(str(body["at"])),
+            at=from_us(str(body["at"])),
             key_id=body["key_id"],
             action=body["action"],
             actor=body["actor"],
@@ -347,10 +283,15 @@ def _charged(reply: Any) -> tuple[bool, list[float]]:
     return bool(reply[0]), [float(v) for v in reply[1:]]
 
 
-def _decode_all(digests: Sequence[Any], hashes: Sequence[Any]) -> list[KeyInfo]:
-    """The records of one pipeline of HMGETs; a digest whose record is gone is left out."""
-    records = [_decode(_text(d), h) for d, h in zip(digests, hashes, strict=True)]
+def _decode_all(digests: Sequence[Any], values: Sequence[Any]) -> list[KeyInfo]:
+    """The records of one MGET; a digest whose record is gone is left out."""
+    records = [decode(_text(d), v) for d, v in zip(digests, values, strict=True)]
     return [r for r in records if r is not None]
+
+
+def _unread(values: Sequence[Any]) -> list[int]:
+    """Positions of an MGET's nils: records gone, or still hashes (MGET skips those)."""
+    return [i for i, value in enumerate(values) if value is None]
 
 
 def _after(records: list[KeyInfo], after: str) -> list[KeyInfo]:
@@ -437,7 +378,10 @@ class RedisStore:
         self._consume = client.register_script(_CONSUME)
         self._adjust = client.register_script(_ADJUST)
         self._add_event = client.register_script(_ADD_EVENT)
-        self._hmget = client.hmget
+        self._upgrade = client.register_script(UPGRADE)
+        self._get = client.get
+        #: Whether this process has made sure no record of schema version 1 is left.
+        self._migrated = False
 
     def _pool_options(self) -> dict[str, Any]:
         # A bounded pool that waits for a free connection: under a burst of requests a
@@ -454,7 +398,7 @@ class RedisStore:
     # -- keys and arguments ------------------------------------------------------------
 
     def record_key(self, digest: str) -> str:
-        """The Redis key of the hash holding the record for ``digest``."""
+        """The Redis key of the string holding the record for ``digest``."""
         return f"{self.namespace}:key:{digest}"
 
     def user_key(self, user_id: str) -> str:
@@ -484,8 +428,8 @@ class RedisStore:
             self._all,
             self._meta,
         ]
-        score = str(_us(info.created_at))
-        return keys, [info.digest, info.key_id, score, self.channel, *_fields(info)]
+        score = us(info.created_at)
+        return keys, [info.digest, info.key_id, score, self.channel, encode(info)]
 
     @contextmanager
     def _failing(self, action: str) -> Iterator[None]:
@@ -493,7 +437,10 @@ class RedisStore:
         try:
             yield
         except self._redis.RedisError as e:
-            raise StoreError(f"Redis key store {self!r} could not {action}: {e}") from e
+            raise self._error(action, e) from e
+
+    def _error(self, action: str, error: Exception) -> StoreError:
+        return StoreError(f"Redis key store {self!r} could not {action}: {error}")
 
     # -- the sync contract -------------------------------------------------------------
 
@@ -503,9 +450,16 @@ class RedisStore:
             return bool(self._add(keys=keys, args=args))
 
     def get(self, digest: str) -> KeyInfo | None:
-        with self._failing("read a key"):
-            values = self._hmget(self.record_key(digest), _FIELDS)
-        return _decode(digest, cast("list[Any]", values))
+        # The path of every check: one GET, with no context manager or helper around it.
+        name = self.record_key(digest)
+        try:
+            value = self._get(name)
+        except self._redis.RedisError as e:
+            if not _wrong_type(e):
+                raise self._error("read a key", e) from e
+            with self._failing("read a key"):
+                value = self._upgraded([name])[0]
+        return decode(digest, value)
 
     def get_by_id(self, key_id: str) -> KeyInfo | None:
         with self._failing("read a key"):
@@ -567,32 +521,74 @@ class RedisStore:
     def _cursor_score(self, after: str) -> str:
         """The score (creation time in microseconds) of the record with key_id ``after``."""
         digest = self._client.hget(self._ids, after)
-        created = (
-            None
-            if digest is None
-            else self._client.hget(self.record_key(_text(digest)), "created_at")
-        )
+        created = None
+        if digest is not None:
+            created = created_of(self._read(self.record_key(_text(digest))))
         if created is None:
             raise unknown_cursor(after)
-        return _text(created)
+        return created
 
     def _records(self, digests: Sequence[Any]) -> list[KeyInfo]:
-        """The records of ``digests``, in one round trip; a digest without one is left out."""
+        """The records of ``digests``, in one MGET; a digest without one is left out."""
         if not digests:
             return []
-        pipe = self._client.pipeline(transaction=False)
-        for digest in digests:
-            pipe.hmget(self.record_key(_text(digest)), _FIELDS)
-        return _decode_all(digests, pipe.execute())
+        names = [self.record_key(_text(d)) for d in digests]
+        values = cast("list[Any]", self._client.mget(names))
+        old = _unread(values)
+        if old:
+            upgraded = self._upgraded([names[i] for i in old])
+            for i, value in zip(old, upgraded, strict=True):
+                values[i] = value
+        return _decode_all(digests, values)
+
+    # -- records of schema version 1 ---------------------------------------------------
+
+    def _read(self, name: str) -> Any:
+        """GET the record ``name``, upgrading it first if it is still a hash."""
+        try:
+            return self._get(name)
+        except self._redis.ResponseError as e:
+            if not _wrong_type(e):
+                raise
+            return self._upgraded([name])[0]
+
+    def _upgraded(self, names: list[str]) -> list[Any]:
+        """Upgrade the records ``names`` still in hash form and return their values (see
+        ``UPGRADE``); the first time in this process, migrate the whole namespace too."""
+        values = cast("list[Any]", self._upgrade(keys=names, args=["values"]))
+        if not self._migrated:
+            self._migrate()
+        return values
+
+    def _migrate(self) -> None:
+        """Upgrade every record of the namespace still in hash form, then record version 2.
+
+        A namespace written by schema version 1 holds only hashes, so the first read of a
+        process meets one and calls this: the conversion is done once, up front, rather
+        than one record per first read for as long as the namespace lives. Several
+        processes may run it at once, beside writers: each record is upgraded by one
+        atomic script that leaves an upgraded record alone.
+        """
+        client = self._client
+        version = client.hget(self._meta, "schema_version")
+        if version is None or int(version) < SCHEMA_VERSION:
+            start = 0
+            while digests := cast(
+                "list[Any]", client.zrange(self._all, start, start + _MIGRATION_BATCH - 1)
+            ):
+                self._upgrade(keys=[self.record_key(_text(d)) for d in digests], args=["count"])
+                start += len(digests)
+            client.hset(self._meta, "schema_version", str(SCHEMA_VERSION))
+        self._migrated = True
 
     def revoke(self, digest: str, at: datetime) -> bool:
         with self._failing("revoke a key"):
             return bool(
-                self._revoke(keys=[self.record_key(digest)], args=[_us(at), self.channel, digest])
+                self._revoke(keys=[self.record_key(digest)], args=[us(at), self.channel, digest])
             )
 
     def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
-        value = "" if expires_at is None else str(_us(expires_at))
+        value = "" if expires_at is None else us(expires_at)
         with self._failing("change an expiry"):
             return bool(
                 self._set_expiry(
@@ -603,11 +599,11 @@ class RedisStore:
     def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
         """Compare and set in one script, against the fields as this store writes them."""
         args = [
-            _metadata_text(info),
+            metadata_json(info),
             _expiry_text(info),
             self.channel,
             info.digest,
-            _metadata_text(expected),
+            metadata_json(expected),
             _expiry_text(expected),
         ]
         with self._failing("update a key"):
@@ -615,7 +611,7 @@ class RedisStore:
 
     def touch(self, digest: str, at: datetime) -> None:
         with self._failing("record a key's use"):
-            self._touch(keys=[self.record_key(digest)], args=[_us(at)])
+            self._touch(keys=[self.record_key(digest)], args=[us(at)])
 
     # -- counters ----------------------------------------------------------------------
 
@@ -684,7 +680,7 @@ class RedisStore:
 
     def add_event(self, event: KeyEvent) -> None:
         """Add the event to both sorted sets in one Lua script."""
-        at = _us(event.at)
+        at = int(us(event.at))
         body = {
             "at": at,
             "key_id": event.key_id,
@@ -700,7 +696,7 @@ class RedisStore:
     def read_events(
         self, key_id: str | None, since: datetime | None, limit: int
     ) -> list[KeyEvent]:
-        low = "-inf" if since is None else str(_us(since))
+        low = "-inf" if since is None else us(since)
         with self._failing("read events"):
             members = self._client.zrevrangebyscore(
                 self.events_key(key_id), "+inf", low, start=0, num=limit
@@ -775,10 +771,15 @@ class RedisStore:
             return bool(await scripts["add"](keys=keys, args=args))
 
     async def aget(self, digest: str) -> KeyInfo | None:
-        client = self._aclient().client
-        with self._failing("read a key"):
-            values = await client.hmget(self.record_key(digest), _FIELDS)
-        return _decode(digest, values)
+        name = self.record_key(digest)
+        try:
+            value = await self._aclient().client.get(name)
+        except self._redis.RedisError as e:
+            if not _wrong_type(e):
+                raise self._error("read a key", e) from e
+            with self._failing("read a key"):
+                value = (await self._aupgraded([name]))[0]
+        return decode(digest, value)
 
     async def aget_by_id(self, key_id: str) -> KeyInfo | None:
         client = self._aclient().client
@@ -819,31 +820,66 @@ class RedisStore:
         digest = await client.hget(self._ids, after)
         created = None
         if digest is not None:
-            created = await client.hget(self.record_key(_text(digest)), "created_at")
+            created = created_of(await self._aread(self.record_key(_text(digest))))
         if created is None:
             raise unknown_cursor(after)
-        return _text(created)
+        return created
 
     async def _arecords(self, digests: Sequence[Any]) -> list[KeyInfo]:
         if not digests:
             return []
-        pipe = self._aclient().client.pipeline(transaction=False)
-        for digest in digests:
-            pipe.hmget(self.record_key(_text(digest)), _FIELDS)
-        return _decode_all(digests, await pipe.execute())
+        names = [self.record_key(_text(d)) for d in digests]
+        values = await self._aclient().client.mget(names)
+        old = _unread(values)
+        if old:
+            upgraded = await self._aupgraded([names[i] for i in old])
+            for i, value in zip(old, upgraded, strict=True):
+                values[i] = value
+        return _decode_all(digests, values)
+
+    async def _aread(self, name: str) -> Any:
+        """Async :meth:`_read`."""
+        try:
+            return await self._aclient().client.get(name)
+        except self._redis.ResponseError as e:
+            if not _wrong_type(e):
+                raise
+            return (await self._aupgraded([name]))[0]
+
+    async def _aupgraded(self, names: list[str]) -> list[Any]:
+        """Async :meth:`_upgraded`."""
+        values = await self._aclient().scripts["upgrade"](keys=names, args=["values"])
+        if not self._migrated:
+            await self._amigrate()
+        return cast("list[Any]", values)
+
+    async def _amigrate(self) -> None:
+        """Async :meth:`_migrate`."""
+        client, scripts = self._aclient()
+        version = await client.hget(self._meta, "schema_version")
+        if version is None or int(version) < SCHEMA_VERSION:
+            start = 0
+            while digests := cast(
+                "list[Any]", await client.zrange(self._all, start, start + _MIGRATION_BATCH - 1)
+            ):
+                names = [self.record_key(_text(d)) for d in digests]
+                await scripts["upgrade"](keys=names, args=["count"])
+                start += len(digests)
+            await client.hset(self._meta, "schema_version", str(SCHEMA_VERSION))
+        self._migrated = True
 
     async def arevoke(self, digest: str, at: datetime) -> bool:
         scripts = self._aclient().scripts
         with self._failing("revoke a key"):
             return bool(
                 await scripts["revoke"](
-                    keys=[self.record_key(digest)], args=[_us(at), self.channel, digest]
+                    keys=[self.record_key(digest)], args=[us(at), self.channel, digest]
                 )
             )
 
     async def aset_expiry(self, digest: str, expires_at: datetime | None) -> bool:
         scripts = self._aclient().scripts
-        value = "" if expires_at is None else str(_us(expires_at))
+        value = "" if expires_at is None else us(expires_at)
         with self._failing("change an expiry"):
             return bool(
                 await scripts["set_expiry"](
@@ -854,7 +890,7 @@ class RedisStore:
     async def atouch(self, digest: str, at: datetime) -> None:
         scripts = self._aclient().scripts
         with self._failing("record a key's use"):
-            await scripts["touch"](keys=[self.record_key(digest)], args=[_us(at)])
+            await scripts["touch"](keys=[self.record_key(digest)], args=[us(at)])
 
     async def aconsume(self, buckets: Sequence[Bucket], now: float) -> tuple[bool, list[float]]:
         scripts = self._aclient().scripts
