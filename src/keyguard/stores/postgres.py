@@ -35,10 +35,11 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._counting import Bucket
+from .._frozen import loads
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._aio import PerLoop
@@ -73,8 +74,22 @@ _COLUMNS = (
     "last_used_at",
     "metadata_json",
 )
-# Our own pools run in autocommit without server-side prepared statements: every read is
-# then exactly one round trip, and PgBouncer in transaction mode works.
+# What a read of a record selects: its fields as plain values (the exact metadata JSON
+# text, times in integer microseconds since the epoch: exact, as extract gives numeric
+# since PostgreSQL 14), so a row can key the decode cache. Selected as jsonb and
+# timestamptz, every row would be parsed into a dict and datetimes, and a dict is no key.
+_READ_COLUMNS = (
+    '"digest", "key_id", "hash_scheme", "prefix", "hint", "user_id",'
+    ' coalesce("metadata_json", "metadata"::text),'
+    ' (extract(epoch FROM "created_at") * 1000000)::bigint,'
+    ' (extract(epoch FROM "expires_at") * 1000000)::bigint,'
+    ' (extract(epoch FROM "revoked_at") * 1000000)::bigint,'
+    ' (extract(epoch FROM "last_used_at") * 1000000)::bigint'
+)
+# Records decoded recently, keyed by their row: an unchanged record is one lookup.
+_DECODE_CACHE = 4096
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
 # keyguard._counting.apply and expiry, mirrored in one function call per request. Missing
 # rows are inserted as placeholders (value 0, already expired), then every row is locked in
 # name order, so two requests sharing buckets wait for each other and never deadlock. A
@@ -136,6 +151,8 @@ END $$"""
 _CONSUME_ARGUMENTS = "(text[], float8[], float8[], float8[], float8, boolean)"
 # Forgotten counters are deleted once per this many charges by a store, not on every call.
 _SWEEP_EVERY = 4096
+# Our own pools run in autocommit without server-side prepared statements: every read is
+# then exactly one round trip, and PgBouncer in transaction mode works.
 _CONNECTION_KWARGS: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
 _LISTEN_KWARGS: dict[str, Any] = {
     "autocommit": True,
@@ -168,10 +185,6 @@ def _identifier(kind: str, value: object, limit: int) -> str:
     return value
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    return None if value is None else value.astimezone(timezone.utc)
-
-
 def _jsonb_exact(value: Any) -> bool:
     """Whether jsonb gives ``value`` back unchanged.
 
@@ -199,19 +212,24 @@ def _without_nul(value: Any) -> Any:
     return value
 
 
+def _from_us(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + _MICROSECOND * value
+
+
 def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
-    digest, key_id, scheme, prefix, hint, user_id, metadata, created, *times, exact = row
+    """The record in a row of ``_READ_COLUMNS``."""
+    digest, key_id, scheme, prefix, hint, user_id, metadata, created, *times = row
     expires, revoked, used = times
     return KeyInfo(
         key_id=key_id,
         prefix=prefix,
         hint=hint,
         user_id=user_id,
-        metadata=metadata if exact is None else json.loads(exact),
-        created_at=created.astimezone(timezone.utc),
-        expires_at=_utc(expires),
-        revoked_at=_utc(revoked),
-        last_used_at=_utc(used),
+        metadata=loads(metadata),
+        created_at=_EPOCH + _MICROSECOND * created,
+        expires_at=_from_us(expires),
+        revoked_at=_from_us(revoked),
+        last_used_at=_from_us(used),
         digest=digest,
         hash_scheme=scheme,
     )
@@ -304,6 +322,7 @@ class PostgresStore:
             self._kwargs = dict((kwargs() if callable(kwargs) else kwargs) or {})
         self._sizes = (min_size, max_size)
         self._timeout = timeout
+        self._decode = functools.lru_cache(maxsize=_DECODE_CACHE)(_row_to_info)
         self._owns_pool = pool is None
         self._pool: psycopg_pool.ConnectionPool[Any] | None = pool
         self._orphans: list[object] = []
@@ -340,7 +359,7 @@ class PostgresStore:
         sql = self._psycopg.sql
         table = sql.Identifier(self.schema, self.table)
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS)
-        select = sql.SQL("SELECT {} FROM {}").format(columns, table)
+        select = sql.SQL("SELECT {} FROM {}").format(sql.SQL(_READ_COLUMNS), table)
 
         def render(query: Any) -> bytes:
             return bytes(query.as_bytes(None))
@@ -674,7 +693,7 @@ class PostgresStore:
                 row = conn.execute(query, params).fetchone()
         except self._psycopg.Error as e:
             raise self._fail(action, e) from e
-        return None if row is None else _row_to_info(row)
+        return None if row is None else self._decode(row)
 
     def _write(self, query: bytes, params: tuple[Any, ...], action: str) -> bool:
         try:
@@ -909,6 +928,7 @@ class PostgresStore:
             pool, self._pool = self._pool, None
         if pool is not None and self._owns_pool:
             pool.close()
+        self._decode.cache_clear()
 
     # -- push invalidation -------------------------------------------------------------
 
@@ -973,7 +993,7 @@ class PostgresStore:
                 row = await cursor.fetchone()
         except self._psycopg.Error as e:
             raise self._fail(action, e) from e
-        return None if row is None else _row_to_info(row)
+        return None if row is None else self._decode(row)
 
     async def _awrite(self, query: bytes, params: tuple[Any, ...], action: str) -> bool:
         try:
