@@ -151,9 +151,11 @@ END $$"""
 _CONSUME_ARGUMENTS = "(text[], float8[], float8[], float8[], float8, boolean)"
 # Forgotten counters are deleted once per this many charges by a store, not on every call.
 _SWEEP_EVERY = 4096
-# Our own pools run in autocommit without server-side prepared statements: every read is
-# then exactly one round trip, and PgBouncer in transaction mode works.
-_CONNECTION_KWARGS: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
+# Our own pools run in autocommit, so a read is one round trip. psycopg prepares a statement
+# after prepare_threshold runs on a connection (its default, 5); the reads of one record,
+# which every check is, ask to be prepared at their first run (see PostgresStore._one).
+# prepare=False sets the threshold to None: nothing is prepared.
+_CONNECTION_KWARGS: dict[str, Any] = {"autocommit": True}
 _LISTEN_KWARGS: dict[str, Any] = {
     "autocommit": True,
     "keepalives": 1,
@@ -282,6 +284,12 @@ class PostgresStore:
         for the middleware) and a connection that ran out is closed, not reused.
     :param create_schema: create missing tables, index and trigger; with False a missing
         table is a :class:`StoreError` (for roles without DDL rights).
+    :param prepare: use server-side prepared statements: a read of one record (a check's)
+        is prepared on each connection at its first run, other statements after psycopg's
+        ``prepare_threshold`` (5) runs. Set False for PgBouncer in transaction or statement
+        mode before 1.21, or with its ``max_prepared_statements`` at 0 (the default before
+        1.24). A pool passed in keeps its own ``prepare_threshold`` (None prepares nothing):
+        set that instead of ``prepare=False``.
     """
 
     def __init__(
@@ -296,9 +304,17 @@ class PostgresStore:
         max_size: int = 10,
         timeout: float = 5.0,
         create_schema: bool = True,
+        prepare: bool = True,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise TypeError("give PostgresStore either a dsn or a pool, not both or neither")
+        if not isinstance(prepare, bool):
+            raise TypeError(f"prepare must be True or False, not {prepare!r}")
+        if not prepare and (pool is not None or async_pool is not None):
+            raise TypeError(
+                "prepare=False applies to the pools the store opens; give your pool"
+                " kwargs={'prepare_threshold': None} instead"
+            )
         self.table = _identifier("table", table, _MAX_TABLE)
         self.schema = _identifier("schema", schema, 63)
         if not 1 <= min_size <= max_size:
@@ -314,6 +330,8 @@ class PostgresStore:
                 raise ValueError(f"invalid PostgreSQL DSN {redact_url(dsn)!r}: {reason}") from None
             self._conninfo: str = dsn
             self._kwargs: dict[str, Any] = dict(_CONNECTION_KWARGS)
+            if not prepare:
+                self._kwargs["prepare_threshold"] = None
         else:
             assert pool is not None
             # A pool may compute its settings per connection; take them as they are now.
@@ -322,6 +340,7 @@ class PostgresStore:
             self._kwargs = dict((kwargs() if callable(kwargs) else kwargs) or {})
         self._sizes = (min_size, max_size)
         self._timeout = timeout
+        self._prepare = prepare
         self._decode = functools.lru_cache(maxsize=_DECODE_CACHE)(_row_to_info)
         self._owns_pool = pool is None
         self._pool: psycopg_pool.ConnectionPool[Any] | None = pool
@@ -688,9 +707,11 @@ class PostgresStore:
     # -- the sync contract -------------------------------------------------------------
 
     def _one(self, query: bytes, params: tuple[Any, ...], action: str) -> KeyInfo | None:
+        """The record a read by digest or key_id finds. Unless ``prepare=False`` the read is
+        prepared at its first run on each connection (one more round trip, once)."""
         try:
             with self._connection() as conn:
-                row = conn.execute(query, params).fetchone()
+                row = conn.execute(query, params, prepare=self._prepare).fetchone()
         except self._psycopg.Error as e:
             raise self._fail(action, e) from e
         return None if row is None else self._decode(row)
@@ -989,7 +1010,7 @@ class PostgresStore:
     async def _aone(self, query: bytes, params: tuple[Any, ...], action: str) -> KeyInfo | None:
         try:
             async with (await self._apool()).connection() as conn:
-                cursor = await conn.execute(query, params)
+                cursor = await conn.execute(query, params, prepare=self._prepare)
                 row = await cursor.fetchone()
         except self._psycopg.Error as e:
             raise self._fail(action, e) from e
