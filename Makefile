@@ -48,6 +48,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_records.py
 	$(BIN)/python benchmarks/bench_limits.py
 	$(BIN)/python benchmarks/bench_propagation.py
+	$(BIN)/python benchmarks/bench_postgres.py
 
 clean:
 	rm -rf $(VENV) site .site-check .pytest_cache .mypy_cache .ruff_cache .coverage
