@@ -35,7 +35,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._counting import Bucket
@@ -74,22 +74,15 @@ _COLUMNS = (
     "last_used_at",
     "metadata_json",
 )
-# What a read of a record selects: its fields as plain values (the exact metadata JSON
-# text, times in integer microseconds since the epoch: exact, as extract gives numeric
-# since PostgreSQL 14), so a row can key the decode cache. Selected as jsonb and
-# timestamptz, every row would be parsed into a dict and datetimes, and a dict is no key.
+# What a read of a record selects: its metadata as its exact JSON text, not as jsonb, which
+# psycopg would parse into a dict on every read, and a dict cannot key the decode cache.
 _READ_COLUMNS = (
     '"digest", "key_id", "hash_scheme", "prefix", "hint", "user_id",'
     ' coalesce("metadata_json", "metadata"::text),'
-    ' (extract(epoch FROM "created_at") * 1000000)::bigint,'
-    ' (extract(epoch FROM "expires_at") * 1000000)::bigint,'
-    ' (extract(epoch FROM "revoked_at") * 1000000)::bigint,'
-    ' (extract(epoch FROM "last_used_at") * 1000000)::bigint'
+    ' "created_at", "expires_at", "revoked_at", "last_used_at"'
 )
 # Records decoded recently, keyed by their row: an unchanged record is one lookup.
 _DECODE_CACHE = 4096
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MICROSECOND = timedelta(microseconds=1)
 # keyguard._counting.apply and expiry, mirrored in one function call per request. Missing
 # rows are inserted as placeholders (value 0, already expired), then every row is locked in
 # name order, so two requests sharing buckets wait for each other and never deadlock. A
@@ -187,6 +180,10 @@ def _identifier(kind: str, value: object, limit: int) -> str:
     return value
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(timezone.utc)
+
+
 def _jsonb_exact(value: Any) -> bool:
     """Whether jsonb gives ``value`` back unchanged.
 
@@ -214,10 +211,6 @@ def _without_nul(value: Any) -> Any:
     return value
 
 
-def _from_us(value: int | None) -> datetime | None:
-    return None if value is None else _EPOCH + _MICROSECOND * value
-
-
 def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
     """The record in a row of ``_READ_COLUMNS``."""
     digest, key_id, scheme, prefix, hint, user_id, metadata, created, *times = row
@@ -228,10 +221,10 @@ def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
         hint=hint,
         user_id=user_id,
         metadata=loads(metadata),
-        created_at=_EPOCH + _MICROSECOND * created,
-        expires_at=_from_us(expires),
-        revoked_at=_from_us(revoked),
-        last_used_at=_from_us(used),
+        created_at=created.astimezone(timezone.utc),
+        expires_at=_utc(expires),
+        revoked_at=_utc(revoked),
+        last_used_at=_utc(used),
         digest=digest,
         hash_scheme=scheme,
     )
