@@ -49,6 +49,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_limits.py
 	$(BIN)/python benchmarks/bench_propagation.py
 	$(BIN)/python benchmarks/bench_redis.py
+	$(BIN)/python benchmarks/bench_postgres.py
 
 # 1,000,000 keys in Redis and PostgreSQL, then floods of invented keys: several minutes.
 bench-flood: install

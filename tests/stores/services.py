@@ -11,6 +11,10 @@ import asyncio
 import functools
 import os
 import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -227,6 +231,60 @@ def proxied_store(
                 yield postgres, proxy
             finally:
                 postgres.close()
+
+
+@contextmanager
+def pgbouncer(pool_mode: str = "transaction", pool_size: int = 1) -> Iterator[str]:
+    """A PgBouncer of its own in front of the test PostgreSQL; yields the DSN to reach it.
+
+    Skips (fails in CI) without Debian's ``pgbouncer``. With ``pool_size=1`` every client
+    runs on one server connection, by turns: the setting that breaks server-side prepared
+    statements in transaction mode.
+    """
+    import psycopg
+
+    executable = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if executable is None:
+        service_unavailable("PgBouncer is not installed (apt-get install pgbouncer)")
+    target = psycopg.conninfo.conninfo_to_dict(require_postgres())
+    user, dbname = target.get("user", "postgres"), target.get("dbname", "test")
+    server = " ".join(
+        f"{name}={target[name]}"
+        for name in ("host", "port", "dbname", "user", "password")
+        if target.get(name)
+    )
+    with socket.socket() as probe:  # a free port, for PgBouncer to listen on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = [
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =",
+        f"auth_type = any\npool_mode = {pool_mode}\ndefault_pool_size = {pool_size}",
+    ]
+    if os.geteuid() == 0:
+        settings.append("user = nobody")  # PgBouncer refuses to run as root
+    with tempfile.TemporaryDirectory() as directory:
+        config = Path(directory) / "pgbouncer.ini"
+        config.write_text(
+            f"[databases]\n{dbname} = {server}\n[pgbouncer]\n" + "\n".join(settings) + "\n"
+        )
+        log = Path(directory) / "pgbouncer.log"
+        with log.open("wb") as output:
+            bouncer = subprocess.Popen([executable, str(config)], stdout=output, stderr=output)
+        dsn = f"postgresql://{user}@127.0.0.1:{port}/{dbname}"
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    psycopg.connect(dsn, connect_timeout=2).close()
+                    break
+                except psycopg.OperationalError as e:
+                    if bouncer.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"PgBouncer did not start: {log.read_text()}") from e
+                    time.sleep(0.05)
+            yield dsn
+        finally:
+            bouncer.terminate()
+            bouncer.wait(timeout=10)
 
 
 def _netloc(parts: SplitResult, port: int) -> str:

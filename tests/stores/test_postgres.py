@@ -264,6 +264,15 @@ def test_a_table_from_before_paging_lists_the_same_and_gains_its_index(
             "min_size",
             id="sizes",
         ),
+        pytest.param(
+            {"dsn": "postgresql://x", "prepare": "off"}, TypeError, "True or False", id="prepare"
+        ),
+        pytest.param(
+            {"pool": object(), "prepare": False},
+            TypeError,
+            "prepare_threshold': None",
+            id="prepare=False with a pool of the app's",
+        ),
     ],
 )
 def test_bad_construction_is_refused(
@@ -343,6 +352,9 @@ def test_store_from_url_reads_table_schema_and_pool_sizes(table: tuple[str, str]
         pytest.param(
             "postgresql://kg:s3cret@127.0.0.1/test?max_size=0", "positive int", id="bad size"
         ),
+        pytest.param(
+            "postgresql://kg:s3cret@127.0.0.1/test?prepare=no", "on or off", id="bad prepare"
+        ),
     ],
 )
 def test_bad_urls_are_refused_without_the_password(url: str, message: str) -> None:
@@ -403,11 +415,19 @@ def test_without_psycopg_building_says_what_to_install(monkeypatch: pytest.Monke
 # -- round trips ---------------------------------------------------------------------------
 
 
-def test_a_check_costs_exactly_one_round_trip(table: tuple[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("prepare", "first"),
+    [
+        # Preparing is one more round trip, once per connection: the first check's.
+        pytest.param(True, 2, id="prepared"),
+        pytest.param(False, 1, id="unprepared"),
+    ],
+)
+def test_a_check_costs_one_round_trip(table: tuple[str, str], prepare: bool, first: int) -> None:
     dsn, name = table
     store = PostgresStore(dsn, table=name)
     key = APIKeyManager(store).generate_key(user_id="u1")
-    with proxied_store(store) as (proxied, proxy):
+    with proxied_store(store, prepare=prepare) as (proxied, proxy):
         manager = APIKeyManager(proxied, last_used_resolution=None)
         costs = []
         # Enough checks on one connection to pass psycopg's auto-prepare threshold (5).
@@ -428,7 +448,7 @@ def test_a_check_costs_exactly_one_round_trip(table: tuple[str, str]) -> None:
             finally:
                 await proxied.aclose()
 
-        assert costs == [1] * 10
+        assert costs == [first] + [1] * 9
         assert asyncio.run(async_costs()) == [1] * 10
     store.close()
 

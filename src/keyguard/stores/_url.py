@@ -78,6 +78,8 @@ def _postgres(url: SplitResult, params: dict[str, str], create_schema: bool) -> 
     for name in ("min_size", "max_size"):
         if name in params:
             options[name] = _number(name, params.pop(name), int)
+    if "prepare" in params:
+        options["prepare"] = _switch("prepare", params.pop("prepare"))
     # The rest is for libpq, which knows its own parameters (sslmode, connect_timeout…).
     dsn = url._replace(query=urlencode(params)).geturl()
     return PostgresStore(dsn, create_schema=create_schema, **options)
@@ -107,6 +109,13 @@ def _number(name: str, value: str, kind: type[Any]) -> Any:
     return number
 
 
+def _switch(name: str, value: str) -> bool:
+    if value not in _SWITCH:
+        raise ValueError(f"store URL parameter {name} must be on or off, got {value!r}")
+    return _SWITCH[value]
+
+
+_SWITCH = {"on": True, "off": False, "1": True, "0": False}
 _CACHE_PARAMETERS = ("cache_ttl", "cache_max_entries", "cache_push", "cache_flood_filter")
 #: The cache's on/off switches: URL parameter -> CachedStore option.
 _CACHE_SWITCHES = {"cache_push": "push", "cache_flood_filter": "flood_filter"}
@@ -146,7 +155,8 @@ def store_from_url(url: str | None = None, *, create_schema: bool = True) -> Key
     Schemes: ``memory://``, ``sqlite:///relative.db``, ``sqlite:////absolute/path.db``,
     ``redis://host:6379/0?namespace=myapp`` (``rediss://`` for TLS) and
     ``postgresql://user@host:5432/db?table=keyguard_keys&schema=public`` (or
-    ``postgres://``). ``cache_ttl=<seconds>`` on any of them wraps the store in a
+    ``postgres://``; ``prepare=off`` for PgBouncer in transaction mode).
+    ``cache_ttl=<seconds>`` on any of them wraps the store in a
     :class:`~keyguard.CachedStore`. An unknown scheme or parameter raises
     :class:`ValueError`; a password in the URL never appears in a message.
     ``create_schema=False`` opens only an existing keyguard store (SQLite, PostgreSQL) and

@@ -44,6 +44,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._counting import Bucket
+from .._frozen import loads
 from ..events import KeyEvent
 from ..exceptions import StoreError
 from ..records import KeyInfo
@@ -79,8 +80,15 @@ _COLUMNS = (
     "last_used_at",
     "metadata_json",
 )
-# Our own pools run in autocommit without server-side prepared statements: every read is
-# then exactly one round trip, and PgBouncer in transaction mode works.
+# What a read of a record selects: its metadata as its exact JSON text, not as jsonb, which
+# psycopg would parse into a dict on every read, and a dict cannot key the decode cache.
+_READ_COLUMNS = (
+    '"digest", "key_id", "hash_scheme", "prefix", "hint", "user_id",'
+    ' coalesce("metadata_json", "metadata"::text),'
+    ' "created_at", "expires_at", "revoked_at", "last_used_at"'
+)
+# Records decoded recently, keyed by their row: an unchanged record is one lookup.
+_DECODE_CACHE = 4096
 # keyguard._counting.apply and expiry, mirrored in one function call per request. Missing
 # rows are inserted as placeholders (value 0, already expired), then every row is locked in
 # name order, so two requests sharing buckets wait for each other and never deadlock. A
@@ -142,7 +150,11 @@ END $$"""
 _CONSUME_ARGUMENTS = "(text[], float8[], float8[], float8[], float8, boolean)"
 # Forgotten counters are deleted once per this many charges by a store, not on every call.
 _SWEEP_EVERY = 4096
-_CONNECTION_KWARGS: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
+# Our own pools run in autocommit, so a read is one round trip. psycopg prepares a statement
+# after prepare_threshold runs on a connection (its default, 5); the reads of one record,
+# which every check is, ask to be prepared at their first run (see PostgresStore._one).
+# prepare=False sets the threshold to None: nothing is prepared.
+_CONNECTION_KWARGS: dict[str, Any] = {"autocommit": True}
 _LISTEN_KWARGS: dict[str, Any] = {
     "autocommit": True,
     "keepalives": 1,
@@ -206,14 +218,15 @@ def _without_nul(value: Any) -> Any:
 
 
 def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
-    digest, key_id, scheme, prefix, hint, user_id, metadata, created, *times, exact = row
+    """The record in a row of ``_READ_COLUMNS``."""
+    digest, key_id, scheme, prefix, hint, user_id, metadata, created, *times = row
     expires, revoked, used = times
     return KeyInfo(
         key_id=key_id,
         prefix=prefix,
         hint=hint,
         user_id=user_id,
-        metadata=metadata if exact is None else json.loads(exact),
+        metadata=loads(metadata),
         created_at=created.astimezone(timezone.utc),
         expires_at=_utc(expires),
         revoked_at=_utc(revoked),
@@ -281,6 +294,12 @@ class PostgresStore:
         for the middleware) and a connection that ran out is closed, not reused.
     :param create_schema: create missing tables, index and trigger; with False a missing
         table is a :class:`StoreError` (for roles without DDL rights).
+    :param prepare: use server-side prepared statements: a read of one record (a check's)
+        is prepared on each connection at its first run, other statements after psycopg's
+        ``prepare_threshold`` (5) runs. Set False for PgBouncer in transaction or statement
+        mode before 1.21, or with its ``max_prepared_statements`` at 0 (the default before
+        1.24). A pool passed in keeps its own ``prepare_threshold`` (None prepares nothing):
+        set that instead of ``prepare=False``.
     """
 
     def __init__(
@@ -295,9 +314,17 @@ class PostgresStore:
         max_size: int = 10,
         timeout: float = 5.0,
         create_schema: bool = True,
+        prepare: bool = True,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise TypeError("give PostgresStore either a dsn or a pool, not both or neither")
+        if not isinstance(prepare, bool):
+            raise TypeError(f"prepare must be True or False, not {prepare!r}")
+        if not prepare and (pool is not None or async_pool is not None):
+            raise TypeError(
+                "prepare=False applies to the pools the store opens; give your pool"
+                " kwargs={'prepare_threshold': None} instead"
+            )
         self.table = _identifier("table", table, _MAX_TABLE)
         self.schema = _identifier("schema", schema, 63)
         if not 1 <= min_size <= max_size:
@@ -313,6 +340,8 @@ class PostgresStore:
                 raise ValueError(f"invalid PostgreSQL DSN {redact_url(dsn)!r}: {reason}") from None
             self._conninfo: str = dsn
             self._kwargs: dict[str, Any] = dict(_CONNECTION_KWARGS)
+            if not prepare:
+                self._kwargs["prepare_threshold"] = None
         else:
             assert pool is not None
             # A pool may compute its settings per connection; take them as they are now.
@@ -321,6 +350,8 @@ class PostgresStore:
             self._kwargs = dict((kwargs() if callable(kwargs) else kwargs) or {})
         self._sizes = (min_size, max_size)
         self._timeout = timeout
+        self._prepare = prepare
+        self._decode = functools.lru_cache(maxsize=_DECODE_CACHE)(_row_to_info)
         self._owns_pool = pool is None
         self._pool: psycopg_pool.ConnectionPool[Any] | None = pool
         self._orphans: list[object] = []
@@ -357,7 +388,7 @@ class PostgresStore:
         sql = self._psycopg.sql
         table = sql.Identifier(self.schema, self.table)
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS)
-        select = sql.SQL("SELECT {} FROM {}").format(columns, table)
+        select = sql.SQL("SELECT {} FROM {}").format(sql.SQL(_READ_COLUMNS), table)
 
         def render(query: Any) -> bytes:
             return bytes(query.as_bytes(None))
@@ -725,12 +756,14 @@ class PostgresStore:
     # -- the sync contract -------------------------------------------------------------
 
     def _one(self, query: bytes, params: tuple[Any, ...], action: str) -> KeyInfo | None:
+        """The record a read by digest or key_id finds. Unless ``prepare=False`` the read is
+        prepared at its first run on each connection (one more round trip, once)."""
         try:
             with self._connection() as conn:
-                row = conn.execute(query, params).fetchone()
+                row = conn.execute(query, params, prepare=self._prepare).fetchone()
         except self._psycopg.Error as e:
             raise self._fail(action, e) from e
-        return None if row is None else _row_to_info(row)
+        return None if row is None else self._decode(row)
 
     def _write(self, query: bytes, params: tuple[Any, ...], action: str) -> bool:
         try:
@@ -1054,6 +1087,7 @@ class PostgresStore:
             pool, self._pool = self._pool, None
         if pool is not None and self._owns_pool:
             pool.close()
+        self._decode.cache_clear()
 
     # -- push invalidation -------------------------------------------------------------
 
@@ -1114,11 +1148,11 @@ class PostgresStore:
     async def _aone(self, query: bytes, params: tuple[Any, ...], action: str) -> KeyInfo | None:
         try:
             async with (await self._apool()).connection() as conn:
-                cursor = await conn.execute(query, params)
+                cursor = await conn.execute(query, params, prepare=self._prepare)
                 row = await cursor.fetchone()
         except self._psycopg.Error as e:
             raise self._fail(action, e) from e
-        return None if row is None else _row_to_info(row)
+        return None if row is None else self._decode(row)
 
     async def _awrite(self, query: bytes, params: tuple[Any, ...], action: str) -> bool:
         try:
