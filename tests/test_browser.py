@@ -101,8 +101,9 @@ def execute_whoami(driver: Any) -> str:
     )
     if "is-open" not in (operation.get_attribute("class") or ""):
         operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
-    try_out = operation.find_elements(By.CSS_SELECTOR, "button.try-out__btn")
-    if try_out and try_out[0].text.strip() == "Try it out":
+    # The operation's body renders after the click: wait for its button, never assume it.
+    try_out = wait.until(lambda d: operation.find_elements(By.CSS_SELECTOR, "button.try-out__btn"))
+    if try_out[0].text.strip() == "Try it out":
         try_out[0].click()
     clear = operation.find_elements(By.CSS_SELECTOR, "button.btn-clear")
     if clear:
