@@ -545,3 +545,27 @@ def test_a_page_reads_an_index_in_order_instead_of_sorting_the_table(db_path: Pa
         # A user's keys come in creation order from keyguard_records_user; only keys created
         # at the same instant are sorted (the "right part"), never the whole table.
         assert "TEMP B-TREE FOR ORDER BY" not in plan, plan
+
+
+def test_a_read_only_current_file_lists_and_checks_keys(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_store(db_path) as store:
+        manager = APIKeyManager(store)
+        key, info = manager.create_key(user_id="u1")
+        peppered = APIKeyManager(store, pepper="p" * 32).create_key(user_id="u1")[1]
+    before = db_path.read_bytes()
+    connect = sqlite3.connect
+
+    def read_only(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        # What a file this process may not write answers, even to root (who ignores modes).
+        conn: sqlite3.Connection = connect(*args, **kwargs)
+        conn.execute("PRAGMA query_only = 1")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", read_only)
+
+    with open_store(db_path) as store:
+        assert APIKeyManager(store, last_used_resolution=None).validate_key(key)
+        assert store.list_keys("u1", limit=10) == [info, peppered]
+    assert db_path.read_bytes() == before
