@@ -1,8 +1,9 @@
 """How a key record is laid out in ``keyguard_records``, the SQLite store's table of keys.
 
-The table is narrow because every index repeats the row's key: a million keys took 580 MiB
-in the first layout (a 64-character text digest as the key of a ``WITHOUT ROWID`` table and
-of all three of its indexes), about half that in this one. Per row:
+The table is narrow because every index repeats the row's key: a million keys with about
+100 bytes of metadata each took 587 MiB in the first layout (a 64-character text digest as
+the key of a ``WITHOUT ROWID`` table and of all three of its indexes) and take 329 MiB in
+this one (``benchmarks/bench_sqlite.py``). Per row:
 
 - ``id``, the rowid: 64 bits of BLAKE2b of the digest, so a check is one search of the
   table by rowid (then the row's digest is compared) and an index entry carries 8 bytes.
