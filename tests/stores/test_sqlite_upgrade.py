@@ -16,7 +16,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from datetime import datetime, timedelta, timezone
@@ -28,6 +27,7 @@ import pytest
 from keyguard import APIKeyManager, KeyInfo, SQLiteStore, StoreError
 from keyguard._frozen import loads
 from keyguard.stores import _sqlite_upgrade
+from keyguard.stores import sqlite as sqlite_module
 from keyguard.stores._sqlite_layout import pack_metadata
 from keyguard.stores.sqlite import SCHEMA_VERSION
 
@@ -495,42 +495,90 @@ def test_a_process_that_may_not_write_gets_a_clear_error(
     assert path.read_bytes() == before
 
 
-# A child that upgrades a version 1 file slowly, saying which statement it is in, so the
-# test can kill it there.
+def test_an_upgrade_that_cannot_compact_leaves_a_whole_file_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "keys.db"
+    infos = every_kind_of_record()
+    write_v1(path, infos)
+    other = sqlite3.connect(path, isolation_level=None)
+    upgrade = _sqlite_upgrade.upgrade_from_v1
+
+    def upgrade_then_hold_the_lock(conn: sqlite3.Connection, where: str) -> None:
+        # Another process takes the write lock just as the store starts its VACUUM.
+        def trace(sql: str) -> None:
+            if sql.startswith("VACUUM"):
+                other.execute("BEGIN IMMEDIATE")
+
+        conn.set_trace_callback(trace)
+        upgrade(conn, where)
+
+    monkeypatch.setattr(sqlite_module, "upgrade_from_v1", upgrade_then_hold_the_lock)
+    try:
+        SQLiteStore(path, timeout=0.1).close()
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+    assert "could not compact it" in caplog.text
+    assert raw(path, "PRAGMA freelist_count")[0][0] > 0
+    assert_holds_what_v1_held(path, [v1_row(info) for info in infos])
+
+
+# A child that upgrades a version 1 file and stops in one statement (as it starts, or after
+# a number of SQLite's progress callbacks within it), says so, and waits to be killed there.
 CHILD = """
 import sys, time
 from keyguard.stores import _sqlite_upgrade, sqlite
 
+path, target, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
 upgrade = _sqlite_upgrade.upgrade_from_v1
+running = [""]
 
-def slow_upgrade(conn, where):
-    conn.set_trace_callback(lambda sql: print(sql.split()[0], flush=True))
-    conn.set_progress_handler(lambda: time.sleep(0.001), 200)
+def stop():
+    print("stopped", flush=True)
+    time.sleep(600)
+
+def trace(sql):
+    running[:] = [sql.split()[0]]
+    if running[0] == target and calls == 0:
+        stop()
+
+def progress():
+    if running[0] == target:
+        running.append(target)
+        if len(running) > calls:
+            stop()
+    return 0
+
+def stopping_upgrade(conn, where):
+    conn.set_trace_callback(trace)
+    conn.set_progress_handler(progress, 100)
     return upgrade(conn, where)
 
-sqlite.upgrade_from_v1 = slow_upgrade
-sqlite.SQLiteStore(sys.argv[1]).close()
+sqlite.upgrade_from_v1 = stopping_upgrade
+sqlite.SQLiteStore(path).close()
 print("done", flush=True)
 """
 
 
 @pytest.mark.parametrize(
-    ("statement", "delay", "version"),
+    ("statement", "calls", "version"),
     [
-        pytest.param("INSERT", 0.05, "1", id="copying rows"),
-        pytest.param("DROP", 0.0, "1", id="old table dropped, not committed"),
-        pytest.param("VACUUM", 0.05, str(SCHEMA_VERSION), id="compacting"),
+        pytest.param("INSERT", 50, "1", id="copying rows"),
+        pytest.param("UPDATE", 0, "1", id="old table dropped, not committed"),
+        pytest.param("VACUUM", 20, str(SCHEMA_VERSION), id="compacting"),
     ],
 )
 def test_a_kill_during_the_upgrade_loses_nothing(
-    tmp_path: Path, statement: str, delay: float, version: str
+    tmp_path: Path, statement: str, calls: int, version: str
 ) -> None:
     path = tmp_path / "keys.db"
     infos = every_kind_of_record() + [record(1000 + n) for n in range(300)]
     write_v1(path, infos)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(path)],
+        [sys.executable, "-c", CHILD, str(path), statement, str(calls)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -538,15 +586,7 @@ def test_a_kill_during_the_upgrade_loses_nothing(
     )
     assert child.stdout is not None
     try:
-        seen: list[str] = []
-        deadline = time.monotonic() + 60
-        while statement not in seen:
-            line = child.stdout.readline().strip()
-            assert line and line != "done", f"the upgrade ended before {statement}: {seen}"
-            assert time.monotonic() < deadline
-            seen.append(line)
-        time.sleep(delay)
-        assert child.poll() is None, "the child finished before it was killed"
+        assert child.stdout.readline() == "stopped\n", f"{statement} never got that far"
         child.send_signal(signal.SIGKILL)
     finally:
         child.kill()
