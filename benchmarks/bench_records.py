@@ -34,6 +34,7 @@ from typing import Any
 
 from keyguard import APIKeyManager, MemoryStore
 from keyguard.stores import _redis_record, postgres, sqlite
+from keyguard.stores._sqlite_layout import pack_metadata
 
 DECODE_TARGET_US = 1.5
 MEMORY_TARGET_BYTES = 500
@@ -52,14 +53,22 @@ def us(value: datetime) -> bytes:
 
 #: The columns every SQL row starts with: digest, key_id, hash_scheme, prefix, hint, user_id.
 HEAD = (DIGEST, "key_3f9a1c0b7d2e4f60", "sha256", "sk_", "sk_…7d2e", "u123")
+#: A row of keyguard_records: digest bytes, the id of its hash scheme, no prefix (the hint
+#: shows it), the metadata after its leading user_id.
 SQLITE_ROW = (
-    *HEAD,
-    TEXT,
+    bytes.fromhex(DIGEST),
+    "key_3f9a1c0b7d2e4f60",
+    1,
+    None,
+    "sk_…7d2e",
+    "u123",
+    pack_metadata(TEXT, "u123"),
     CREATED.timestamp(),
     None,
     None,
     USED.timestamp(),
 )
+SQLITE_SCHEMES = {1: "sha256"}
 #: A Redis record as GET returns it: one string, format tag first, metadata last.
 REDIS_VALUE = b"\t".join(
     (b"v2", us(CREATED), b"", b"", us(USED), *(f.encode() for f in HEAD[1:]), TEXT.encode())
@@ -113,7 +122,7 @@ def decode_figures(passes: int, number: int) -> dict[str, float]:
     candidates: dict[str, Callable[[], object]] = {
         "json": lambda: json.loads(TEXT),
         "frozen": bare_record,
-        "sqlite": lambda: sqlite._row_to_info(SQLITE_ROW),
+        "sqlite": lambda: sqlite._row_to_info(SQLITE_ROW, SQLITE_SCHEMES),
         "redis": lambda: _redis_record._decode.__wrapped__(DIGEST, REDIS_VALUE),
         "postgres": lambda: postgres._row_to_info(pg_rows.pop()),
     }

@@ -11,7 +11,7 @@ same keys checked again within the ttl). Baselines measured in the same run:
 - ``drf-api-key``: djangorestframework-api-key's ``APIKey.objects.is_valid`` (one Django
   ORM query + SHA-512) on the same PostgreSQL with as many keys, when it is installed.
 
-Stores are bulk loaded (SQLite ``executemany``, Redis pipelined runs of the store's own
+Stores are bulk loaded (SQLite ``add`` in one transaction, Redis pipelined runs of the store's own
 Lua insert, PostgreSQL ``COPY``). Times are medians over ``--repeats`` passes of
 ``--sample`` checks each, in µs per check: this thread's CPU time for checks answered in
 this process (floor, memory, SQLite, cache hits), wall time for checks that wait on Redis
@@ -28,7 +28,6 @@ import asyncio
 import gc
 import hashlib
 import importlib
-import json
 import os
 import secrets
 import statistics
@@ -88,26 +87,10 @@ def load_memory(keys: list[str]) -> MemoryStore:
 
 def load_sqlite(keys: list[str], directory: Path) -> SQLiteStore:
     store = SQLiteStore(directory / "bench.db")
-    rows = [
-        (
-            info.digest,
-            info.key_id,
-            info.hash_scheme,
-            info.prefix,
-            info.hint,
-            info.user_id,
-            json.dumps(info.metadata),
-            info.created_at.timestamp(),
-        )
-        for info in records(keys)
-    ]
     conn = store._conn()  # one transaction; the public path commits each key
     conn.execute("BEGIN")
-    conn.executemany(
-        "INSERT INTO keyguard_keys (digest, key_id, hash_scheme, prefix, hint, user_id,"
-        " metadata, created_at) VALUES (?,?,?,?,?,?,?,?)",
-        rows,
-    )
+    for info in records(keys):
+        store.add(info)
     conn.execute("COMMIT")
     return store
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from keyguard import SQLiteStore
+from keyguard.stores._sqlite_layout import pack_metadata, row_id
 
 KEYS = 200_000
 # Flat is about 30 MB (the interpreter and one page); holding every key took 298 MB and up.
@@ -29,16 +30,18 @@ def large_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SQLite store holding ``KEYS`` keys of user ``U``, written directly for speed."""
     path = tmp_path_factory.mktemp("large") / "keys.db"
     SQLiteStore(path).close()
-    metadata = json.dumps({"user_id": "U"})
+    metadata = pack_metadata(json.dumps({"user_id": "U"}, separators=(",", ":")), "U")
     rows = (
-        (f"{n:064x}", f"key_{n:016x}", "sha256", "sk_", f"sk_…{n % 65536:04x}", "U", metadata,
+        (row_id(f"{n:064x}"), n.to_bytes(32, "big"), f"key_{n:016x}", 1, None,
+         f"sk_…{n % 65536:04x}", "U", metadata,
          1_700_000_000 + n // 4)  # four keys to a second: ties that page boundaries split
         for n in range(KEYS)
     )  # fmt: skip
     with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("INSERT INTO keyguard_hash_schemes (id, name) VALUES (1, 'sha256')")
         conn.executemany(
-            "INSERT INTO keyguard_keys (digest, key_id, hash_scheme, prefix, hint, user_id,"
-            " metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO keyguard_records (id, digest, key_id, scheme, prefix, hint, user_id,"
+            " metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
     return path

@@ -77,7 +77,7 @@ def test_database_is_in_wal_mode_with_a_schema_version(db_path: Path) -> None:
         ("schema_version", str(SCHEMA_VERSION))
     ]
     indexes = raw_query(db_path, "SELECT name FROM sqlite_master WHERE type = 'index'")
-    assert ("keyguard_keys_user",) in indexes
+    assert {("keyguard_records_user",), ("keyguard_records_created",)} <= set(indexes)
 
 
 def test_keys_are_stored_hashed(db_path: Path) -> None:
@@ -87,8 +87,8 @@ def test_keys_are_stored_hashed(db_path: Path) -> None:
     content = db_path.read_bytes()
     assert key.encode() not in content
     assert key[3:].encode() not in content
-    assert [row[0] for row in raw_query(db_path, "SELECT digest FROM keyguard_keys")] == [
-        APIKeyManager().digest(key)
+    assert [row[0] for row in raw_query(db_path, "SELECT digest FROM keyguard_records")] == [
+        bytes.fromhex(APIKeyManager().digest(key))
     ]
 
 
@@ -300,7 +300,7 @@ def test_a_damaged_record_is_a_store_error_naming_the_key(db_path: Path) -> None
         manager = APIKeyManager(store)
         key, info = manager.create_key(user_id="u1")
         with closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
-            conn.execute("UPDATE keyguard_keys SET metadata = '{not json'")
+            conn.execute("UPDATE keyguard_records SET metadata = '{not json'")
         with pytest.raises(StoreError, match=info.key_id):
             manager.verify(key)
         with pytest.raises(StoreError, match="damaged"):
@@ -321,7 +321,7 @@ def test_a_busy_database_skips_the_last_use_write_instead_of_waiting(db_path: Pa
         assert manager.verify(key).reason is Reason.OK
         assert time.monotonic() - started < 5.0
         other.execute("ROLLBACK")
-        assert raw_query(db_path, "SELECT last_used_at FROM keyguard_keys") == [(None,)]
+        assert raw_query(db_path, "SELECT last_used_at FROM keyguard_records") == [(None,)]
         # The lock timeout is back for writes that must not be lost.
         assert store._conn().execute("PRAGMA busy_timeout").fetchone() == (10_000,)
         assert manager.revoke_key(key)
@@ -402,6 +402,7 @@ def test_a_corrupt_store_is_refused_and_left_alone(
     [
         pytest.param(str(SCHEMA_VERSION + 1), repr(str(SCHEMA_VERSION + 1)), id="newer"),
         pytest.param("one", "'one'", id="not a number"),
+        pytest.param("0", "'0'", id="before version 1"),
     ],
 )
 def test_an_unknown_schema_version_is_refused_and_left_alone(
@@ -541,31 +542,18 @@ def test_a_page_reads_an_index_in_order_instead_of_sorting_the_table(db_path: Pa
         rows = raw_query(db_path, "EXPLAIN QUERY PLAN " + statement)
         plan = " / ".join(str(row[3]) for row in rows)
         assert "USING INDEX" in plan, plan
-        # A user's keys come in creation order from keyguard_keys_user; only keys created
+        # A user's keys come in creation order from keyguard_records_user; only keys created
         # at the same instant are sorted (the "right part"), never the whole table.
         assert "TEMP B-TREE FOR ORDER BY" not in plan, plan
 
 
-def test_a_file_from_before_paging_gains_its_index_and_lists_the_same(db_path: Path) -> None:
-    with open_store(db_path) as store:
-        manager = APIKeyManager(store)
-        expected = [manager.create_key(user_id=f"u{n % 2}")[1] for n in range(5)]
-    raw_query(db_path, "DROP INDEX keyguard_keys_created")  # as the previous version wrote it
-
-    with open_store(db_path) as store:
-        assert walk_pages(store, limit=2) == expected
-        assert walk_pages(store, "u1", limit=1) == [r for r in expected if r.user_id == "u1"]
-    indexes = raw_query(db_path, "SELECT name FROM sqlite_master WHERE type = 'index'")
-    assert ("keyguard_keys_created",) in indexes
-
-
-def test_a_read_only_file_from_before_paging_lists_without_its_index(
+def test_a_read_only_current_file_lists_and_checks_keys(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with open_store(db_path) as store:
         manager = APIKeyManager(store)
-        expected = [manager.create_key(user_id="u1")[1] for _ in range(3)]
-    raw_query(db_path, "DROP INDEX keyguard_keys_created")
+        key, info = manager.create_key(user_id="u1")
+        peppered = APIKeyManager(store, pepper="p" * 32).create_key(user_id="u1")[1]
     before = db_path.read_bytes()
     connect = sqlite3.connect
 
@@ -578,14 +566,6 @@ def test_a_read_only_file_from_before_paging_lists_without_its_index(
     monkeypatch.setattr(sqlite3, "connect", read_only)
 
     with open_store(db_path) as store:
-        assert walk_pages(store, limit=2) == expected
+        assert APIKeyManager(store, last_used_resolution=None).validate_key(key)
+        assert store.list_keys("u1", limit=10) == [info, peppered]
     assert db_path.read_bytes() == before
-
-
-def walk_pages(store: SQLiteStore, user_id: str | None = None, *, limit: int) -> list[Any]:
-    seen: list[Any] = []
-    after = None
-    while page := store.list_keys(user_id, limit=limit, after=after):
-        seen += page
-        after = page[-1].key_id
-    return seen

@@ -14,6 +14,7 @@ import pytest
 
 from keyguard import KeyStore, MemoryStore, RedisStore, SQLiteStore, StoreError
 from keyguard.stores.base import USAGE_RETENTION, UsageRow, UsageStore
+from keyguard.stores.sqlite import SCHEMA_VERSION
 from keyguard.usage import UsageRecorder, usage
 from tests.helpers import Clock
 from tests.stores.services import postgres_store, redis_store, require_redis
@@ -160,7 +161,7 @@ def test_sqlite_file_of_the_previous_version_opens_reads_empty_then_counts(
         version = conn.execute(
             "SELECT value FROM keyguard_meta WHERE name = 'schema_version'"
         ).fetchone()
-    assert version == ("1",)  # an additive table: files stay readable by the last version
+    assert version == (str(SCHEMA_VERSION),)  # an additive table: the version is unchanged
 
 
 def test_sqlite_forgets_expired_buckets_once_per_hour(tmp_path: Path) -> None:

@@ -4,11 +4,13 @@ Several processes (server workers, the CLI) share one file: WAL mode lets reader
 processes see each commit at once, and every statement runs in autocommit so a key created
 or revoked elsewhere is seen on the next check.
 
+Keys live in ``keyguard_records``, laid out narrow (see :mod:`._sqlite_layout`); a file of
+schema version 1 is upgraded to it when a process that may write opens it (see
+:mod:`._sqlite_upgrade`).
+
 Usage counts live in a ``keyguard_usage`` table made on the first write of counts: the table
 is additive (the schema version is unchanged), so a file of an earlier keyguard opens as
-before, and a store without the table reads as having no counts. Audit events live in a
-``keyguard_events`` table, made with the schema (and added on open to files made before
-it, when writable); a read-only file without it reads as having no events.
+before, and a store without the table reads as having no counts.
 
 The module also holds what decides whether a file is a keyguard store at all (header,
 schema, foreign files refused untouched) and the counter and usage tables that share the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -36,29 +39,35 @@ from ..events import KeyEvent
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._fork import reset_after_fork
+from ._sqlite_layout import (
+    COLUMNS,
+    INDEXES,
+    TABLES,
+    encode_record,
+    locate,
+    metadata_text,
+    pack_metadata,
+    row_id,
+    unpack_metadata,
+)
+from ._sqlite_upgrade import upgrade_from_v1
 from .base import UsageRow, page_size_checked, unchanged, unknown_cursor, usage_cutoffs
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION = 1
+logger = logging.getLogger("keyguard")
+
+#: Version 2 keeps keys in ``keyguard_records``; version 1 files are upgraded on open.
+SCHEMA_VERSION = 2
 _SQLITE_HEADER = b"SQLite format 3\x00"
-_COLUMNS = (
-    "digest, key_id, hash_scheme, prefix, hint, user_id, metadata,"
-    " created_at, expires_at, revoked_at, last_used_at"
-)
 # Rate-limit and quota counters (see keyguard._counting); added to version 1 files in place.
 _COUNTERS_TABLE = """CREATE TABLE IF NOT EXISTS keyguard_counters (
     name TEXT PRIMARY KEY,
     value REAL NOT NULL,
     expires_at REAL
 ) WITHOUT ROWID"""
-# Pages of the listing of all users in key order; a user's pages use keyguard_keys_user,
-# sorting only keys created at the same instant. Files of versions without it gain it.
-_LIST_INDEX = (
-    "CREATE INDEX IF NOT EXISTS keyguard_keys_created ON keyguard_keys (created_at, key_id)"
-)
 # Audit events, all kept; AUTOINCREMENT ids never repeat, so they order events of the same
-# time by when they were added, in every process. Added to version 1 files in place.
+# time by when they were added, in every process. Added to older files in place.
 _EVENTS_TABLE = """CREATE TABLE IF NOT EXISTS keyguard_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -74,31 +83,28 @@ CREATE TABLE IF NOT EXISTS keyguard_meta (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS keyguard_keys (
-    digest TEXT PRIMARY KEY,
-    key_id TEXT NOT NULL UNIQUE,
-    hash_scheme TEXT NOT NULL,
-    prefix TEXT NOT NULL,
-    hint TEXT NOT NULL,
-    user_id TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL,
-    revoked_at REAL,
-    last_used_at REAL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS keyguard_keys_user ON keyguard_keys (user_id, created_at);
+{TABLES};
+{INDEXES};
 {_COUNTERS_TABLE};
-{_LIST_INDEX};
 {_EVENTS_TABLE};
 INSERT OR IGNORE INTO keyguard_meta (name, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
 """
-_SELECT = f"SELECT {_COLUMNS} FROM keyguard_keys"
-_GET = f"{_SELECT} WHERE digest = ?"
+_SELECT = f"SELECT {COLUMNS} FROM keyguard_records"
+_GET = f"{_SELECT} WHERE id = ?"
 _GET_BY_ID = f"{_SELECT} WHERE key_id = ?"
-_CREATED_AT = "SELECT created_at FROM keyguard_keys WHERE key_id = ?"
-_DIGESTS = "SELECT digest FROM keyguard_keys ORDER BY digest LIMIT ?"
-_DIGESTS_AFTER = "SELECT digest FROM keyguard_keys WHERE digest > ? ORDER BY digest LIMIT ?"
+_CREATED_AT = "SELECT created_at FROM keyguard_records WHERE key_id = ?"
+_DIGESTS = "SELECT id, digest FROM keyguard_records ORDER BY id LIMIT ?"
+_DIGESTS_AFTER = "SELECT id, digest FROM keyguard_records WHERE id > ? ORDER BY id LIMIT ?"
+_ADD_EVENT = (
+    "INSERT INTO keyguard_events (at, key_id, action, actor, changes) VALUES (?, ?, ?, ?, ?)"
+)
+_ADD = (
+    f"INSERT INTO keyguard_records (id, {COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT DO NOTHING"
+)
+# Another process holding the write lock of a version 1 file is most likely upgrading it:
+# worth waiting for, since the alternative is a worker that fails to start. Seconds.
+_UPGRADE_WAIT = 600.0
 _DECODE_CACHE = 4096
 # Forgotten counters are deleted once per this many charges by a process, not on every call.
 _SWEEP_EVERY = 4096
@@ -122,11 +128,6 @@ _READ_USAGE = (
 )
 
 
-_ADD_EVENT = (
-    "INSERT INTO keyguard_events (at, key_id, action, actor, changes) VALUES (?, ?, ?, ?, ?)"
-)
-
-
 def _ts(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
 
@@ -137,26 +138,6 @@ def _dt(value: float | None) -> datetime | None:
 
 def _expired(expires_at: float | None, now: float) -> bool:
     return expires_at is not None and expires_at <= now
-
-
-def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
-    digest, key_id, scheme, prefix, hint, user_id, metadata, created, expires, revoked, used = row
-    try:
-        return KeyInfo(
-            key_id=key_id,
-            prefix=prefix,
-            hint=hint,
-            user_id=user_id,
-            metadata=loads(metadata),
-            created_at=datetime.fromtimestamp(created, timezone.utc),
-            expires_at=_dt(expires),
-            revoked_at=_dt(revoked),
-            last_used_at=_dt(used),
-            digest=digest,
-            hash_scheme=scheme,
-        )
-    except (ValueError, TypeError, OverflowError, AttributeError) as e:
-        raise StoreError(f"the stored record of {key_id!r} is damaged: {e}") from e
 
 
 def _row_to_event(row: tuple[Any, ...]) -> KeyEvent:
@@ -171,6 +152,27 @@ def _row_to_event(row: tuple[Any, ...]) -> KeyEvent:
         )
     except (ValueError, TypeError, OverflowError) as e:
         raise StoreError(f"a stored event of {key_id!r} is damaged: {e}") from e
+
+
+def _row_to_info(row: tuple[Any, ...], schemes: dict[int, str]) -> KeyInfo:
+    """The record of a row of :data:`COLUMNS`; ``schemes`` names the hash schemes by id."""
+    digest, key_id, scheme, prefix, hint, user, packed, created, expires, revoked, used = row
+    try:
+        return KeyInfo(
+            key_id=key_id,
+            prefix=hint.partition("…")[0] if prefix is None else prefix,
+            hint=hint,
+            user_id=user,
+            metadata=loads(unpack_metadata(packed, user)),
+            created_at=datetime.fromtimestamp(created, timezone.utc),
+            expires_at=_dt(expires),
+            revoked_at=_dt(revoked),
+            last_used_at=_dt(used),
+            digest=digest.hex() if type(digest) is bytes else digest,
+            hash_scheme=schemes[scheme],
+        )
+    except (ValueError, TypeError, OverflowError, AttributeError, KeyError) as e:
+        raise StoreError(f"the stored record of {key_id!r} is damaged: {e!r}") from e
 
 
 class _Closer:
@@ -200,6 +202,9 @@ class SQLiteStore:
     :param create_schema: make a store of a missing or empty file; with False, only an
         existing keyguard store opens, and a missing or empty file is an error (nothing is
         created): what read-only tools want.
+
+    A file of an earlier schema version is upgraded when it is opened (either way), in
+    one transaction; a process that may not write it gets a ``StoreError`` saying so.
     """
 
     def __init__(
@@ -218,7 +223,13 @@ class SQLiteStore:
         self._closed = False
         # An unchanged row decodes to the same KeyInfo: JSON parsing and datetime building
         # would otherwise cost more than the query on every check of a hot key.
-        self._decode = functools.lru_cache(maxsize=_DECODE_CACHE)(_row_to_info)
+        # Hash scheme names by id and ids by name: that table only ever gains rows, so these
+        # only ever gain entries (a decode in another thread never sees one go missing).
+        self._schemes: dict[int, str] = {}
+        self._scheme_ids: dict[str, int] = {}
+        self._decode = functools.lru_cache(maxsize=_DECODE_CACHE)(
+            functools.partial(_row_to_info, schemes=self._schemes)
+        )
         self._prepare_file(create_schema)
         self._charges = 0
         self._check_and_migrate(create_schema)
@@ -281,7 +292,7 @@ class SQLiteStore:
                     "SELECT value FROM keyguard_meta WHERE name = 'schema_version'"
                 ).fetchone()
                 version = int(row[0]) if row and str(row[0]).isdigit() else None
-                if version is None or version > SCHEMA_VERSION:
+                if version is None or not 1 <= version <= SCHEMA_VERSION:
                     raise StoreError(
                         f"{str(self.path)!r} has keyguard schema version {row and row[0]!r};"
                         f" this keyguard supports up to {SCHEMA_VERSION}"
@@ -290,11 +301,12 @@ class SQLiteStore:
             if current and self._journal_mode(conn) == "wal":
                 if "keyguard_counters" not in tables and create:
                     self._add_counters_table(conn)
-                if ("index", "keyguard_keys_created") not in schema:
-                    self._add_list_index(conn)
                 if "keyguard_events" not in tables:
                     self._add_events_table(conn)
                 return  # nothing else to write: a read-only store file stays readable
+            if version is not None and version < SCHEMA_VERSION:
+                self._upgrade(conn, version)
+                return
             # WAL lets readers in other processes see commits at once, without blocking writers.
             self._enable_wal(conn)
             conn.execute("BEGIN IMMEDIATE")
@@ -337,9 +349,9 @@ class SQLiteStore:
     def _add_events_table(conn: sqlite3.Connection) -> None:
         """Give a store made before events their table, if the file is writable.
 
-        Done on every open (``create_schema=False`` too, as for the list index), so the
-        CLI's first ``revoke`` on an older file is recorded. A read-only file still opens:
-        it reads as having no events, and recording one is an error.
+        Done on every open (``create_schema=False`` too), so the CLI's first ``revoke`` on
+        an older file is recorded. A read-only file still opens: it reads as having no
+        events, and recording one is an error.
         """
         try:
             for statement in _EVENTS_TABLE.split(";"):
@@ -348,18 +360,80 @@ class SQLiteStore:
             if "readonly" not in str(e):
                 raise
 
-    @staticmethod
-    def _add_list_index(conn: sqlite3.Connection) -> None:
-        """Index a file written before keyset paging, if this process may write it.
+    def _upgrade(self, conn: sqlite3.Connection, version: int) -> None:
+        """Bring a file of an earlier schema version to this one, in one transaction.
 
-        Without the index a file still lists correctly, only each page of all users' keys
-        sorts the whole table; a read-only copy is worth reading all the same.
+        An interrupted upgrade (a crash, a kill, an error) leaves the file as it was, and the
+        next process to open it starts again. A process that may not write the file gets a
+        ``StoreError`` saying so: it cannot read keys it does not know the layout of.
+        """
+        self._enable_wal(conn)
+        wait = max(self._timeout, _UPGRADE_WAIT)
+        conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise self._upgrade_error(version, e) from e
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+        try:
+            row = conn.execute(
+                "SELECT value FROM keyguard_meta WHERE name = 'schema_version'"
+            ).fetchone()
+            upgrading = row != (str(SCHEMA_VERSION),)  # else another process just did it
+            if upgrading:
+                started = time.monotonic()
+                upgrade_from_v1(conn, repr(str(self.path)))
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(
+                    "UPDATE keyguard_meta SET value = ? WHERE name = 'schema_version'",
+                    (str(SCHEMA_VERSION),),
+                )
+                logger.info(
+                    "upgraded SQLite key store %r from schema version %d to %d in %.1f s",
+                    str(self.path),
+                    version,
+                    SCHEMA_VERSION,
+                    time.monotonic() - started,
+                )
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError):
+                raise self._upgrade_error(version, e) from e
+            raise
+        conn.execute("COMMIT")
+        if upgrading:
+            self._compact(conn)
+
+    def _compact(self, conn: sqlite3.Connection) -> None:
+        """Give the pages of the old table back to the file system, if nothing is in the way.
+
+        The upgraded file is whole either way: a VACUUM that cannot run now (another
+        process is writing, the disk is short of the room it needs) only leaves the file
+        larger until ``VACUUM`` is run on it, and the free pages are reused by new keys.
         """
         try:
-            conn.execute(_LIST_INDEX)
-        except sqlite3.OperationalError as e:
-            if "readonly" not in str(e):
-                raise
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            logger.warning(
+                "upgraded SQLite key store %r but could not compact it (%s); run VACUUM on it"
+                " to return the old table's space",
+                str(self.path),
+                e,
+            )
+
+    def _upgrade_error(self, version: int, e: sqlite3.OperationalError) -> StoreError:
+        need = ""
+        if "readonly" in str(e):
+            need = "; open it once with write access to the file and its directory to upgrade it"
+        return StoreError(
+            f"cannot upgrade SQLite key store {str(self.path)!r} from schema version {version}"
+            f" to {SCHEMA_VERSION}: {e}{need}"
+        )
 
     @staticmethod
     def _journal_mode(conn: sqlite3.Connection) -> str:
@@ -421,46 +495,45 @@ class SQLiteStore:
         except sqlite3.Error as e:
             raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
 
+    def _scheme_id(self, name: str) -> int:
+        scheme = self._scheme_ids.get(name)
+        if scheme is None:
+            self._execute(
+                "INSERT INTO keyguard_hash_schemes (name) VALUES (?) ON CONFLICT DO NOTHING",
+                (name,),
+            )
+            self._load_schemes()
+            scheme = self._scheme_ids[name]
+        return scheme
+
+    def _load_schemes(self) -> None:
+        rows = self._execute("SELECT id, name FROM keyguard_hash_schemes").fetchall()
+        self._schemes.update(rows)
+        self._scheme_ids.update((name, scheme) for scheme, name in rows)
+
     def add(self, info: KeyInfo) -> bool:
-        cursor = self._execute(
-            f"INSERT INTO keyguard_keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT DO NOTHING",
-            (
-                info.digest,
-                info.key_id,
-                info.hash_scheme,
-                info.prefix,
-                info.hint,
-                info.user_id,
-                json.dumps(info.metadata, separators=(",", ":")),
-                info.created_at.timestamp(),
-                _ts(info.expires_at),
-                _ts(info.revoked_at),
-                _ts(info.last_used_at),
-            ),
-        )
-        return cursor.rowcount == 1
+        row = encode_record(info, self._scheme_id(info.hash_scheme))
+        return self._execute(_ADD, row).rowcount == 1
 
     def get(self, digest: str) -> KeyInfo | None:
-        row = self._execute(_GET, (digest,)).fetchone()
-        return None if row is None else self._decode(row)
+        row = self._execute(_GET, (row_id(digest),)).fetchone()
+        if row is None:
+            return None
+        if row[2] not in self._schemes:  # a scheme added since this process last looked
+            self._load_schemes()
+        info = self._decode(row)
+        # Compared here rather than in SQL, so that a check of a key whose record is in the
+        # decode cache turns no hex into bytes: the row found has another digest only if
+        # two digests share their 64-bit id, which add() never lets happen.
+        return info if info.digest == digest else None
 
     def get_by_id(self, key_id: str) -> KeyInfo | None:
         row = self._execute(_GET_BY_ID, (key_id,)).fetchone()
-        return None if row is None else self._decode(row)
-
-    def count_keys(self) -> int:
-        return int(self._execute("SELECT count(*) FROM keyguard_keys").fetchone()[0])
-
-    def iter_digests(self, page_size: int = 10_000) -> Iterator[str]:
-        """Pages in digest order, each after the last digest of the one before (keyset)."""
-        page_size_checked(page_size)
-        rows = self._execute(_DIGESTS, (page_size,)).fetchall()
-        while True:
-            yield from (digest for (digest,) in rows)
-            if len(rows) < page_size:
-                return
-            rows = self._execute(_DIGESTS_AFTER, (rows[-1][0], page_size)).fetchall()
+        if row is None:
+            return None
+        if row[2] not in self._schemes:
+            self._load_schemes()
+        return self._decode(row)
 
     def list_keys(
         self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
@@ -482,37 +555,50 @@ class SQLiteStore:
             sql += " WHERE " + " AND ".join(where)
         params.append(-1 if limit is None else limit)  # LIMIT -1: no limit
         rows = self._execute(f"{sql} ORDER BY created_at, key_id LIMIT ?", tuple(params))
-        return [_row_to_info(row) for row in rows.fetchall()]
+        found = rows.fetchall()
+        if any(row[2] not in self._schemes for row in found):
+            self._load_schemes()
+        return [_row_to_info(row, self._schemes) for row in found]
 
     def revoke(self, digest: str, at: datetime) -> bool:
         cursor = self._execute(
-            "UPDATE keyguard_keys SET revoked_at = ? WHERE digest = ? AND revoked_at IS NULL",
-            (at.timestamp(), digest),
+            "UPDATE keyguard_records SET revoked_at = ?"
+            " WHERE id = ? AND digest = ? AND revoked_at IS NULL",
+            (at.timestamp(), *locate(digest)),
         )
         return cursor.rowcount == 1
 
     def set_expiry(self, digest: str, expires_at: datetime | None) -> bool:
         cursor = self._execute(
-            "UPDATE keyguard_keys SET expires_at = ? WHERE digest = ?", (_ts(expires_at), digest)
+            "UPDATE keyguard_records SET expires_at = ? WHERE id = ? AND digest = ?",
+            (_ts(expires_at), *locate(digest)),
         )
         return cursor.rowcount == 1
 
     def update(self, info: KeyInfo, expected: KeyInfo) -> bool:
         """Compare and set in one write transaction: ``BEGIN IMMEDIATE`` takes the file's
-        write lock before the record is read, so no other process changes it between."""
+        write lock before the record is read, so no other process changes it between.
+
+        Metadata is packed against the row's own user_id (which update never changes), so
+        it is stored whole if ``info`` names another.
+        """
+        text = metadata_text(info.metadata)
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                row = conn.execute(_GET, (info.digest,)).fetchone()
-                changed = unchanged(None if row is None else self._decode(row), expected)
+                changed = unchanged(self.get(info.digest), expected)
                 if changed:
                     conn.execute(
-                        "UPDATE keyguard_keys SET metadata = ?, expires_at = ? WHERE digest = ?",
+                        "UPDATE keyguard_records"
+                        " SET metadata = CASE WHEN user_id = ? THEN ? ELSE ? END,"
+                        " expires_at = ? WHERE id = ? AND digest = ?",
                         (
-                            json.dumps(info.metadata, separators=(",", ":")),
+                            info.user_id,
+                            pack_metadata(text, info.user_id),
+                            text,
                             _ts(info.expires_at),
-                            info.digest,
+                            *locate(info.digest),
                         ),
                     )
                 conn.execute("COMMIT")
@@ -522,6 +608,20 @@ class SQLiteStore:
         except sqlite3.Error as e:
             raise StoreError(f"SQLite key store {str(self.path)!r}: {e}") from e
         return changed
+
+    def count_keys(self) -> int:
+        return int(self._execute("SELECT count(*) FROM keyguard_records").fetchone()[0])
+
+    def iter_digests(self, page_size: int = 10_000) -> Iterator[str]:
+        """Pages in rowid order, each after the last rowid of the one before (keyset)."""
+        page_size_checked(page_size)
+        rows = self._execute(_DIGESTS, (page_size,)).fetchall()
+        while True:
+            for _, digest in rows:
+                yield digest.hex() if isinstance(digest, bytes) else digest
+            if len(rows) < page_size:
+                return
+            rows = self._execute(_DIGESTS_AFTER, (rows[-1][0], page_size)).fetchall()
 
     def touch(self, digest: str, at: datetime) -> None:
         """Record a use, but never wait for another process's write lock.
@@ -535,8 +635,8 @@ class SQLiteStore:
             conn.execute("PRAGMA busy_timeout = 0")
             try:
                 conn.execute(
-                    "UPDATE keyguard_keys SET last_used_at = ? WHERE digest = ?",
-                    (at.timestamp(), digest),
+                    "UPDATE keyguard_records SET last_used_at = ? WHERE id = ? AND digest = ?",
+                    (at.timestamp(), *locate(digest)),
                 )
             finally:
                 conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
