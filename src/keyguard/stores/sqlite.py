@@ -14,7 +14,8 @@ before, and a store without the table reads as having no counts.
 
 The module also holds what decides whether a file is a keyguard store at all (header,
 schema, foreign files refused untouched) and the counter and usage tables that share the
-file, so it runs over the house size: one file's schema is kept in one place.
+file, so it runs over the house size: one file's schema is put together in one place (the
+keys table's own columns are described where its rows are made, in the layout module).
 """
 
 from __future__ import annotations
