@@ -45,7 +45,10 @@ WORKER_CLASS = (
 @contextmanager
 def gunicorn(store_url: str, log: Path, *options: str, workers: int = WORKERS) -> Iterator[str]:
     """Serve tests/multiworker_app.py with uvicorn workers (3 by default); yield its URL."""
-    env = {**os.environ, "KEYGUARD_STORE": store_url, "PYTHONPATH": str(ROOT)}
+    # src first: the workers run this checkout's keyguard (a git worktree's too), and the
+    # root makes tests.multiworker_app importable.
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    env = {**os.environ, "KEYGUARD_STORE": store_url, "PYTHONPATH": path}
     # Recent gunicorn opens a control socket at one fixed path that parallel runs would share.
     control_socket = ["--no-control-socket"] if _has_control_socket() else []
     with log.open("w") as out:
