@@ -23,8 +23,8 @@ workers starting together do not race) and never altered or dropped automaticall
   or given a new expiry, by keyguard or by hand, so caches elsewhere can drop it at once.
 
 The module holds the sync store, its async twin and the SQL both run, for the keys, the
-counters and the usage counts, so it is longer than most: splitting the twins or the
-tables apart would split one schema across files.
+counters, the usage counts, the audit events and the digest listing, so it is longer than
+most: splitting the twins or the tables apart would split one schema across files.
 
 psycopg is imported only when a store is built (``pip install 'keyguard[postgres]'``).
 """

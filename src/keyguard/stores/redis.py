@@ -31,8 +31,9 @@ answers ``WRONGTYPE``, ``MGET`` nil) upgrades it, then, once per process, upgrad
 whole namespace (:meth:`RedisStore._migrate`).
 
 The module holds the sync store, its async twin and the Lua scripts both run, for the
-keys, the counters and the usage counts, so it is longer than most: splitting the twins
-or the key families apart would split one layout across files.
+keys, the counters, the usage counts, the audit events and the digest listing, so it is
+longer than most: splitting the twins or the key families apart would split one layout
+across files (the record's encoding alone lives in ``_redis_record``).
 """
 
 from __future__ import annotations
