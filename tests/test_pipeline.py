@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Any
 
 import pytest
 
-from keyguard import APIKeyManager, InvalidKeyError, KeyInfo, Reason
+from keyguard import APIKeyManager, InvalidKeyError, KeyInfo, Reason, mask_key
 from keyguard._middleware import has_dot_segment
 from keyguard.identity import AnonymousUser, APIKeyUser
 from keyguard.pipeline import Pipeline
 from keyguard.problems import Problem
+from keyguard.records import UNREAD
 from tests.helpers import BrokenStore
 
 
@@ -242,6 +244,34 @@ def test_a_failing_store_is_a_503(caplog: pytest.LogCaptureFixture) -> None:
     assert isinstance(problem, Problem)
     assert (problem.status, problem.code) == (503, "store_unavailable")
     assert "the store is down" in caplog.text
+    assert key not in caplog.text
+
+
+def test_damaged_stored_metadata_is_a_503(caplog: pytest.LogCaptureFixture) -> None:
+    # A store parses a record's metadata when it is first read, which is in the pipeline.
+    manager = APIKeyManager()
+    key = manager.format.generate()
+    manager.store.add(
+        KeyInfo(
+            key_id="key_damaged",
+            prefix="sk_",
+            hint=mask_key(key),
+            user_id="u",
+            metadata=UNREAD,
+            metadata_json='{"user_id": "u", "permissions": [',
+            created_at=datetime.now(timezone.utc),
+            digest=manager.digest(key),
+        )
+    )
+    pipeline = make_pipeline(required_scopes=())
+
+    problem = pipeline.authenticate(manager, [(False, key)])
+    aproblem = asyncio.run(pipeline.aauthenticate(manager, [(False, key)]))
+
+    for outcome in (problem, aproblem):
+        assert isinstance(outcome, Problem)
+        assert (outcome.status, outcome.code) == (503, "store_unavailable")
+    assert "the stored metadata of key 'key_damaged' is damaged" in caplog.text
     assert key not in caplog.text
 
 

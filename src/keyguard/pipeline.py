@@ -320,9 +320,10 @@ class Pipeline:
                 return throttled
         try:
             info = manager.check(key)
+            # The first read of the key's policy: stored metadata that is damaged fails here.
+            outcome: KeyInfo | Admission | Problem = self.admit(info, address)
         except KeyguardError as e:
             return self._failed(manager, e, address, now)
-        outcome: KeyInfo | Admission | Problem = self.admit(info, address)
         if info.rate_limits or info.quota is not None or self.rate_limits:
             try:
                 if outcome is info:
@@ -360,9 +361,9 @@ class Pipeline:
                 return throttled
         try:
             info = await manager.acheck(key)
+            outcome: KeyInfo | Admission | Problem = self.admit(info, address)
         except KeyguardError as e:
             return self._failed(manager, e, address, now)
-        outcome: KeyInfo | Admission | Problem = self.admit(info, address)
         if info.rate_limits or info.quota is not None or self.rate_limits:
             try:
                 if outcome is info:

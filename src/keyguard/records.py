@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import datetime, timezone
 from email.utils import format_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._frozen import freeze
+from ._frozen import FrozenDict, freeze, loads
+from .exceptions import StoreError
 from .limits import Quota, Rate, parse_quota, parse_rates
 from .networks import Network, parse_networks
 
-__all__ = ["KeyInfo"]
+__all__ = ["UNREAD", "KeyInfo"]
+
+#: The ``metadata`` a store passes with ``metadata_json``: a placeholder, never read.
+UNREAD: dict[str, Any] = FrozenDict()
 
 # One shared float for "never" (revoked, or never used), instead of one per record.
 _NEVER = -math.inf
@@ -32,6 +36,16 @@ class KeyInfo:
     Times are timezone-aware UTC datetimes. A record is shared between requests, so it
     is immutable and its ``metadata`` is read-only (changing it raises ``TypeError``);
     ``get_metadata`` copies.
+
+    A store builds a record from a row with ``metadata_json``, the metadata's JSON text,
+    and ``metadata=UNREAD``: the text is parsed when the metadata, or a field derived from
+    it (``scopes`` … ``deprecation``), is first read, so a check that needs only the
+    expiry and revocation never parses it. Those fields are slots left empty until then:
+    ``__getattr__``, which Python calls only for an attribute not found, fills them all
+    at once, and later reads are plain slot reads. Stored metadata that is not a JSON
+    object, or holds an invalid limit or network, raises :class:`~keyguard.StoreError`
+    where it is first read. A record built from ``metadata`` is complete at once, and
+    invalid fields raise ``ValueError`` there.
     """
 
     key_id: str
@@ -45,6 +59,8 @@ class KeyInfo:
     last_used_at: datetime | None = None
     digest: str = field(default="", repr=False)
     hash_scheme: str = "sha256"
+    #: The metadata as JSON text, parsed on first read; only with ``metadata=UNREAD``.
+    metadata_json: InitVar[str | None] = field(default=None, kw_only=True)
     scopes: tuple[str, ...] = field(init=False, compare=False)
     rate_limits: tuple[Rate, ...] = field(init=False, compare=False)
     quota: Quota | None = field(init=False, compare=False)
@@ -61,19 +77,17 @@ class KeyInfo:
     #: ``last_used_at`` as a POSIX timestamp (``-inf`` if never used), so deciding whether
     #: a use is worth recording is one float compare.
     last_used_ts: float = field(init=False, repr=False, compare=False)
+    #: The JSON text of metadata not parsed yet, else None.
+    _metadata_json: str | None = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        metadata = freeze(self.metadata)
-        object.__setattr__(self, "metadata", metadata)
-        object.__setattr__(self, "scopes", tuple(metadata.get("permissions") or ()))
-        rates = metadata.get("rate_limits")
-        object.__setattr__(self, "rate_limits", parse_rates(rates) if rates else ())
-        quota = metadata.get("quota")
-        object.__setattr__(self, "quota", None if quota is None else parse_quota(quota))
-        object.__setattr__(self, "family_id", metadata.get("family_id") or self.key_id)
-        allowed = metadata.get("allowed_ips")
-        object.__setattr__(self, "allowed_ips", parse_networks(allowed) if allowed else ())
-        object.__setattr__(self, "deprecation", _deprecation(metadata, self.expires_at))
+    def __post_init__(self, metadata_json: str | None) -> None:
+        if metadata_json is None:
+            metadata = freeze(self.metadata)
+            object.__setattr__(self, "metadata", metadata)
+            self._derive(metadata)
+        else:
+            object.__setattr__(self, "_metadata_json", metadata_json)
+            object.__delattr__(self, "metadata")
         if self.revoked_at is not None:
             valid_until = _NEVER
         else:
@@ -81,6 +95,42 @@ class KeyInfo:
         object.__setattr__(self, "valid_until", valid_until)
         used = _NEVER if self.last_used_at is None else self.last_used_at.timestamp()
         object.__setattr__(self, "last_used_ts", used)
+
+    if not TYPE_CHECKING:  # for mypy, every field is simply there
+
+        def __getattr__(self, name: str) -> Any:
+            # Only reached for a slot still empty: a stored record's metadata not yet read.
+            if name == "metadata" or name in _DERIVED:
+                self._read_metadata()
+                return object.__getattribute__(self, name)
+            raise AttributeError(f"'KeyInfo' object has no attribute {name!r}")
+
+    def _read_metadata(self) -> None:
+        """Parse ``metadata_json`` and fill the metadata and the fields derived from it."""
+        try:
+            metadata = loads(self._metadata_json)  # type: ignore[arg-type]
+            if type(metadata) is not FrozenDict:
+                raise ValueError("not a JSON object")
+            self._derive(metadata)
+        except (ValueError, TypeError) as e:
+            raise StoreError(f"the stored metadata of key {self.key_id!r} is damaged: {e}") from e
+        object.__setattr__(self, "metadata", metadata)
+        object.__setattr__(self, "_metadata_json", None)
+
+    def _derive(self, metadata: dict[str, Any]) -> None:
+        """Set the fields derived from ``metadata``; ``ValueError`` (and none set) if one is
+        invalid."""
+        rates, quota, allowed = (metadata.get(k) for k in ("rate_limits", "quota", "allowed_ips"))
+        derived = {
+            "scopes": tuple(metadata.get("permissions") or ()),
+            "rate_limits": parse_rates(rates) if rates else (),
+            "quota": None if quota is None else parse_quota(quota),
+            "family_id": metadata.get("family_id") or self.key_id,
+            "allowed_ips": parse_networks(allowed) if allowed else (),
+            "deprecation": _deprecation(metadata, self.expires_at),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     @property
     def rotated_from(self) -> str | None:
@@ -108,6 +158,10 @@ class KeyInfo:
         if self.is_expired(now):
             return "expired"
         return "active"
+
+
+#: The fields computed from the metadata on first read.
+_DERIVED = frozenset({"scopes", "rate_limits", "quota", "family_id", "allowed_ips", "deprecation"})
 
 
 def _deprecation(

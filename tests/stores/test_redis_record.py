@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import math
 import secrets
 import threading
 from collections.abc import Iterator
@@ -170,7 +171,6 @@ def test_a_record_is_one_string_field_by_field(store: RedisStore, client: redis.
         pytest.param("v3\t1\t\t\t\tk\ts\tp\th\tu\t{}", id="a newer format"),
         pytest.param("v2\t1\t\t\t\tk\ts\tp\th", id="fields missing"),
         pytest.param("v2\tsoon\t\t\t\tk\ts\tp\th\tu\t{}", id="a bad time"),
-        pytest.param('v2\t1\t\t\t\tk\ts\tp\th\tu\t{"user_id":', id="bad JSON"),
     ],
 )
 def test_a_record_the_store_cannot_read_is_a_store_error(
@@ -181,6 +181,22 @@ def test_a_record_the_store_cannot_read_is_a_store_error(
 
     with pytest.raises(StoreError, match="record"):
         store.get(digest)
+
+
+@pytest.mark.parametrize("metadata", ['{"user_id":', "[]"], ids=["bad JSON", "not an object"])
+def test_damaged_metadata_is_a_store_error_where_it_is_first_read(
+    store: RedisStore, client: redis.Redis, metadata: str
+) -> None:
+    # The metadata is parsed when first read, so a check that needs only the times passes.
+    digest = secrets.token_hex(32)
+    client.set(store.record_key(digest), f"v2\t1\t\t\t\tk\ts\tp\th\tu\t{metadata}")
+    info = store.get(digest)
+    assert info is not None and info.key_id == "k" and info.valid_until == math.inf
+
+    with pytest.raises(StoreError, match="stored metadata of key 'k' is damaged"):
+        info.metadata  # noqa: B018
+    with pytest.raises(StoreError, match="stored metadata of key 'k' is damaged"):
+        info.scopes  # noqa: B018
 
 
 def test_scripts_refuse_to_change_a_record_of_another_format(

@@ -25,9 +25,8 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .._frozen import loads
 from ..exceptions import StoreError
-from ..records import KeyInfo
+from ..records import UNREAD, KeyInfo
 
 __all__ = [
     "FORMAT",
@@ -214,13 +213,14 @@ def _decode(digest: str, value: str | bytes) -> KeyInfo:
             prefix=prefix,
             hint=hint,
             user_id=user_id,
-            metadata=loads(metadata),
+            metadata=UNREAD,
             created_at=from_us(created),
             expires_at=from_us(expires) if expires else None,
             revoked_at=from_us(revoked) if revoked else None,
             last_used_at=from_us(used) if used else None,
             digest=digest,
             hash_scheme=scheme,
+            metadata_json=metadata,
         )
     except ValueError as e:
         raise StoreError(f"Redis record for key {key_id!r} is corrupt: {e}") from e

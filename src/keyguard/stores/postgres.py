@@ -44,10 +44,9 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._counting import Bucket
-from .._frozen import loads
 from ..events import KeyEvent
 from ..exceptions import StoreError
-from ..records import KeyInfo
+from ..records import UNREAD, KeyInfo
 from ._aio import PerLoop
 from ._fork import reset_after_fork
 from ._listener import POLL_SECONDS, Listener
@@ -226,13 +225,14 @@ def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
         prefix=prefix,
         hint=hint,
         user_id=user_id,
-        metadata=loads(metadata),
+        metadata=UNREAD,
         created_at=created.astimezone(timezone.utc),
         expires_at=_utc(expires),
         revoked_at=_utc(revoked),
         last_used_at=_utc(used),
         digest=digest,
         hash_scheme=scheme,
+        metadata_json=metadata,
     )
 
 

@@ -38,7 +38,7 @@ from .._counting import Bucket, apply
 from .._frozen import loads
 from ..events import KeyEvent
 from ..exceptions import StoreError
-from ..records import KeyInfo
+from ..records import UNREAD, KeyInfo
 from ._fork import reset_after_fork
 from ._sqlite_layout import (
     COLUMNS,
@@ -164,13 +164,14 @@ def _row_to_info(row: tuple[Any, ...], schemes: dict[int, str]) -> KeyInfo:
             prefix=hint.partition("…")[0] if prefix is None else prefix,
             hint=hint,
             user_id=user,
-            metadata=loads(unpack_metadata(packed, user)),
+            metadata=UNREAD,
             created_at=datetime.fromtimestamp(created, timezone.utc),
             expires_at=_dt(expires),
             revoked_at=_dt(revoked),
             last_used_at=_dt(used),
             digest=digest.hex() if type(digest) is bytes else digest,
             hash_scheme=schemes[scheme],
+            metadata_json=unpack_metadata(packed, user),
         )
     except (ValueError, TypeError, OverflowError, AttributeError, KeyError) as e:
         raise StoreError(f"the stored record of {key_id!r} is damaged: {e!r}") from e
