@@ -53,6 +53,7 @@ bench: install $(BENCH_VENV)/.installed
 	@echo "make bench: every benchmark, about 30 minutes"
 	@echo "date: $$(date -u '+%Y-%m-%d %H:%M UTC')"
 	@echo "machine: $$(uname -srm); $$(getconf _NPROCESSORS_ONLN) cores; load: $$(uptime | sed 's/.*load average[s]*: //')"
+	@$(BIN)/python -c "import platform; print('python:', platform.python_implementation(), platform.python_version())"
 	$(BIN)/python benchmarks/bench_validate.py
 	$(BIN)/python benchmarks/bench_middleware.py
 	$(BIN)/python benchmarks/bench_records.py

@@ -12,8 +12,8 @@ through a ``CachedStore`` over the same store, every check a hit (the target is 
 first two). The manager writes a key's last use at most once an hour, and an untimed pass
 writes each one first, so no timed check writes.
 
-    python benchmarks/bench_validate.py                   # 1,000, 100,000 and 1,000,000 keys
-    python benchmarks/bench_validate.py --sizes 1000      # quick run
+    python benchmarks/bench_validate.py               # 1,000, 100,000 and 1,000,000 keys: ~4 min
+    python benchmarks/bench_validate.py --sizes 1000  # quick run
 """
 
 from __future__ import annotations
