@@ -66,7 +66,7 @@ bench: install $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python benchmarks/bench_peers.py
 
 # Parts of make bench, alone. 1,000,000 keys in Redis and PostgreSQL, then floods of
-# invented keys: about 5 minutes.
+# invented keys: several minutes.
 bench-flood: install
 	$(BIN)/python benchmarks/bench_flood.py
 
