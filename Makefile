@@ -42,7 +42,18 @@ fuzz: install
 durability: install
 	KEYGUARD_DURABILITY_ROUNDS=30 $(BIN)/pytest -q -s tests/test_durability.py
 
-bench: install
+# Every benchmark, one after another: about 30 minutes on a 2-core machine. Each prints its
+# figures beside a floor timed in the same loop; those that need Redis or PostgreSQL
+# (KEYGUARD_TEST_REDIS_URL, KEYGUARD_TEST_POSTGRES_DSN) say so and skip them when they do
+# not answer. The peers comparison runs in a venv of its own, $(BENCH_VENV), so the
+# peers never enter $(VENV).
+BENCH_VENV ?= .venv-bench
+
+bench: install $(BENCH_VENV)/.installed
+	@echo "make bench: every benchmark, about 30 minutes"
+	@echo "date: $$(date -u '+%Y-%m-%d %H:%M UTC')"
+	@echo "machine: $$(uname -srm); $$(getconf _NPROCESSORS_ONLN) cores; load: $$(uptime | sed 's/.*load average[s]*: //')"
+	@$(BIN)/python -c "import platform; print('python:', platform.python_implementation(), platform.python_version())"
 	$(BIN)/python benchmarks/bench_validate.py
 	$(BIN)/python benchmarks/bench_middleware.py
 	$(BIN)/python benchmarks/bench_records.py
@@ -51,16 +62,16 @@ bench: install
 	$(BIN)/python benchmarks/bench_propagation.py
 	$(BIN)/python benchmarks/bench_redis.py
 	$(BIN)/python benchmarks/bench_postgres.py
+	$(BIN)/python benchmarks/bench_flood.py
+	$(BENCH_VENV)/bin/python benchmarks/bench_peers.py
 
-# 1,000,000 keys in Redis and PostgreSQL, then floods of invented keys: several minutes.
+# Parts of make bench, alone. 1,000,000 keys in Redis and PostgreSQL, then floods of
+# invented keys: several minutes.
 bench-flood: install
 	$(BIN)/python benchmarks/bench_flood.py
 
 # keyguard beside djangorestframework-api-key, fastapi-keygate and keyshield, on the same
-# SQLite file and PostgreSQL server (about 8 minutes). The peers get a venv of their own,
-# so they never enter $(VENV); make bench does not run this.
-BENCH_VENV ?= .venv-bench
-
+# SQLite file and PostgreSQL server: about 8 minutes.
 bench-peers: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python benchmarks/bench_peers.py
 

@@ -10,7 +10,7 @@ key:
      "permissions": ["read", "write"], "name": "key 104217"}
 
 ``--metadata minimal`` gives ``{"user_id": "user004217", "permissions": ["read"]}``, the
-records of ``bench_stores.py``.
+records of ``bench_validate.py`` and ``bench_peers.py``.
 
 **Size**: the file after a checkpoint, in MiB per million keys, with the share of each
 table and index (SQLite's ``dbstat``). Target: 150 MiB with typical metadata.
