@@ -315,9 +315,9 @@ class Pipeline:
         now = manager.clock()
         rate = self.failure_limit
         if rate is not None and address is not None:
-            throttled = self._throttled(manager, rate, address, now)
-            if throttled is not None:
-                return throttled
+            wait = manager.failure_throttle(rate).retry_after(address, now)
+            if wait:
+                return self.problems.too_many_failures(wait)
         try:
             info = manager.check(key)
         except KeyguardError as e:
@@ -355,9 +355,9 @@ class Pipeline:
         now = manager.clock()
         rate = self.failure_limit
         if rate is not None and address is not None:
-            throttled = self._throttled(manager, rate, address, now)
-            if throttled is not None:
-                return throttled
+            wait = manager.failure_throttle(rate).retry_after(address, now)
+            if wait:
+                return self.problems.too_many_failures(wait)
         try:
             info = await manager.acheck(key)
         except KeyguardError as e:
@@ -378,13 +378,6 @@ class Pipeline:
         if recorder is not None:
             recorder.record(info.key_id, outcome.code if type(outcome) is Problem else OK, now)
         return outcome
-
-    def _throttled(
-        self, manager: APIKeyManager, rate: Rate, address: str, now: float
-    ) -> Problem | None:
-        """The 429 for an address that failed too many checks, before any lookup."""
-        wait = manager.failure_throttle(rate).retry_after(address, now)
-        return self.problems.too_many_failures(wait) if wait else None
 
     def _failed(
         self, manager: APIKeyManager, error: KeyguardError, address: str | None, now: float
