@@ -44,11 +44,24 @@ class FakeSubscription:
         self.callback = callback
         self.ready = threading.Event()
         self.closed = False
+        self.connecting = False
 
     def connect(self) -> None:
-        """(Re)connect as a listener thread would: ``callback(None)``, then live."""
-        self.callback(None)
-        self.ready.set()
+        """(Re)connect as a listener thread would: subscribed, ``callback(None)``, then live.
+
+        As with Redis and PostgreSQL, the subscription receives from before
+        ``callback(None)``: a push made while that call runs is delivered, not lost.
+        """
+        self.connecting = True
+        try:
+            self.callback(None)
+        finally:
+            self.ready.set()
+            self.connecting = False
+
+    @property
+    def receiving(self) -> bool:
+        return self.connecting or self.ready.is_set()
 
     def close(self) -> None:
         self.closed = True
@@ -77,7 +90,7 @@ class PushingStore(MemoryStore):
 
     def push(self, digest: str) -> None:
         for subscription in self.subscriptions:
-            if subscription.ready.is_set():
+            if subscription.receiving:
                 subscription.callback(digest)
 
     def add_unpushed(self, info: KeyInfo) -> bool:
