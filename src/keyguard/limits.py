@@ -233,7 +233,8 @@ class Period(NamedTuple):
     start: float
     end: float
     buckets: tuple[Bucket, ...]
-    policy: str
+    #: The ``RateLimit-Policy`` header, the same for every response in the period.
+    policy: tuple[str, str]
 
 
 class Plan:
@@ -244,7 +245,7 @@ class Plan:
     and is worked out again, as one :class:`Period` replaced whole, when a period starts.
     """
 
-    __slots__ = ("_period", "default_rates", "family", "info", "prefixes", "quota", "rates")
+    __slots__ = ("_period", "default_rates", "family", "info", "quota", "rates", "steps")
 
     def __init__(self, info: KeyInfo, default_rates: tuple[Rate, ...]) -> None:
         self.info = info
@@ -252,15 +253,16 @@ class Plan:
         self.rates = rates = info.rate_limits or default_rates
         self.family = info.family_id
         self.quota = info.quota
-        self.prefixes = tuple(f'"{r.text}";r=' for r in rates)
-        self._period = Period(math.inf, -math.inf, (), "")  # worked out on first use
+        #: Per rate, its ``RateLimit`` item prefix, period and interval.
+        self.steps = tuple((f'"{r.text}";r=', r.period, r.interval) for r in rates)
+        self._period = Period(math.inf, -math.inf, (), ("", ""))  # worked out on first use
 
-    def _policy(self, quota_seconds: int | None) -> str:
+    def _policy(self, quota_seconds: int | None) -> tuple[str, str]:
         items = [f'"{r.text}";q={r.count};w={int(r.period)}' for r in self.rates]
         if self.quota is not None:
             window = "" if quota_seconds is None else f";w={quota_seconds}"
             items.append(f'"quota";q={self.quota.count}{window}')
-        return ", ".join(items)
+        return ("ratelimit-policy", ", ".join(items))
 
     def period(self, now: float) -> Period:
         """The buckets a request at ``now`` draws on (one per rate, then the quota's) and
@@ -293,34 +295,45 @@ class Plan:
     def usage(self, period: Period, taken: bool, values: Sequence[float], now: float) -> Usage:
         """The outcome and headers for counter ``values`` of ``period``'s buckets (after the
         charge, if ``taken``)."""
-        items: list[str] = []
-        code: str | None = None
-        retry = 0.0
-        for rate, prefix, tat in zip(self.rates, self.prefixes, values, strict=False):
+        items = []
+        # enumerate, not zip(strict=False): on CPython 3.11 zip's keyword is not cheap.
+        for i, (prefix, span, interval) in enumerate(self.steps):
+            tat = values[i]
             ahead = tat - now if tat > now else 0.0
-            left = int((rate.period - ahead) / rate.interval + EPSILON)
+            left = int((span - ahead) / interval + EPSILON)
             items.append(f"{prefix}{left if left > 0 else 0};t={math.ceil(ahead - EPSILON)}")
-            if not taken and ahead + rate.interval > rate.period + EPSILON:
-                code = "rate_limited"
-                retry = max(retry, ahead + rate.interval - rate.period)
         quota = self.quota
-        refill: int | None = None
         if quota is not None:
-            used = values[len(self.rates)]
-            left = max(int(quota.count - used), 0)
+            left = max(int(quota.count - values[-1]), 0)
             if period.end == math.inf:
                 items.append(f'"quota";r={left}')
             else:
-                refill = _whole_seconds(period.end - now)
-                items.append(f'"quota";r={left};t={refill}')
-            if not taken and used + 1 > quota.count:
-                code = "quota_exceeded"
-        headers = (("ratelimit-policy", period.policy), ("ratelimit", ", ".join(items)))
+                items.append(f'"quota";r={left};t={_whole_seconds(period.end - now)}')
+        headers = (period.policy, ("ratelimit", ", ".join(items)))
         if taken:
-            return Usage(True, headers, charged=period.buckets)
-        if code == "quota_exceeded":
-            return Usage(False, headers, code, refill)
-        return Usage(False, headers, code or "rate_limited", _whole_seconds(retry))
+            return Usage(True, headers, None, None, period.buckets)
+        return self._refusal(period, values, now, headers)
+
+    def _refusal(
+        self,
+        period: Period,
+        values: Sequence[float],
+        now: float,
+        headers: tuple[tuple[str, str], ...],
+    ) -> Usage:
+        """The refusal for counter ``values`` that had no room: the quota's if it is used
+        up, else the rates' with the longest wait."""
+        quota = self.quota
+        if quota is not None and values[-1] + 1 > quota.count:
+            refill = None if period.end == math.inf else _whole_seconds(period.end - now)
+            return Usage(False, headers, "quota_exceeded", refill)
+        retry = 0.0
+        for i, rate in enumerate(self.rates):
+            tat = values[i]
+            ahead = tat - now if tat > now else 0.0
+            if ahead + rate.interval > rate.period + EPSILON:
+                retry = max(retry, ahead + rate.interval - rate.period)
+        return Usage(False, headers, "rate_limited", _whole_seconds(retry))
 
 
 class Limiter:

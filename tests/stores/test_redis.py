@@ -18,6 +18,7 @@ import redis
 import redis.asyncio
 
 from keyguard import APIKeyManager, KeyInfo, Reason, RedisStore, StoreError, store_from_url
+from keyguard.stores.base import Bucket
 from tests.stores.services import (
     check_a_silent_server,
     proxied_store,
@@ -340,6 +341,8 @@ def test_a_check_costs_exactly_one_round_trip(store: RedisStore) -> None:
         assert asyncio.run(async_costs()) == [1, 1]
 
 
+RATE_BUCKET = Bucket("rate", 1.0, 10.0, None)
+
 CALLS = [
     pytest.param(lambda s, i: s.add(i), id="add"),
     pytest.param(lambda s, i: s.get(i.digest), id="get"),
@@ -355,6 +358,8 @@ CALLS = [
     pytest.param(lambda s, i: asyncio.run(s.arevoke(i.digest, T0)), id="arevoke"),
     pytest.param(lambda s, i: asyncio.run(s.aset_expiry(i.digest, None)), id="aset_expiry"),
     pytest.param(lambda s, i: asyncio.run(s.atouch(i.digest, T0)), id="atouch"),
+    pytest.param(lambda s, i: s.consume([RATE_BUCKET], 1.0), id="consume"),
+    pytest.param(lambda s, i: asyncio.run(s.aconsume([RATE_BUCKET], 1.0)), id="aconsume"),
 ]
 
 
@@ -365,6 +370,22 @@ def test_every_call_fails_as_a_store_error(call: Callable[[RedisStore, KeyInfo],
     with pytest.raises(StoreError, match="could not"):
         call(store, record())
     store.close()
+
+
+def test_a_charge_loads_its_script_again_when_the_server_has_lost_it(store: RedisStore) -> None:
+    # What a restart or SCRIPT FLUSH does, without flushing a server other tests share.
+    store._consume.sha = "0" * 40
+    assert store.consume([RATE_BUCKET], 100.0) == (True, [101.0])
+    assert store._consume.sha != "0" * 40
+
+    async def charge() -> tuple[bool, list[float]]:
+        try:
+            store._aclient().scripts["consume"].sha = "0" * 40
+            return await store.aconsume([RATE_BUCKET], 100.0)
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(charge()) == (True, [102.0])
 
 
 def test_a_silent_server_is_a_store_error_within_the_timeout_and_the_store_recovers(

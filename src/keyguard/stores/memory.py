@@ -29,6 +29,8 @@ __all__ = ["MemoryStore"]
 
 # Forgotten buckets are swept once per this many charges, so the map stays bounded.
 _SWEEP_EVERY = 4096
+#: The entry of a counter the store does not hold: nothing used, never forgotten.
+_ABSENT: tuple[float, float | None] = (0.0, None)
 
 
 def _event_time(event: KeyEvent) -> datetime:
@@ -157,18 +159,18 @@ class MemoryStore:
             counters = self._counters
             values = []
             for bucket in buckets:
-                entry = counters.get(bucket.name)
-                forgotten = entry is None or (entry[1] is not None and entry[1] <= now)
-                values.append(0.0 if forgotten else entry[0])  # type: ignore[index]
+                value, forget = counters.get(bucket.name, _ABSENT)
+                values.append(value if forget is None or forget > now else 0.0)
             charged = apply(buckets, values, now)
             if charged is None:
                 return False, values
-            for bucket, entry in zip(buckets, charged, strict=True):
-                counters[bucket.name] = entry
+            for i, bucket in enumerate(buckets):
+                entry = counters[bucket.name] = charged[i]
+                values[i] = entry[0]
             self._charges += 1
             if self._charges % _SWEEP_EVERY == 0:
                 self._sweep(now)
-            return True, [value for value, _ in charged]
+            return True, values
 
     def adjust(self, bucket: Bucket, delta: float) -> float:
         with self._counter_lock:
