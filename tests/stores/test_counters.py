@@ -392,7 +392,9 @@ def test_a_down_redis_makes_every_counter_call_a_store_error() -> None:
 
 def test_redis_counters_live_under_the_namespace() -> None:
     with redis_store() as store:
-        store.consume([rate("r"), quota("q", forget=T + 3600)], T)
+        # One unit of 5 per 600 s: the bucket is full again after 120 s, long before the
+        # period, with room for a slow machine between the charge and the PTTL below.
+        store.consume([rate("r", period=600.0), quota("q", forget=T + 3600)], T)
         store.adjust(quota("credits"), -1.0)
 
         import redis
@@ -401,7 +403,7 @@ def test_redis_counters_live_under_the_namespace() -> None:
             names = sorted(k.decode() for k in client.scan_iter(match=f"{store.namespace}:*"))
             assert names == [store.counter_key(n) for n in ("credits", "q", "r")]
             # Expiry runs from the caller's clock: a rate bucket lasts until it is full.
-            assert 0 < client.pttl(store.counter_key("r")) <= 2000
+            assert 60_000 < client.pttl(store.counter_key("r")) <= 120_000
             assert 3590_000 < client.pttl(store.counter_key("q")) <= 3600_000
             assert client.pttl(store.counter_key("credits")) == -1
 
