@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import sqlite3
 import subprocess
@@ -136,7 +137,8 @@ def test_imported_drf_keys_authenticate_like_native_keys(
     assert manager.verify(tampered(drf_db.keys["alice"])).reason is Reason.NOT_FOUND
     other_prefix = "Z" + drf_db.keys["alice"][1:]
     assert manager.verify(other_prefix).reason is Reason.NOT_FOUND
-    assert manager.verify(drf_db.keys["alice"] + "x").reason is Reason.MALFORMED
+    assert manager.verify(drf_db.keys["alice"] + "x").reason is Reason.NOT_FOUND  # any length
+    assert manager.verify(drf_db.keys["alice"] + "_").reason is Reason.MALFORMED
     # Native keys are untouched by the option.
     native = manager.generate_key(user_id="carol")
     assert manager.check(native).user_id == "carol"
@@ -172,7 +174,8 @@ def anyio_backend() -> str:
 @pytest.mark.parametrize(
     "key",
     [
-        pytest.param("Xy12Ab34." + "a" * 31, id="secret too short"),
+        pytest.param("Xy12Ab34.", id="no secret"),
+        pytest.param("Xy12Ab34." + "a" * 129, id="secret too long"),
         pytest.param("Xy12Ab3." + "a" * 32, id="prefix too short"),
         pytest.param("Xy12Ab34-" + "a" * 32, id="no dot"),
         pytest.param("Xy12Ab34." + "a" * 31 + "_", id="not a letter or digit"),
@@ -187,6 +190,22 @@ def test_a_string_of_no_accepted_form_never_reaches_the_store(key: object) -> No
         manager.check(key)
     assert exc_info.value.reason is Reason.MALFORMED
     assert store.calls["get"] == 0
+
+
+@pytest.mark.parametrize("length", [1, 20, 31, 40, 128])
+def test_a_key_with_a_custom_secret_length_imports_and_authenticates(length: int) -> None:
+    # KeyGenerator(secret_key_length=...) changes the secret's length; the hash hides it.
+    key = "Xy12Ab34." + secrets.token_hex(64)[:length]
+    row = valid_row(hashed_key="sha512$$" + hashlib.sha512(key.encode()).hexdigest())
+    manager = drf_manager()
+
+    report = import_drf_api_keys(manager, [row])
+
+    assert [r.prefix for r in report.imported] == ["Xy12Ab34"]
+    assert manager.check(key).user_id == "acme"
+    with pytest.raises(InvalidKeyError) as exc_info:
+        manager.check(key[:-1] + ("0" if key[-1] != "0" else "1"))
+    assert exc_info.value.reason is Reason.NOT_FOUND
 
 
 def test_each_check_is_one_digest_and_one_lookup_for_either_form(drf_db: DrfDatabase) -> None:
