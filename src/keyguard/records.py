@@ -77,7 +77,7 @@ class KeyInfo:
     #: ``last_used_at`` as a POSIX timestamp (``-inf`` if never used), so deciding whether
     #: a use is worth recording is one float compare.
     last_used_ts: float = field(init=False, repr=False, compare=False)
-    #: The JSON text of metadata not parsed yet, else None.
+    #: The JSON text of a stored record's metadata (see the class docstring), else None.
     _metadata_json: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self, metadata_json: str | None) -> None:
@@ -115,22 +115,26 @@ class KeyInfo:
         except (ValueError, TypeError) as e:
             raise StoreError(f"the stored metadata of key {self.key_id!r} is damaged: {e}") from e
         object.__setattr__(self, "metadata", metadata)
-        object.__setattr__(self, "_metadata_json", None)
 
     def _derive(self, metadata: dict[str, Any]) -> None:
         """Set the fields derived from ``metadata``; ``ValueError`` (and none set) if one is
         invalid."""
-        rates, quota, allowed = (metadata.get(k) for k in ("rate_limits", "quota", "allowed_ips"))
-        derived = {
-            "scopes": tuple(metadata.get("permissions") or ()),
-            "rate_limits": parse_rates(rates) if rates else (),
-            "quota": None if quota is None else parse_quota(quota),
-            "family_id": metadata.get("family_id") or self.key_id,
-            "allowed_ips": parse_networks(allowed) if allowed else (),
-            "deprecation": _deprecation(metadata, self.expires_at),
-        }
-        for name, value in derived.items():
-            object.__setattr__(self, name, value)
+        get = metadata.get
+        scopes = tuple(get("permissions") or ())
+        rates = get("rate_limits")
+        rates = parse_rates(rates) if rates else ()
+        quota = get("quota")
+        quota = None if quota is None else parse_quota(quota)
+        allowed = get("allowed_ips")
+        allowed = parse_networks(allowed) if allowed else ()
+        deprecation = _deprecation(metadata, self.expires_at)
+        setattr_ = object.__setattr__
+        setattr_(self, "scopes", scopes)
+        setattr_(self, "rate_limits", rates)
+        setattr_(self, "quota", quota)
+        setattr_(self, "family_id", get("family_id") or self.key_id)
+        setattr_(self, "allowed_ips", allowed)
+        setattr_(self, "deprecation", deprecation)
 
     @property
     def rotated_from(self) -> str | None:
