@@ -72,7 +72,7 @@ def test_an_unanswered_ping_raises_after_the_timeout() -> None:
 
 
 @pytest.mark.usefixtures("quick_heartbeat")
-@pytest.mark.parametrize("kind", ["redis"])
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
 def test_a_silent_connection_is_noticed_and_pushes_resume_once_it_answers(kind: str) -> None:
     with push_pair(kind) as (inner, other), proxied_store(inner) as (proxied, proxy):
         # A long ttl: only a push can make this cache see a change made elsewhere.
