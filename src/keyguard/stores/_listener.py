@@ -54,8 +54,9 @@ Session = Callable[[threading.Event, Callable[[str | None], None]], None]
 class Heartbeat:
     """Paces a session's pings and says when an unanswered one means the connection is dead.
 
-    The session's opening request (its subscription) counts as the first ping: it calls
-    :meth:`answered` once the server confirms it, so a connection that never confirms is
+    The session calls :meth:`answered` for anything it hears from the server (a pong, a
+    push), so pings go only over a quiet connection. Its opening request (the
+    subscription) counts as the first ping, so a connection that never confirms it is
     given up too. ``HEARTBEAT_SECONDS`` and ``HEARTBEAT_TIMEOUT`` are read when a heartbeat
     is made, so tests may patch them.
     """
@@ -85,7 +86,7 @@ class Heartbeat:
         return True
 
     def answered(self) -> None:
-        """The server answered: the next ping is due ``interval`` from now."""
+        """The server was heard from: the next ping is due ``interval`` from now."""
         self._answered = self._clock()
         self._sent = None
 

@@ -1115,6 +1115,7 @@ class PostgresStore:
             emit(None)
             while not stop.is_set():
                 for notice in conn.notifies(timeout=POLL_SECONDS):
+                    heartbeat.answered()
                     emit(notice.payload)
                 if heartbeat.ping_due():
                     conn.execute("SELECT 1")

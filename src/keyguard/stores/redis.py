@@ -731,21 +731,20 @@ class RedisStore:
             pubsub.subscribe(self.channel)
             heartbeat = Heartbeat()
             while not stop.is_set():
+                message = pubsub.get_message(timeout=POLL_SECONDS)
+                if message is not None:
+                    heartbeat.answered()  # a confirmation, a push or a pong
+                    kind = _text(message["type"])
+                    # A (re-)subscription confirmed: anything cached before it may be stale.
+                    if kind == "subscribe":
+                        emit(None)
+                    elif kind == "message":
+                        emit(_text(message["data"]))
+                # Asked after reading, so an answer that came while this thread waited for
+                # the GIL counts, and a busy channel needs no ping.
                 if heartbeat.ping_due():
                     # Subscribed, the server answers with a "pong" message in turn.
                     pubsub.ping(_HEARTBEAT_MESSAGE)
-                message = pubsub.get_message(timeout=POLL_SECONDS)
-                if message is None:
-                    continue
-                kind = _text(message["type"])
-                # A (re-)subscription confirmed: anything cached before it may be stale.
-                if kind == "subscribe":
-                    heartbeat.answered()
-                    emit(None)
-                elif kind == "message":
-                    emit(_text(message["data"]))
-                elif kind == "pong":
-                    heartbeat.answered()
         finally:
             pubsub.close()
 
