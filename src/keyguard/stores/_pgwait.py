@@ -5,8 +5,10 @@ connection and then stopped answering (a hung host, a silent proxy) every reques
 hang for good. ``Connection.wait`` takes a timeout that ``execute`` never passes; these
 classes pass the store's (psycopg 3.3.6 added that parameter and its private
 ``errors._WaitTimeout``, hence the extra's floor), and close a connection that ran out,
-since its state is then unknown. The error is an ``OperationalError``, which the store reports as
-:class:`~keyguard.StoreError` (a 503 for the middleware).
+since its state is then unknown. The error is an ``OperationalError``, which the store
+reports as :class:`~keyguard.StoreError` (a 503 for the middleware). A wait given a deadline
+of its own is left to its caller: ``notifies(timeout=)`` ends that way whenever no
+notification comes, and the connection is still good.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def bounded_classes() -> tuple[type[Any], type[Any]]:
         wait_timeout: float | None = None
 
         def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("timeout") is None and len(args) < 2:
-                kwargs["timeout"] = self.wait_timeout
+            if kwargs.get("timeout") is not None or len(args) >= 2:
+                return super().wait(gen, *args, **kwargs)  # its caller's deadline: notifies()
+            kwargs["timeout"] = self.wait_timeout
             try:
                 return super().wait(gen, *args, **kwargs)
             except errors._WaitTimeout:
@@ -46,8 +49,9 @@ def bounded_classes() -> tuple[type[Any], type[Any]]:
         wait_timeout: float | None = None
 
         async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("timeout") is None and len(args) < 2:
-                kwargs["timeout"] = self.wait_timeout
+            if kwargs.get("timeout") is not None or len(args) >= 2:
+                return await super().wait(gen, *args, **kwargs)
+            kwargs["timeout"] = self.wait_timeout
             try:
                 return await super().wait(gen, *args, **kwargs)
             except errors._WaitTimeout:

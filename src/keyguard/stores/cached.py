@@ -83,7 +83,9 @@ class CachedStore:
 
     While the filter loads (at start, in a forked child, and each time the listener
     reconnects, since pushes may have been missed) and while the listener is disconnected,
-    every lookup goes to the store as it would without a filter.
+    every lookup goes to the store as it would without a filter. A listener connection
+    that dies without an error is found out by its heartbeat within about 10 s
+    (:mod:`keyguard.stores._listener`); until then pushes are lost unnoticed.
     """
 
     def __init__(

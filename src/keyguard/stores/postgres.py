@@ -49,7 +49,7 @@ from ..exceptions import StoreError
 from ..records import UNREAD, KeyInfo
 from ._aio import PerLoop
 from ._fork import reset_after_fork
-from ._listener import POLL_SECONDS, Listener
+from ._listener import POLL_SECONDS, Heartbeat, Listener
 from ._pgwait import bounded_classes
 from ._redact import redact_url
 from .base import UsageRow, page_size_checked, unchanged, unknown_cursor, usage_cutoffs
@@ -1096,15 +1096,30 @@ class PostgresStore:
         return Listener(f"keyguard-listener-postgres-{self.table}", self._listen, callback)
 
     def _listen(self, stop: threading.Event, emit: Callable[[str | None], None]) -> None:
+        """One LISTEN session, until ``stop``: a ``SELECT 1`` now and then proves it alive.
+
+        TCP keepalives (``_LISTEN_KWARGS``) notice a vanished peer within about 25 s, but
+        only the nearest one: a proxy or pooler in between, or a hung server, keeps them
+        answered while no notification ever comes. So the session also runs ``SELECT 1``
+        every ``HEARTBEAT_SECONDS``, and any wait longer than ``HEARTBEAT_TIMEOUT`` raises
+        (see :class:`Heartbeat`): one round trip per interval, and the same bound as Redis.
+        """
         psycopg = self._psycopg
         kwargs = {**self._kwargs, **_LISTEN_KWARGS, "connect_timeout": 5}
-        with psycopg.connect(self._conninfo, **kwargs) as conn:
+        heartbeat = Heartbeat()
+        with bounded_classes()[0].connect(self._conninfo, **kwargs) as conn:
+            conn.wait_timeout = heartbeat.timeout
             conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel)))
+            heartbeat.answered()
             # Listening from here on: anything cached before may be stale.
             emit(None)
             while not stop.is_set():
                 for notice in conn.notifies(timeout=POLL_SECONDS):
+                    heartbeat.answered()
                     emit(notice.payload)
+                if heartbeat.ping_due():
+                    conn.execute("SELECT 1")
+                    heartbeat.answered()
 
     # -- the async twin ----------------------------------------------------------------
 

@@ -54,7 +54,7 @@ from ..events import KeyEvent
 from ..exceptions import StoreError
 from ..records import KeyInfo
 from ._aio import PerLoop
-from ._listener import POLL_SECONDS, Listener
+from ._listener import POLL_SECONDS, Heartbeat, Listener
 from ._redact import redact_url
 from ._redis_record import (
     RECORD_LUA,
@@ -86,6 +86,8 @@ DEFAULT_NAMESPACE = "keyguard"
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.:{}\-]{1,64}")
 #: Records upgraded per script call when a namespace of schema version 1 is migrated.
 _MIGRATION_BATCH = 500
+#: The listener's PING payload, which tells its heartbeat from other pings in MONITOR.
+_HEARTBEAT_MESSAGE = "keyguard-heartbeat"
 
 # KEYS: record, ids, user set, all set, meta.  ARGV: digest, key_id, score, channel, record.
 _ADD = f"""
@@ -738,20 +740,32 @@ class RedisStore:
         return Listener(f"keyguard-listener-redis-{self.namespace}", self._listen, callback)
 
     def _listen(self, stop: threading.Event, emit: Callable[[str | None], None]) -> None:
+        """One subscription, until ``stop``: pings the server on the subscribed connection.
+
+        Waiting for a message never times out, and nothing else tells a dead connection from
+        a quiet channel (redis-py's ``health_check_interval`` sends a PING but never asks
+        for its reply), so an unanswered ``PING`` raises (see :class:`Heartbeat`).
+        """
         # redis-py before 6 left pubsub() untyped.
         pubsub = self._client.pubsub()  # type: ignore[no-untyped-call,unused-ignore]
         try:
             pubsub.subscribe(self.channel)
+            heartbeat = Heartbeat()
             while not stop.is_set():
                 message = pubsub.get_message(timeout=POLL_SECONDS)
-                if message is None:
-                    continue
-                kind = _text(message["type"])
-                # A (re-)subscription confirmed: anything cached before it may be stale.
-                if kind == "subscribe":
-                    emit(None)
-                elif kind == "message":
-                    emit(_text(message["data"]))
+                if message is not None:
+                    heartbeat.answered()  # a confirmation, a push or a pong
+                    kind = _text(message["type"])
+                    # A (re-)subscription confirmed: anything cached before it may be stale.
+                    if kind == "subscribe":
+                        emit(None)
+                    elif kind == "message":
+                        emit(_text(message["data"]))
+                # Asked after reading, so an answer that came while this thread waited for
+                # the GIL counts, and a busy channel needs no ping.
+                if heartbeat.ping_due():
+                    # Subscribed, the server answers with a "pong" message in turn.
+                    pubsub.ping(_HEARTBEAT_MESSAGE)
         finally:
             pubsub.close()
 
