@@ -2,8 +2,9 @@
 
 A *checker* process holds an ``APIKeyManager`` over ``CachedStore(store, ttl=60)`` with
 push invalidation (Redis pub/sub, PostgreSQL LISTEN/NOTIFY). For each of ``--revocations``
-keys, this process creates the key, the checker caches it (one check, then every check is
-a cache hit), then this process revokes it through a plain store and the checker checks
+keys, this process creates the key, the checker caches it (checks until it is accepted,
+as its flood filter learns new keys from the same pushes, then every check is a cache
+hit), then this process revokes it through a plain store and the checker checks
 it every 50 µs or so until it is refused. The delay is from the moment ``revoke_key`` is
 called here to the first refusal there, read on the machine's monotonic clock, which
 both processes share; the ttl is 60 s, so only a push can explain a delay below it.
@@ -96,7 +97,13 @@ def checker(kind: str, name: str, busy: bool, conn: Connection) -> None:
         threading.Thread(target=burn, args=(stop,), daemon=True).start()
     conn.send("ready")
     while (key := conn.recv()) is not None:
-        assert manager.validate_key(key), "a fresh key was refused"
+        # The flood filter may rule a key out until the push of its creation arrives (or a
+        # spare lookup is left): the bound for that is the same as for a revocation.
+        deadline = now() + PUSH_TIMEOUT
+        while not manager.validate_key(key):
+            if now() > deadline:
+                raise SystemExit(f"a new key still refused after {PUSH_TIMEOUT} s")
+            time.sleep(POLL_SECONDS)
         conn.send("cached")
         deadline = now() + PUSH_TIMEOUT
         while manager.validate_key(key):
