@@ -118,23 +118,20 @@ class KeyInfo:
 
     def _derive(self, metadata: dict[str, Any]) -> None:
         """Set the fields derived from ``metadata``; ``ValueError`` (and none set) if one is
-        invalid."""
+        invalid, so every value is computed before the first is set."""
         get = metadata.get
+        rate_text, quota_text, networks = get("rate_limits"), get("quota"), get("allowed_ips")
         scopes = tuple(get("permissions") or ())
-        rates = get("rate_limits")
-        rates = parse_rates(rates) if rates else ()
-        quota = get("quota")
-        quota = None if quota is None else parse_quota(quota)
-        allowed = get("allowed_ips")
-        allowed = parse_networks(allowed) if allowed else ()
+        rates = parse_rates(rate_text) if rate_text else ()
+        quota = None if quota_text is None else parse_quota(quota_text)
+        allowed = parse_networks(networks) if networks else ()
         deprecation = _deprecation(metadata, self.expires_at)
-        setattr_ = object.__setattr__
-        setattr_(self, "scopes", scopes)
-        setattr_(self, "rate_limits", rates)
-        setattr_(self, "quota", quota)
-        setattr_(self, "family_id", get("family_id") or self.key_id)
-        setattr_(self, "allowed_ips", allowed)
-        setattr_(self, "deprecation", deprecation)
+        object.__setattr__(self, "scopes", scopes)
+        object.__setattr__(self, "rate_limits", rates)
+        object.__setattr__(self, "quota", quota)
+        object.__setattr__(self, "family_id", get("family_id") or self.key_id)
+        object.__setattr__(self, "allowed_ips", allowed)
+        object.__setattr__(self, "deprecation", deprecation)
 
     @property
     def rotated_from(self) -> str | None:
