@@ -137,3 +137,41 @@ class KeysOnlyStore:
 
     def close(self) -> None:
         self._inner.close()
+
+
+class AsyncStore(MemoryStore):
+    """A memory store with an async twin, standing in for a network store."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.async_reads = 0
+
+    async def aget(self, digest: str) -> KeyInfo | None:
+        self.async_reads += 1
+        if self.fail:
+            raise StoreError("connection refused")
+        return self.get(digest)
+
+    async def atouch(self, digest: str, at: datetime) -> None:
+        self.touch(digest, at)
+
+    async def aadd(self, info: KeyInfo) -> bool:
+        return self.add(info)
+
+    async def aget_by_id(self, key_id: str) -> KeyInfo | None:
+        return self.get_by_id(key_id)
+
+    async def alist_keys(
+        self, user_id: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[KeyInfo]:
+        return self.list_keys(user_id, limit=limit, after=after)
+
+    async def arevoke(self, digest: str, at: datetime) -> bool:
+        return self.revoke(digest, at)
+
+    async def aset_expiry(self, digest: str, expires_at: datetime | None) -> bool:
+        return self.set_expiry(digest, expires_at)
+
+    async def aclose(self) -> None:
+        self.close()

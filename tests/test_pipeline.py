@@ -16,7 +16,7 @@ from keyguard.identity import AnonymousUser, APIKeyUser
 from keyguard.pipeline import Pipeline
 from keyguard.problems import Problem
 from keyguard.records import UNREAD
-from tests.helpers import BrokenStore
+from tests.helpers import AsyncStore, BrokenStore
 
 
 def make_pipeline(**options: Any) -> Pipeline:
@@ -233,6 +233,33 @@ def test_an_overridden_check_decides() -> None:
     assert aproblem is problem
     assert manager.validate_key(key) is False
     assert manager.verify(key).reason is Reason.REVOKED
+
+
+def test_an_overridden_check_decides_over_a_store_with_an_async_twin() -> None:
+    # acheck would await the store's aget; a subclass's check must still decide.
+    manager = RevokingManager(AsyncStore())
+    key = manager.generate_key(user_id="u", permissions=["read"])
+
+    problem = asyncio.run(make_pipeline().aauthenticate(manager, [(False, key)]))
+
+    assert isinstance(problem, Problem) and problem.code == "revoked_api_key"
+    assert asyncio.run(manager.averify(key)).reason is Reason.REVOKED
+
+
+class RevokingBothWays(RevokingManager):
+    """A subclass that also overrides acheck: the async path is its own again."""
+
+    async def acheck(self, key: object) -> KeyInfo:
+        return await APIKeyManager.acheck(self, key)
+
+
+def test_a_subclass_overriding_acheck_too_keeps_the_async_store() -> None:
+    store = AsyncStore()
+    manager = RevokingBothWays(store)
+    key = manager.generate_key(user_id="u")
+
+    assert asyncio.run(manager.averify(key)).ok
+    assert store.async_reads == 1
 
 
 def test_a_failing_store_is_a_503(caplog: pytest.LogCaptureFixture) -> None:

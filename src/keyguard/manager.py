@@ -235,8 +235,14 @@ class APIKeyManager:
                     f"deprecation_link must be an http(s) URL, got {deprecation_link!r}"
                 )
             self.deprecation_link = (("Link", f'<{deprecation_link}>; rel="deprecation"'),)
-        # Asked once: a Protocol isinstance check costs more than a whole key check.
-        self._async_store = self.store if isinstance(self.store, AsyncKeyStore) else None
+        # Asked once: a Protocol isinstance check costs more than a whole key check. A
+        # subclass that overrides check alone must decide async checks too, so acheck then
+        # calls it inline.
+        self._async_store = (
+            self.store
+            if isinstance(self.store, AsyncKeyStore) and not _overrides_check_alone(type(self))
+            else None
+        )
 
     def __repr__(self) -> str:
         return f"APIKeyManager(store={self.store!r}, prefix={self.format.prefix!r})"
@@ -450,7 +456,10 @@ class APIKeyManager:
         """:meth:`check` for event loops: awaits the store's async twin when it has one.
 
         A store without one (memory, SQLite) answers without blocking, so :meth:`check`
-        runs inline. The steps are :meth:`check`'s, with the two store calls awaited.
+        runs inline. The steps are :meth:`check`'s, with the two store calls awaited. A
+        subclass that overrides :meth:`check` but not this method has its ``check`` run
+        here too, inline, so its decision holds on every path; over a network store that
+        blocks the event loop for the round trip, so override ``acheck`` as well there.
         """
         store = self._async_store
         if store is None:
@@ -1040,3 +1049,10 @@ class APIKeyManager:
                 self._on_event(event)
             except Exception:
                 logger.exception("on_event failed for the %s event of %s", action, info.key_id)
+
+
+def _overrides_check_alone(cls: type[APIKeyManager]) -> bool:
+    """Whether ``cls`` overrides ``check`` below the class that defines its ``acheck``."""
+    check_owner = next(c for c in cls.__mro__ if "check" in vars(c))
+    acheck_owner = next(c for c in cls.__mro__ if "acheck" in vars(c))
+    return check_owner is not acheck_owner and issubclass(check_owner, acheck_owner)
