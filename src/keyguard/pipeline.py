@@ -183,6 +183,10 @@ def client_address(
     return address
 
 
+#: A request on its way to the check: its one key, the client's address, and the time.
+_Attempt = tuple[str, "str | None", float]
+
+
 class Pipeline:
     """Where a request's credential is read and judged, for every transport and framework.
 
@@ -308,37 +312,24 @@ class Pipeline:
         Returns the key (an :class:`Admission` when its response needs headers), the
         problem to answer with, or None when the request carries no credential.
         """
-        address = client_address(client, forwarded, self.trusted_proxies) if forwarded else client
-        key = self.read(values, query_values)
-        if not isinstance(key, str):
-            return key
-        now = manager.clock()
-        rate = self.failure_limit
-        if rate is not None and address is not None:
-            throttled = self._throttled(manager, rate, address, now)
-            if throttled is not None:
-                return throttled
+        attempt = self._begin(manager, values, query_values, client, forwarded)
+        if not isinstance(attempt, tuple):
+            return attempt
+        key, address, now = attempt
         try:
             info = manager.check(key)
-            # The first read of the key's policy: stored metadata that is damaged fails here.
             outcome: KeyInfo | Admission | Problem = self.admit(info, address)
         except KeyguardError as e:
             return self._failed(manager, e, address, now)
-        if info.rate_limits or info.quota is not None or self.rate_limits:
+        if self._limits(info):
             try:
                 if outcome is info:
                     outcome = self._charged(info, manager.charge(info, self.rate_limits))
                 elif isinstance(outcome, Problem):
-                    headers = manager.limit_headers(info, self.rate_limits)
-                    outcome = _with_headers(outcome, headers)
+                    outcome = _with_headers(outcome, manager.limit_headers(info, self.rate_limits))
             except StoreError as e:
                 outcome = self._counters_failed(info, e, outcome)
-        if info.deprecation:
-            outcome = _deprecated(outcome, (*info.deprecation, *manager.deprecation_link))
-        recorder = manager.usage_recorder
-        if recorder is not None:
-            recorder.record(info.key_id, outcome.code if type(outcome) is Problem else OK, now)
-        return outcome
+        return self._finish(manager, info, outcome, now)
 
     async def aauthenticate(
         self,
@@ -348,7 +339,37 @@ class Pipeline:
         client: str | None = None,
         forwarded: Sequence[str] = (),
     ) -> KeyInfo | Admission | Problem | None:
-        """:meth:`authenticate` for event loops, with ``await manager.acheck``."""
+        """:meth:`authenticate` for event loops: the same steps, the store calls awaited."""
+        attempt = self._begin(manager, values, query_values, client, forwarded)
+        if not isinstance(attempt, tuple):
+            return attempt
+        key, address, now = attempt
+        try:
+            info = await manager.acheck(key)
+            outcome: KeyInfo | Admission | Problem = self.admit(info, address)
+        except KeyguardError as e:
+            return self._failed(manager, e, address, now)
+        if self._limits(info):
+            rates = self.rate_limits
+            try:
+                if outcome is info:
+                    outcome = self._charged(info, await manager.acharge(info, rates))
+                elif isinstance(outcome, Problem):
+                    outcome = _with_headers(outcome, await manager.alimit_headers(info, rates))
+            except StoreError as e:
+                outcome = self._counters_failed(info, e, outcome)
+        return self._finish(manager, info, outcome, now)
+
+    def _begin(
+        self,
+        manager: APIKeyManager,
+        values: Sequence[tuple[bool, str]],
+        query_values: Sequence[str],
+        client: str | None,
+        forwarded: Sequence[str],
+    ) -> _Attempt | Problem | None:
+        """The steps before the check: the client's address, the one credential, and the
+        failed-check throttle; the attempt to check, or the request's answer already."""
         address = client_address(client, forwarded, self.trusted_proxies) if forwarded else client
         key = self.read(values, query_values)
         if not isinstance(key, str):
@@ -356,36 +377,31 @@ class Pipeline:
         now = manager.clock()
         rate = self.failure_limit
         if rate is not None and address is not None:
-            throttled = self._throttled(manager, rate, address, now)
-            if throttled is not None:
-                return throttled
-        try:
-            info = await manager.acheck(key)
-            outcome: KeyInfo | Admission | Problem = self.admit(info, address)
-        except KeyguardError as e:
-            return self._failed(manager, e, address, now)
-        if info.rate_limits or info.quota is not None or self.rate_limits:
-            try:
-                if outcome is info:
-                    outcome = self._charged(info, await manager.acharge(info, self.rate_limits))
-                elif isinstance(outcome, Problem):
-                    headers = await manager.alimit_headers(info, self.rate_limits)
-                    outcome = _with_headers(outcome, headers)
-            except StoreError as e:
-                outcome = self._counters_failed(info, e, outcome)
+            wait = manager.failure_throttle(rate).retry_after(address, now)
+            if wait:
+                return self.problems.too_many_failures(wait)
+        return key, address, now
+
+    def _limits(self, info: KeyInfo) -> bool:
+        """Whether usage limits apply to ``info``: its own, or the pipeline's default."""
+        return bool(info.rate_limits or info.quota is not None or self.rate_limits)
+
+    def _finish(
+        self,
+        manager: APIKeyManager,
+        info: KeyInfo,
+        outcome: KeyInfo | Admission | Problem,
+        now: float,
+    ) -> KeyInfo | Admission | Problem:
+        """The steps after the check: a replaced key's deprecation fields, then the
+        request counted in the key's usage."""
         if info.deprecation:
             outcome = _deprecated(outcome, (*info.deprecation, *manager.deprecation_link))
         recorder = manager.usage_recorder
         if recorder is not None:
-            recorder.record(info.key_id, outcome.code if type(outcome) is Problem else OK, now)
+            code = outcome.code if type(outcome) is Problem else OK
+            recorder.record(info.key_id, code, now)
         return outcome
-
-    def _throttled(
-        self, manager: APIKeyManager, rate: Rate, address: str, now: float
-    ) -> Problem | None:
-        """The 429 for an address that failed too many checks, before any lookup."""
-        wait = manager.failure_throttle(rate).retry_after(address, now)
-        return self.problems.too_many_failures(wait) if wait else None
 
     def _failed(
         self, manager: APIKeyManager, error: KeyguardError, address: str | None, now: float
