@@ -8,7 +8,6 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import httpx
@@ -23,7 +22,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocket
 
-from keyguard import AsyncKeyStore, KeyInfo, MemoryStore, StoreError
+from keyguard import AsyncKeyStore, KeyInfo
 from keyguard.asgi import APIKeyMiddleware, ErrorResponse, Message, Problem, Scope
 from keyguard.identity import AnonymousUser, APIKeyUser
 from tests.credential_cases import CASES, CLIENT_CASES, Answer, Case, Keyring, check_answer
@@ -580,8 +579,6 @@ def test_strip_credentials_removes_the_query_param(keys: Keyring) -> None:
 
 
 # -- failures: store errors, custom responses, realm ---------------------------------------
-
-
 
 
 def test_store_error_is_a_503_not_a_500(keys: Keyring, caplog: pytest.LogCaptureFixture) -> None:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keyguard import APIKeyManager
+from keyguard import APIKeyManager, StoreError
 from keyguard.asgi import APIKeyMiddleware as ASGIMiddleware
 from keyguard.limits import FailureThrottle, Limiter, Quota, Rate, parse_quota, parse_rates
 from keyguard.pipeline import Admission, Pipeline, client_address
@@ -738,7 +738,9 @@ def test_a_route_refusing_a_middleware_admitted_key_gives_its_charge_back(
     client = app.test_client()
     answers = [client.get("/admin", headers={"x-api-key": key}) for _ in range(4)]
     assert [a.status_code for a in answers] == [403] * 4
-    assert all("ratelimit" not in a.headers for a in answers)
+    # Each refusal carries the key's RateLimit fields, read after its charge came back.
+    assert {a.headers["ratelimit"] for a in answers} == {'"quota";r=3'}
+    assert {a.headers["ratelimit-policy"] for a in answers} == {'"quota";q=3'}
     assert manager.remaining(key) == 3
     (point,) = manager.usage(info.key_id, step="day", since=timedelta(days=1))
     assert (point.requests, point.refused) == (0, {"insufficient_scope": 4})
@@ -780,11 +782,44 @@ def test_fastapi_and_starlette_routes_behind_the_middleware_refund_too(
     )
     headers = {"authorization": f"Bearer {key}"}
     with TestClient(api) as a, TestClient(site) as b:
-        statuses = [a.get("/admin", headers=headers).status_code for _ in range(3)]
-        statuses += [b.get("/admin", headers=headers).status_code for _ in range(3)]
-        statuses += [b.get("/admin-sync", headers=headers).status_code for _ in range(3)]
-    assert statuses == [403] * 9
+        answers = [a.get("/admin", headers=headers) for _ in range(3)]
+        answers += [b.get("/admin", headers=headers) for _ in range(3)]
+        answers += [b.get("/admin-sync", headers=headers) for _ in range(3)]
+    assert [a.status_code for a in answers] == [403] * 9
+    assert {a.headers.get("ratelimit") for a in answers} == {'"quota";r=2'}
     assert manager.remaining(key) == 2
+
+
+def test_a_route_refusal_takes_the_middlewares_default_limits_and_survives_a_failing_store(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    from flask import Flask
+
+    from keyguard.flask import KeyGuard, require_scopes
+
+    manager = APIKeyManager(clock=clock)
+    app = Flask(__name__)
+    KeyGuard(app, manager=manager, rate_limits=["5/minute"])
+
+    @app.get("/admin")
+    @require_scopes("admin")
+    def admin() -> str:
+        return "ok"
+
+    key = manager.generate_key(user_id="u", permissions=["read"])
+    client = app.test_client()
+    refused = client.get("/admin", headers={"x-api-key": key})
+    assert refused.status_code == 403
+    assert refused.headers["ratelimit"] == '"5/minute";r=5;t=0'
+
+    def fail(*args: object) -> None:
+        raise StoreError("the counter store is down")
+
+    manager.refund = fail  # type: ignore[method-assign, assignment]
+    refused = client.get("/admin", headers={"x-api-key": key})
+    assert refused.status_code == 403, "a refund that fails leaves the refusal standing"
+    assert "ratelimit" not in refused.headers
+    assert "the counter store is down" in caplog.text
 
 
 @pytest.mark.parametrize("text", ["1001/second", "60001/minute", "86400001/day"])

@@ -578,17 +578,38 @@ def admitted(
 def refund(mapping: MutableMapping[str, Any], code: str) -> None:
     """Undo the admission left in a scope or environ, for a route that refuses it with
     ``code`` after the middleware let it in: its charge is given back, its RateLimit
-    headers are dropped (its deprecation fields stay), and it is counted as refused."""
+    fields are read again (so the refusal says what is left), and it is counted as
+    refused. A counter store that fails leaves the refusal without RateLimit fields."""
     manager, info, charged = _admission_of(mapping)
     if manager is not None and info is not None:
-        manager.refund(info, charged, code)
+        try:
+            manager.refund(info, charged, code)
+            _add_headers(mapping, manager.limit_headers(info, _default_rates(mapping)))
+        except StoreError as e:
+            logger.error("cannot give back a refused request's charge: %s", e)
 
 
 async def arefund(mapping: MutableMapping[str, Any], code: str) -> None:
     """:func:`refund` for event loops."""
     manager, info, charged = _admission_of(mapping)
     if manager is not None and info is not None:
-        await manager.arefund(info, charged, code)
+        try:
+            await manager.arefund(info, charged, code)
+            headers = await manager.alimit_headers(info, _default_rates(mapping))
+            _add_headers(mapping, headers)
+        except StoreError as e:
+            logger.error("cannot give back a refused request's charge: %s", e)
+
+
+def _default_rates(mapping: MutableMapping[str, Any]) -> tuple[Rate, ...]:
+    """The limits the middleware that admitted the request applies to keys without any."""
+    guard = mapping.get("keyguard.guard")
+    return () if guard is None else cast("tuple[Rate, ...]", guard.pipeline.rate_limits)
+
+
+def _add_headers(mapping: MutableMapping[str, Any], headers: tuple[tuple[str, str], ...]) -> None:
+    if headers:
+        mapping["keyguard.headers"] = (*mapping.get("keyguard.headers", ()), *headers)
 
 
 def _admission_of(
