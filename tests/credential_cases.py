@@ -4,13 +4,12 @@ Header values are bytes with placeholders (``<read>``, ``<write>``, ``<unknown>`
 ``<revoked>``, ``<expired>``) that :meth:`Keyring.fill` replaces with real keys, so one
 table drives the ASGI and WSGI suites, raw and through an HTTP client, and the framework
 integrations (Starlette's backend, FastAPI's dependency) through :func:`request_asgi`;
-:func:`check_answer` judges every one of their answers.
+:func:`tests.helpers.assert_answer` judges every one of their answers.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sized
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
@@ -279,32 +278,3 @@ async def request_asgi(
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return Answer.of(start["status"], start["headers"], body)
-
-
-def check_answer(
-    keys: Keyring, case: Case, answer: Answer, *, reached: Sized | None = None
-) -> None:
-    """Assert ``answer`` is the case's: the user's ``{"user": ...}``, or its problem response.
-
-    :param reached: the requests the guarded app received, where the test can see them:
-        one when the key is admitted, none when it is refused.
-    """
-    assert answer.status == case.status, answer.body
-    for secret in keys.secrets:
-        assert secret not in answer.body
-        assert all(secret.decode() not in v for _, v in answer.header_list)
-    if reached is not None:
-        assert len(reached) == (1 if case.status == 200 else 0)
-    if case.status == 200:
-        assert json.loads(answer.body) == {"user": case.user}
-        return
-    assert answer.headers["content-type"] == "application/problem+json"
-    problem = json.loads(answer.body)
-    assert (problem["status"], problem["code"]) == (case.status, case.code)
-    challenge = answer.headers["www-authenticate"]
-    if case.code == "missing_api_key":
-        assert challenge == 'Bearer realm="api"'
-    elif case.status == 401:
-        assert challenge == 'Bearer realm="api", error="invalid_token"'
-    else:
-        assert challenge == 'Bearer realm="api", error="invalid_request"'

@@ -1,14 +1,20 @@
-"""Test doubles shared by the suites: a settable clock, a counting store, broken stores and
-a store that keeps keys only."""
+"""Test doubles shared by the suites (a settable clock, a counting store, broken stores, a
+store that keeps keys only, a store with an async twin) and ``assert_answer``, the one
+check of a guarded request's answer that every transport's credential cases use."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from keyguard import KeyEvent, KeyInfo, MemoryStore, StoreError
 from keyguard.stores.base import UsageRow
+
+if TYPE_CHECKING:
+    from tests.credential_cases import Answer, Case, Keyring
 
 START = 1_700_000_000.0
 
@@ -175,3 +181,32 @@ class AsyncStore(MemoryStore):
 
     async def aclose(self) -> None:
         self.close()
+
+
+def assert_answer(
+    keys: Keyring, case: Case, answer: Answer, *, reached: Sized | None = None
+) -> None:
+    """Assert ``answer`` is the case's: the user's ``{"user": ...}``, or its problem response.
+
+    :param reached: the requests the guarded app received, where the test can see them:
+        one when the key is admitted, none when it is refused.
+    """
+    assert answer.status == case.status, answer.body
+    for secret in keys.secrets:
+        assert secret not in answer.body
+        assert all(secret.decode() not in v for _, v in answer.header_list)
+    if reached is not None:
+        assert len(reached) == (1 if case.status == 200 else 0)
+    if case.status == 200:
+        assert json.loads(answer.body) == {"user": case.user}
+        return
+    assert answer.headers["content-type"] == "application/problem+json"
+    problem = json.loads(answer.body)
+    assert (problem["status"], problem["code"]) == (case.status, case.code)
+    challenge = answer.headers["www-authenticate"]
+    if case.code == "missing_api_key":
+        assert challenge == 'Bearer realm="api"'
+    elif case.status == 401:
+        assert challenge == 'Bearer realm="api", error="invalid_token"'
+    else:
+        assert challenge == 'Bearer realm="api", error="invalid_request"'

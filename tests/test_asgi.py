@@ -25,8 +25,8 @@ from starlette.websockets import WebSocket
 from keyguard import AsyncKeyStore, KeyInfo
 from keyguard.asgi import APIKeyMiddleware, ErrorResponse, Message, Problem, Scope
 from keyguard.identity import AnonymousUser, APIKeyUser
-from tests.credential_cases import CASES, CLIENT_CASES, Answer, Case, Keyring, check_answer
-from tests.helpers import AsyncStore, BrokenStore
+from tests.credential_cases import CASES, CLIENT_CASES, Answer, Case, Keyring
+from tests.helpers import AsyncStore, BrokenStore, assert_answer
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_credential_cases_raw(keys: Keyring, case: Case) -> None:
     app, inner = guard(keys)
     reply = run(app, make_scope(raw_headers(keys, case)))
     answer = Answer.of(reply.status, reply.raw_headers, reply.body)
-    check_answer(keys, case, answer, reached=inner.scopes)
+    assert_answer(keys, case, answer, reached=inner.scopes)
 
 
 @pytest.mark.anyio
@@ -170,7 +170,7 @@ async def test_credential_cases_through_httpx(keys: Keyring, case: Case) -> None
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         response = await client.get("/items", headers=headers)
     answer = Answer.of(response.status_code, response.headers.raw, response.content)
-    check_answer(keys, case, answer, reached=inner.scopes)
+    assert_answer(keys, case, answer, reached=inner.scopes)
 
 
 # -- what the app sees ---------------------------------------------------------------------
@@ -976,4 +976,4 @@ def test_credential_cases_through_starlette_testclient(keys: Keyring, case: Case
     with TestClient(app) as client:
         response = client.get("/items", headers=headers)
     answer = Answer.of(response.status_code, response.headers.raw, response.content)
-    check_answer(keys, case, answer, reached=inner.scopes)
+    assert_answer(keys, case, answer, reached=inner.scopes)

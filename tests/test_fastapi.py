@@ -15,8 +15,8 @@ from keyguard import APIKeyManager, KeyInfo, MemoryStore
 from keyguard.asgi import APIKeyMiddleware
 from keyguard.fastapi import MANAGER_STATE, install, require_api_key
 from keyguard.starlette import APIKeyBackend, on_auth_error
-from tests.credential_cases import CASES, Case, Keyring, check_answer, request_asgi
-from tests.helpers import BrokenStore, Clock, CountingStore
+from tests.credential_cases import CASES, Case, Keyring, request_asgi
+from tests.helpers import BrokenStore, Clock, CountingStore, assert_answer
 
 pytestmark = pytest.mark.anyio
 
@@ -162,7 +162,7 @@ async def test_credential_cases(case: Case) -> None:
         return {"user": key.user_id}
 
     headers = [(name.encode(), keys.fill(value)) for name, value in case.headers]
-    check_answer(keys, case, await request_asgi(app, headers))
+    assert_answer(keys, case, await request_asgi(app, headers))
 
 
 async def test_without_install_default_handler_still_shows_code_and_challenge(

@@ -35,8 +35,8 @@ from keyguard.starlette import (
     on_auth_error,
     require_scopes,
 )
-from tests.credential_cases import CASES, Case, Keyring, check_answer, request_asgi
-from tests.helpers import BrokenStore, Clock
+from tests.credential_cases import CASES, Case, Keyring, request_asgi
+from tests.helpers import BrokenStore, Clock, assert_answer
 
 pytestmark = pytest.mark.anyio
 
@@ -361,7 +361,7 @@ async def test_credential_cases(case: Case) -> None:
         ],
     )
     headers = [(name.encode(), keys.fill(value)) for name, value in case.headers]
-    check_answer(keys, case, await request_asgi(app, headers))
+    assert_answer(keys, case, await request_asgi(app, headers))
 
 
 # -- require_scopes ------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from werkzeug.test import Client
 
 from keyguard import KeyInfo
 from keyguard.wsgi import APIKeyMiddleware, ErrorResponse, Problem
-from tests.credential_cases import CASES, CLIENT_CASES, Answer, Case, Keyring, check_answer
-from tests.helpers import BrokenStore
+from tests.credential_cases import CASES, CLIENT_CASES, Answer, Case, Keyring
+from tests.helpers import BrokenStore, assert_answer
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_credential_cases_raw(keys: Keyring, case: Case) -> None:
     headers = [(name, keys.fill(value)) for name, value in case.headers]
     reply = run(app, make_environ(headers))
     answer = Answer.of(reply.status, reply.header_list, reply.body)
-    check_answer(keys, case, answer, reached=inner.environs)
+    assert_answer(keys, case, answer, reached=inner.environs)
 
 
 @pytest.mark.parametrize("case", CLIENT_CASES)
@@ -111,7 +111,7 @@ def test_credential_cases_through_werkzeug(keys: Keyring, case: Case) -> None:
     headers = [(name, keys.fill(value).decode("latin-1")) for name, value in case.headers]
     response = Client(app).get("/items", headers=headers)
     answer = Answer.of(response.status_code, response.headers.items(), response.get_data())
-    check_answer(keys, case, answer, reached=inner.environs)
+    assert_answer(keys, case, answer, reached=inner.environs)
 
 
 # -- what the app sees ---------------------------------------------------------------------
