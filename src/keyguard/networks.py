@@ -24,7 +24,7 @@ def parse_networks(values: object, what: str = "allowed IP") -> tuple[Network, .
     list written without its brackets.
     """
     if isinstance(values, str) or not isinstance(values, Iterable):
-        raise TypeError(f"{what}s take a list of addresses or CIDRs, not {values!r}")
+        raise TypeError(f"give a list of {what} addresses or CIDRs, not {values!r}")
     networks: list[Network] = []
     for value in values:
         try:
