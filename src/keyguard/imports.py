@@ -14,6 +14,10 @@ key with SHA-512 the next time it is used, so a second import after that takes i
 
 Rows are read with the DB-API (``sqlite3``, or ``psycopg`` for a ``postgresql://`` URL);
 Django is never imported. Nothing here prints, logs or returns a key or a hash.
+
+The module is a little over the usual length because one import is one pass (read the
+rows, judge each hash, write the records, report what was skipped and why) and its two
+database readers are short; splitting them apart would not make either clearer.
 """
 
 from __future__ import annotations

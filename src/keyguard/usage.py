@@ -27,6 +27,10 @@ hard loses at most its last ``flush_every`` seconds. When the store is down, cou
 kept and written by a later flush, up to ``max_pending`` distinct (key, minute, code)
 buckets; past that, new buckets are dropped (when the queue of the last interval's
 requests is summed, at the flush), counted in :attr:`UsageRecorder.dropped`, and logged.
+
+The recorder (the request side, the flush thread and its bounds) and the query side
+(:func:`usage`, which sums a family's buckets into points) share the bucket layout, so
+they stay in one module, a little over the usual length.
 """
 
 from __future__ import annotations

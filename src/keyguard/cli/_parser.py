@@ -1,6 +1,8 @@
 """The ``keyguard`` argument parser: the common options, then one subcommand per command.
 
 Its errors are one line and exit code 2, like every other usage error of the command.
+It is long because it is a table: one short block of arguments and help per command, the
+whole command line readable in one place.
 """
 
 from __future__ import annotations
