@@ -271,6 +271,12 @@ def test_json_flag_works_before_the_command_too(cli: CLI) -> None:
             id="duration beyond timedelta",
         ),
         pytest.param(
+            ["--expires", "99999999999999999999d"],
+            "argument --expires: duration '99999999999999999999d' is longer than 100 years"
+            " (see 'keyguard create --help')",
+            id="duration of twenty digits",
+        ),
+        pytest.param(
             ["--expires", "\u0665d"],
             "argument --expires: invalid duration '\u0665d': use a whole number and a unit"
             " s, m, h, d or w (e.g. 90d, 24h, 30m, 3600s, 2w) (see 'keyguard create --help')",

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 __all__ = ["parse_duration", "relative_time"]
 
 # [0-9], not \d: \d also matches other scripts' digits, which int() would quietly accept.
-_DURATION = re.compile(r"([0-9]{1,12})([smhdw])")
+_DURATION = re.compile(r"([0-9]+)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _MAX_DURATION = timedelta(days=100 * 365)
 
@@ -27,11 +27,14 @@ def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
             f"invalid duration {text!r}: use a whole number and a unit s, m, h, d or w"
             " (e.g. 90d, 24h, 30m, 3600s, 2w)"
         )
-    seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
-    # Bound the number before building the timedelta, which overflows past 999999999 days.
-    if seconds > _MAX_DURATION.total_seconds():
+    # Bound the number before building the timedelta, which overflows past 999999999 days;
+    # a number of more than 12 digits is over the bound in any unit.
+    if (
+        len(match[1]) > 12
+        or int(match[1]) * _UNIT_SECONDS[match[2]] > _MAX_DURATION.total_seconds()
+    ):
         raise ValueError(f"duration {text!r} is longer than 100 years")
-    value = timedelta(seconds=seconds)
+    value = timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
     if not allow_zero and not value:
         raise ValueError(f"duration {text!r} must be positive")
     return value

@@ -55,10 +55,16 @@ _rate_arg = _argument_type(lambda text: str(parse_rates([text])[0]))
 _quota_arg = _argument_type(lambda text: str(parse_quota(text)))
 
 
+#: The most credits one ``keyguard credits`` call adds.
+_MAX_CREDITS = 10**12
+
+
 def _credits_arg(text: str) -> int:
     digits = text[1:] if text.startswith("+") else text
-    if not digits.isdigit() or not 0 < int(digits) <= 10**12:
-        raise argparse.ArgumentTypeError(f"expected +N, a positive whole number, got {text!r}")
+    if not (digits.isascii() and digits.isdigit()) or not 0 < int(digits) <= _MAX_CREDITS:
+        raise argparse.ArgumentTypeError(
+            f"expected +N, a whole number from 1 to {_MAX_CREDITS:,}, got {text!r}"
+        )
     return int(digits)
 
 
