@@ -24,7 +24,9 @@ min / median / max over the rounds printed. **spread** checks 100,000 distinct k
 per pass, so neither the store's decode cache (4,096 records) nor SQLite's page cache
 (2 MiB) holds them; **hot** re-checks 10 keys. Target: spread at most 1.3 times the floor.
 Times are this thread's CPU time (a page read from the OS cache is system time, so it
-counts).
+counts). **Parts** then times alone, over the spread keys, what a check adds to the floor:
+SHA-256 of the key, the store's lookup by digest, and of that the row id and the decode of
+a row into a ``KeyInfo`` (rows fetched beforehand, the decode cache bypassed).
 
 The table and its key are read from the file, so the same script measures a store of any
 schema version (run it with an older keyguard on ``PYTHONPATH`` for a before/after).
@@ -233,7 +235,35 @@ def measure_checks(path: Path, key_ids: dict[str, str], rounds: int, seed: int) 
     sha = hashlib.sha256
     per_sha = timed(lambda key: sha(key.encode()).hexdigest(), spread)
     print(f"  (SHA-256 of a key alone, which the floor does not do: {per_sha:.2f} µs)")
+    measure_parts(store, spread)
     store.close()
+
+
+def measure_parts(store: SQLiteStore, spread: list[str]) -> None:
+    """Time alone, over the spread keys, the parts of a check past the hash: the store's
+    lookup, and of it the row id and the decode (the rows fetched beforehand, the decode
+    cache bypassed). Skipped for a keyguard without the version 2 layout."""
+    try:
+        from keyguard.stores._sqlite_layout import row_id
+        from keyguard.stores.sqlite import _GET
+    except ImportError:
+        return
+    digests = [digest_key(key) for key in spread]
+    conn = store._conn()
+    rows = [conn.execute(_GET, (row_id(digest),)).fetchone() for digest in digests[:10_000]]
+    decode = store._decode.__wrapped__
+    gc.disable()
+    try:
+        parts = [
+            ("store.get(digest)", timed(store.get, digests)),
+            ("  row id of the digest", timed(row_id, digests)),
+            ("  decode of a fetched row", timed(decode, rows)),
+        ]
+    finally:
+        gc.enable()
+    print("  parts of a spread check, each timed alone over the same keys, CPU µs:")
+    for name, micros in parts:
+        print(f"    {name:<27} {micros:6.2f}")
 
 
 def measure_upgrade(path: Path, keys: int, metadata: str, seed: int) -> None:

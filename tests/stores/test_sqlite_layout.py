@@ -267,3 +267,12 @@ def test_hash_schemes_are_shared_through_a_small_table(tmp_path: Path) -> None:
         assert conn.execute("SELECT DISTINCT typeof(scheme) FROM keyguard_records").fetchall() == [
             ("integer",)
         ]
+
+
+def test_the_parts_bench_sqlite_times_are_the_read_path(store: SQLiteStore) -> None:
+    """bench_sqlite.py times the row id, the ``_GET`` statement and the decode behind the
+    cache alone: together they must be what ``get`` does."""
+    info = record()
+    assert store.add(info)
+    row = store._conn().execute(sqlite_store._GET, (sqlite_layout.row_id(info.digest),))
+    assert store._decode.__wrapped__(row.fetchone()) == store.get(info.digest) == info
