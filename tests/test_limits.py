@@ -523,7 +523,7 @@ def test_client_address_is_the_rightmost_untrusted_hop(
 def test_a_bad_trusted_proxy_is_a_value_error() -> None:
     with pytest.raises(ValueError, match=r"invalid trusted proxy 'proxy\.local'"):
         Pipeline(trusted_proxies=["proxy.local"])
-    with pytest.raises(TypeError, match="^give a list of trusted proxy addresses or CIDRs, not"):
+    with pytest.raises(TypeError, match=r"^give a list of trusted proxy addresses or CIDRs, not"):
         Pipeline(trusted_proxies="10.0.0.1")
 
 
