@@ -82,7 +82,9 @@ _COLUMNS = (
 # What a read of a record selects: its metadata as its exact JSON text, not as jsonb, which
 # psycopg would parse into a dict on every read, and a dict cannot key the decode cache; its
 # times as integer microseconds since the epoch, which KeyInfo.from_store takes (a check
-# reads two floats from them and never the datetimes).
+# reads two floats from them and never the datetimes). extract() gives an exact numeric
+# from PostgreSQL 14 on; before, a double, which still rounds to the right microsecond for
+# every time up to 2106 (2**32 seconds).
 _READ_COLUMNS = (
     '"digest", "key_id", "hash_scheme", "prefix", "hint", "user_id",'
     ' coalesce("metadata_json", "metadata"::text),'
