@@ -80,8 +80,8 @@ REDIS_VALUE = b"\t".join(
 
 def postgres_row() -> tuple[Any, ...]:
     # The store reads the metadata as text (psycopg would build a dict the store must
-    # freeze); psycopg builds a new datetime for every timestamp it reads.
-    return (*HEAD, TEXT, CREATED.replace(), None, None, USED.replace())
+    # freeze) and the times as integer microseconds; psycopg builds new ints for each row.
+    return (*HEAD, TEXT, int(us(CREATED)), None, None, int(us(USED)))
 
 
 def time_per_call(fn: Callable[[], object], number: int) -> float:

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import math
 import pickle
+import random
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -16,6 +18,7 @@ from keyguard import KeyInfo, StoreError
 from keyguard.records import UNREAD
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 METADATA = {
     "user_id": "u1",
     "email": "u1@example.com",
@@ -49,13 +52,42 @@ def stored(text: str, **changes: Any) -> KeyInfo:
     return KeyInfo(**fields(**changes), metadata=UNREAD, metadata_json=text)
 
 
+def us(value: datetime | None) -> int | None:
+    return None if value is None else (value - EPOCH) // timedelta(microseconds=1)
+
+
+def from_store(text: str, **changes: Any) -> KeyInfo:
+    values = fields(**changes)
+    return KeyInfo.from_store(
+        digest=values["digest"],
+        key_id=values["key_id"],
+        hash_scheme="sha256",
+        prefix=values["prefix"],
+        hint=values["hint"],
+        user_id=values["user_id"],
+        metadata_json=text,
+        created_us=(values["created_at"] - EPOCH) // timedelta(microseconds=1),
+        expires_us=us(values.get("expires_at")),
+        revoked_us=us(values.get("revoked_at")),
+        used_us=us(values.get("last_used_at")),
+    )
+
+
+#: The two ways a store builds a record: ``metadata_json`` (the metadata read on first use)
+#: and ``from_store`` (the times too).
+STORED = [pytest.param(stored, id="metadata_json"), pytest.param(from_store, id="from_store")]
+
+
 def built() -> KeyInfo:
     return KeyInfo(**fields(), metadata=METADATA)
 
 
-@pytest.mark.parametrize("first", ["metadata", *DERIVED])
-def test_a_stored_record_reads_as_the_record_built_from_its_metadata(first: str) -> None:
-    info = stored(json.dumps(METADATA))
+@pytest.mark.parametrize("make", STORED)
+@pytest.mark.parametrize("first", ["metadata", "created_at", *DERIVED])
+def test_a_stored_record_reads_as_the_record_built_from_its_metadata(
+    make: Callable[..., KeyInfo], first: str
+) -> None:
+    info = make(json.dumps(METADATA))
 
     getattr(info, first)
 
@@ -69,15 +101,19 @@ def test_a_stored_record_reads_as_the_record_built_from_its_metadata(first: str)
     assert dict(info.deprecation)["Deprecation"] == f"@{math.floor(T0.timestamp())}"
 
 
-def test_a_stored_record_has_its_times_without_reading_the_metadata() -> None:
+@pytest.mark.parametrize("make", STORED)
+def test_a_stored_record_has_its_times_without_reading_the_metadata(
+    make: Callable[..., KeyInfo],
+) -> None:
     # Damaged metadata shows that nothing parsed it: the times a check needs are there.
-    info = stored("{not json", revoked_at=T0)
+    info = make("{not json", revoked_at=T0)
 
     assert info.valid_until == -math.inf
     assert info.last_used_ts == T0.timestamp()
     assert info.status(T0.timestamp()) == "revoked"
 
 
+@pytest.mark.parametrize("make", STORED)
 @pytest.mark.parametrize(
     ("text", "why"),
     [
@@ -89,12 +125,36 @@ def test_a_stored_record_has_its_times_without_reading_the_metadata() -> None:
     ],
     ids=["bad JSON", "an array", "a bad rate", "a bad network", "scopes not a list"],
 )
-def test_damaged_stored_metadata_is_a_store_error_on_every_read(text: str, why: str) -> None:
-    info = stored(text)
+def test_damaged_stored_metadata_is_a_store_error_on_every_read(
+    make: Callable[..., KeyInfo], text: str, why: str
+) -> None:
+    info = make(text)
 
     for name in ("scopes", "metadata", "rate_limits"):  # nothing is left half filled
         with pytest.raises(StoreError, match=f"stored metadata of key 'key_1' is damaged.*{why}"):
             getattr(info, name)
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        EPOCH,
+        T0,
+        EPOCH - timedelta(microseconds=1),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
+        *(EPOCH + timedelta(microseconds=random.Random(n).randrange(2**52)) for n in range(20)),
+    ],
+)
+def test_a_record_from_store_has_the_times_of_its_microseconds(at: datetime) -> None:
+    info = from_store("{}", expires_at=at, last_used_at=at)
+
+    # The floats a check compares, made without a datetime, are the datetime's own.
+    assert info.valid_until == at.timestamp()
+    assert info.last_used_ts == at.timestamp()
+    assert info.expires_at == at
+    assert info.expires_at.tzinfo is timezone.utc
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.expires_at = None  # type: ignore[misc]
 
 
 def test_a_record_built_from_invalid_metadata_is_refused_at_once() -> None:
@@ -102,8 +162,9 @@ def test_a_record_built_from_invalid_metadata_is_refused_at_once() -> None:
         KeyInfo(**fields(), metadata={"user_id": "u1", "rate_limits": ["often"]})
 
 
-def test_stored_metadata_is_read_only_once_read() -> None:
-    info = stored(json.dumps(METADATA))
+@pytest.mark.parametrize("make", STORED)
+def test_stored_metadata_is_read_only_once_read(make: Callable[..., KeyInfo]) -> None:
+    info = make(json.dumps(METADATA))
 
     with pytest.raises(TypeError, match="read-only"):
         info.metadata["permissions"].append("admin")
@@ -112,19 +173,21 @@ def test_stored_metadata_is_read_only_once_read() -> None:
     assert info.scopes == ("read", "write")
 
 
-def test_a_stored_record_survives_replace_and_pickle() -> None:
-    info = stored(json.dumps(METADATA))
+@pytest.mark.parametrize("make", STORED)
+def test_a_stored_record_survives_replace_and_pickle(make: Callable[..., KeyInfo]) -> None:
+    info = make(json.dumps(METADATA))
 
     revoked = dataclasses.replace(info, revoked_at=T0)
-    copied = pickle.loads(pickle.dumps(stored(json.dumps(METADATA))))
+    copied = pickle.loads(pickle.dumps(make(json.dumps(METADATA))))
 
     assert revoked == dataclasses.replace(built(), revoked_at=T0)
     assert revoked.valid_until == -math.inf and revoked.scopes == ("read", "write")
     assert copied == built() and copied.quota == built().quota
 
 
-def test_an_unknown_attribute_is_still_an_attribute_error() -> None:
-    info = stored(json.dumps(METADATA))
+@pytest.mark.parametrize("make", STORED)
+def test_an_unknown_attribute_is_still_an_attribute_error(make: Callable[..., KeyInfo]) -> None:
+    info = make(json.dumps(METADATA))
 
     with pytest.raises(AttributeError, match="no attribute 'scope'"):
         info.scope  # type: ignore[attr-defined]  # noqa: B018

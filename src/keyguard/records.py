@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import InitVar, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,8 @@ UNREAD: dict[str, Any] = FrozenDict()
 
 # One shared float for "never" (revoked, or never used), instead of one per record.
 _NEVER = -math.inf
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,15 +39,17 @@ class KeyInfo:
     is immutable and its ``metadata`` is read-only (changing it raises ``TypeError``);
     ``get_metadata`` copies.
 
-    A store builds a record from a row with ``metadata_json``, the metadata's JSON text,
-    and ``metadata=UNREAD``: the text is parsed when the metadata, or a field derived from
-    it (``scopes`` … ``deprecation``), is first read, so a check that needs only the
-    expiry and revocation never parses it. Those fields are slots left empty until then:
-    ``__getattr__``, which Python calls only for an attribute not found, fills them all
-    at once, and later reads are plain slot reads. Stored metadata that is not a JSON
-    object, or holds an invalid limit or network, raises :class:`~keyguard.StoreError`
-    where it is first read. A record built from ``metadata`` is complete at once, and
-    invalid fields raise ``ValueError`` there.
+    A store builds a record from a row with :meth:`from_store`, which takes the metadata
+    as JSON text and the times as integer microseconds since the epoch: the text is parsed
+    when the metadata, or a field derived from it (``scopes`` … ``deprecation``), is first
+    read, and the datetimes are built when one of them is first read, so a check, which
+    needs only ``valid_until`` and ``last_used_ts``, does neither. Those fields are slots
+    left empty until then: ``__getattr__``, which Python calls only for an attribute not
+    found, fills a group of them at once, and later reads are plain slot reads. Stored
+    metadata that is not a JSON object, or holds an invalid limit or network, raises
+    :class:`~keyguard.StoreError` where it is first read. (``metadata_json`` with
+    ``metadata=UNREAD`` defers the metadata alone.) A record built from ``metadata`` is
+    complete at once, and invalid fields raise ``ValueError`` there.
     """
 
     key_id: str
@@ -78,15 +82,20 @@ class KeyInfo:
     #: a use is worth recording is one float compare.
     last_used_ts: float = field(init=False, repr=False, compare=False)
     #: The JSON text of a stored record's metadata (see the class docstring), else None.
-    _metadata_json: str | None = field(default=None, init=False, repr=False, compare=False)
+    _metadata_json: str | None = field(init=False, repr=False, compare=False)
+    #: A record from :meth:`from_store`: its times in microseconds (created, expires,
+    #: revoked, last used), from which the datetimes are built on first read; else None.
+    _times_us: tuple[int, int | None, int | None, int | None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self, metadata_json: str | None) -> None:
+        object.__setattr__(self, "_metadata_json", metadata_json)
         if metadata_json is None:
             metadata = freeze(self.metadata)
             object.__setattr__(self, "metadata", metadata)
             self._derive(metadata)
         else:
-            object.__setattr__(self, "_metadata_json", metadata_json)
             object.__delattr__(self, "metadata")
         if self.revoked_at is not None:
             valid_until = _NEVER
@@ -96,14 +105,67 @@ class KeyInfo:
         used = _NEVER if self.last_used_at is None else self.last_used_at.timestamp()
         object.__setattr__(self, "last_used_ts", used)
 
+    @classmethod
+    def from_store(
+        cls,
+        *,
+        digest: str,
+        key_id: str,
+        hash_scheme: str,
+        prefix: str,
+        hint: str,
+        user_id: str,
+        metadata_json: str,
+        created_us: int,
+        expires_us: int | None,
+        revoked_us: int | None,
+        used_us: int | None,
+    ) -> KeyInfo:
+        """The record of a stored row: ``metadata_json`` is the metadata's JSON text, and
+        the times are integer microseconds since the epoch (None where unset).
+
+        Nothing is parsed or built beyond what a check reads (see the class docstring); the
+        record then reads, compares, pickles and replaces as one built with ``metadata``.
+        """
+        info = object.__new__(cls)
+        object.__setattr__(info, "key_id", key_id)
+        object.__setattr__(info, "prefix", prefix)
+        object.__setattr__(info, "hint", hint)
+        object.__setattr__(info, "user_id", user_id)
+        object.__setattr__(info, "digest", digest)
+        object.__setattr__(info, "hash_scheme", hash_scheme)
+        object.__setattr__(info, "_metadata_json", metadata_json)
+        object.__setattr__(info, "_times_us", (created_us, expires_us, revoked_us, used_us))
+        # Microseconds / 10**6 is the float datetime.timestamp() gives for the same time.
+        if revoked_us is not None:
+            valid_until = _NEVER
+        else:
+            valid_until = math.inf if expires_us is None else expires_us / 1_000_000
+        object.__setattr__(info, "valid_until", valid_until)
+        used = _NEVER if used_us is None else used_us / 1_000_000
+        object.__setattr__(info, "last_used_ts", used)
+        return info
+
     if not TYPE_CHECKING:  # for mypy, every field is simply there
 
         def __getattr__(self, name: str) -> Any:
-            # Only reached for a slot still empty: a stored record's metadata not yet read.
-            if name == "metadata" or name in _DERIVED:
+            # Only reached for a slot still empty: a stored record's times or metadata not
+            # yet read.
+            if name in _TIMES:
+                self._read_times()
+            elif name == "metadata" or name in _DERIVED:
                 self._read_metadata()
-                return object.__getattribute__(self, name)
-            raise AttributeError(f"'KeyInfo' object has no attribute {name!r}")
+            else:
+                raise AttributeError(f"'KeyInfo' object has no attribute {name!r}")
+            return object.__getattribute__(self, name)
+
+    def _read_times(self) -> None:
+        """Build the datetimes of a record from :meth:`from_store`."""
+        created, expires, revoked, used = self._times_us  # type: ignore[misc]
+        object.__setattr__(self, "created_at", _utc(created))
+        object.__setattr__(self, "expires_at", _utc(expires))
+        object.__setattr__(self, "revoked_at", _utc(revoked))
+        object.__setattr__(self, "last_used_at", _utc(used))
 
     def _read_metadata(self) -> None:
         """Parse ``metadata_json`` and fill the metadata and the fields derived from it."""
@@ -163,6 +225,12 @@ class KeyInfo:
 
 #: The fields computed from the metadata on first read.
 _DERIVED = frozenset({"scopes", "rate_limits", "quota", "family_id", "allowed_ips", "deprecation"})
+#: The fields a record from ``KeyInfo.from_store`` builds from its microseconds on first read.
+_TIMES = frozenset({"created_at", "expires_at", "revoked_at", "last_used_at"})
+
+
+def _utc(us: int | None) -> datetime | None:
+    return None if us is None else _EPOCH + _MICROSECOND * us
 
 
 def _deprecation(

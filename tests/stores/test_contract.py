@@ -379,6 +379,21 @@ def test_timestamps_round_trip_as_aware_utc(store: KeyStore) -> None:
     assert back.expires_ts == info.expires_ts
 
 
+def test_a_read_record_has_the_check_times_of_the_written_one(store: KeyStore) -> None:
+    # Read before any datetime: Redis and PostgreSQL records compute them from microseconds.
+    info = record(
+        expires_at=T0 + timedelta(days=90, microseconds=1),
+        last_used_at=datetime(2038, 1, 19, 3, 14, 8, 1, tzinfo=timezone.utc),
+    )
+    store.add(info)
+
+    back = stored(store, info)
+
+    assert back.valid_until == info.valid_until
+    assert back.last_used_ts == info.last_used_ts
+    assert back.expires_at == info.expires_at
+
+
 def test_timestamps_in_other_zones_keep_their_instant(store: KeyStore) -> None:
     india = timezone(timedelta(hours=5, minutes=30))
     info = record(created_at=T0.astimezone(india), expires_at=datetime(2030, 1, 1, tzinfo=india))

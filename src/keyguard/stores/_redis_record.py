@@ -26,7 +26,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ..exceptions import StoreError
-from ..records import UNREAD, KeyInfo
+from ..records import KeyInfo
 
 __all__ = [
     "FORMAT",
@@ -208,19 +208,18 @@ def _decode(digest: str, value: str | bytes) -> KeyInfo:
             _unescape, (key_id, scheme, prefix, hint, user_id)
         )
     try:
-        return KeyInfo(
+        return KeyInfo.from_store(
+            digest=digest,
             key_id=key_id,
+            hash_scheme=scheme,
             prefix=prefix,
             hint=hint,
             user_id=user_id,
-            metadata=UNREAD,
-            created_at=from_us(created),
-            expires_at=from_us(expires) if expires else None,
-            revoked_at=from_us(revoked) if revoked else None,
-            last_used_at=from_us(used) if used else None,
-            digest=digest,
-            hash_scheme=scheme,
             metadata_json=metadata,
+            created_us=int(created),
+            expires_us=int(expires) if expires else None,
+            revoked_us=int(revoked) if revoked else None,
+            used_us=int(used) if used else None,
         )
     except ValueError as e:
         raise StoreError(f"Redis record for key {key_id!r} is corrupt: {e}") from e

@@ -40,13 +40,13 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._counting import Bucket
 from ..events import KeyEvent
 from ..exceptions import StoreError
-from ..records import UNREAD, KeyInfo
+from ..records import KeyInfo
 from ._aio import PerLoop
 from ._fork import reset_after_fork
 from ._listener import POLL_SECONDS, Heartbeat, Listener
@@ -80,11 +80,18 @@ _COLUMNS = (
     "metadata_json",
 )
 # What a read of a record selects: its metadata as its exact JSON text, not as jsonb, which
-# psycopg would parse into a dict on every read, and a dict cannot key the decode cache.
+# psycopg would parse into a dict on every read, and a dict cannot key the decode cache; its
+# times as integer microseconds since the epoch, which KeyInfo.from_store takes (a check
+# reads two floats from them and never the datetimes). extract() gives an exact numeric
+# from PostgreSQL 14 on; before, a double, which still rounds to the right microsecond for
+# every time up to 2106 (2**32 seconds).
 _READ_COLUMNS = (
     '"digest", "key_id", "hash_scheme", "prefix", "hint", "user_id",'
     ' coalesce("metadata_json", "metadata"::text),'
-    ' "created_at", "expires_at", "revoked_at", "last_used_at"'
+    + ",".join(
+        f' (extract(epoch FROM "{column}") * 1000000)::int8'
+        for column in ("created_at", "expires_at", "revoked_at", "last_used_at")
+    )
 )
 # Records decoded recently, keyed by their row: an unchanged record is one lookup.
 _DECODE_CACHE = 4096
@@ -185,10 +192,6 @@ def _identifier(kind: str, value: object, limit: int) -> str:
     return value
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    return None if value is None else value.astimezone(timezone.utc)
-
-
 def _jsonb_exact(value: Any) -> bool:
     """Whether jsonb gives ``value`` back unchanged.
 
@@ -218,21 +221,19 @@ def _without_nul(value: Any) -> Any:
 
 def _row_to_info(row: tuple[Any, ...]) -> KeyInfo:
     """The record in a row of ``_READ_COLUMNS``."""
-    digest, key_id, scheme, prefix, hint, user_id, metadata, created, *times = row
-    expires, revoked, used = times
-    return KeyInfo(
+    digest, key_id, scheme, prefix, hint, user_id, metadata, created, expires, revoked, used = row
+    return KeyInfo.from_store(
+        digest=digest,
         key_id=key_id,
+        hash_scheme=scheme,
         prefix=prefix,
         hint=hint,
         user_id=user_id,
-        metadata=UNREAD,
-        created_at=created.astimezone(timezone.utc),
-        expires_at=_utc(expires),
-        revoked_at=_utc(revoked),
-        last_used_at=_utc(used),
-        digest=digest,
-        hash_scheme=scheme,
         metadata_json=metadata,
+        created_us=created,
+        expires_us=expires,
+        revoked_us=revoked,
+        used_us=used,
     )
 
 
