@@ -227,33 +227,55 @@ def _whole_seconds(seconds: float) -> int:
 _PLAN_LIMIT = 100_000
 
 
-class Period:
+class Plan:
     """What requests with one key are charged to while a quota period lasts (the whole
-    time for a key without a quota), and how their outcome is written.
+    time for a key without a refilled quota), and how their outcome is written.
 
-    Made once per key and period, so that a request only reads its counters and formats
-    two numbers per limit: the buckets, the ``RateLimit-Policy`` field, and for each rate
-    its ``RateLimit`` item prefix, period and interval.
+    Made once per record and period, so that a request only reads its counters and
+    formats two numbers per limit: the buckets (one per rate, then the quota's), the
+    ``RateLimit-Policy`` field, and for each rate its ``RateLimit`` item prefix, period
+    and interval. A new plan replaces it, whole, when the record changes or a period starts.
     """
 
-    __slots__ = ("buckets", "end", "policy", "quota", "rates", "start", "steps")
+    __slots__ = (
+        "buckets",
+        "default_rates",
+        "end",
+        "info",
+        "policy",
+        "quota",
+        "rates",
+        "start",
+        "steps",
+    )
 
-    def __init__(
-        self,
-        start: float,
-        end: float,
-        rates: tuple[Rate, ...],
-        quota: Quota | None,
-        buckets: tuple[Bucket, ...],
-        policy: tuple[str, str],
-    ) -> None:
-        self.start = start
-        self.end = end
-        self.rates = rates
-        self.quota = quota
-        self.buckets = buckets
+    def __init__(self, info: KeyInfo, default_rates: tuple[Rate, ...], now: float) -> None:
+        self.info = info
+        self.default_rates = default_rates
+        self.rates = rates = info.rate_limits or default_rates
+        self.quota = quota = info.quota
+        family = info.family_id
+        buckets = [Bucket(f"rate:{family}:{r.text}", r.interval, r.period, None) for r in rates]
+        self.start, self.end = -math.inf, math.inf
+        window = ""
+        if quota is not None:
+            label, first, last = quota.window(now)
+            # Named by family and period, not by the count: an updated quota keeps what
+            # the period has used (and any credits added).
+            name = f"quota:{family}:{label}"
+            if first is None or last is None:
+                buckets.append(Bucket(name, 0.0, quota.count, None))
+            else:
+                # A used-up period is kept a day past its end, then forgotten.
+                buckets.append(Bucket(name, 0.0, quota.count, last + 86400))
+                self.start, self.end = first, last
+                window = f";w={round(last - first)}"
+        self.buckets = tuple(buckets)
+        items = [f'"{r.text}";q={r.count};w={int(r.period)}' for r in rates]
+        if quota is not None:
+            items.append(f'"quota";q={quota.count}{window}')
         #: The ``RateLimit-Policy`` field, the same for every response in the period.
-        self.policy = policy
+        self.policy = ("ratelimit-policy", ", ".join(items))
         self.steps = tuple((f'"{r.text}";r=', r.period, r.interval) for r in rates)
 
     def usage(self, taken: bool, values: Sequence[float], now: float) -> Usage:
@@ -296,61 +318,6 @@ class Period:
         return Usage(False, headers, "rate_limited", _whole_seconds(retry))
 
 
-class Plan:
-    """What requests with one key are charged to, worked out once per record.
-
-    The rate buckets' names and the ``RateLimit-Policy`` field depend only on the record
-    and the default rates; the quota's bucket changes with its period, so a new
-    :class:`Period` replaces the current one, whole, when a period starts.
-    """
-
-    __slots__ = ("current", "default_rates", "family", "info", "quota", "rates")
-
-    def __init__(self, info: KeyInfo, default_rates: tuple[Rate, ...]) -> None:
-        self.info = info
-        self.default_rates = default_rates
-        self.rates = info.rate_limits or default_rates
-        self.family = info.family_id
-        self.quota = info.quota
-        #: The period of the last request (an empty one before the first).
-        self.current = Period(math.inf, -math.inf, (), None, (), ("", ""))
-
-    def _policy(self, quota_seconds: int | None) -> tuple[str, str]:
-        items = [f'"{r.text}";q={r.count};w={int(r.period)}' for r in self.rates]
-        if self.quota is not None:
-            window = "" if quota_seconds is None else f";w={quota_seconds}"
-            items.append(f'"quota";q={self.quota.count}{window}')
-        return ("ratelimit-policy", ", ".join(items))
-
-    def period(self, now: float) -> Period:
-        """The period ``now`` falls in; threads that race at a period's edge each get a
-        whole one."""
-        period = self.current
-        if period.start <= now < period.end:
-            return period
-        rates, quota = self.rates, self.quota
-        rate_buckets = tuple(
-            Bucket(f"rate:{self.family}:{r.text}", r.interval, r.period, None) for r in rates
-        )
-        if quota is None:
-            period = Period(-math.inf, math.inf, rates, None, rate_buckets, self._policy(None))
-        else:
-            label, first, last = quota.window(now)
-            # Named by family and period, not by the count: an updated quota keeps what
-            # the period has used (and any credits added).
-            name = f"quota:{self.family}:{label}"
-            if first is None or last is None:
-                buckets = (*rate_buckets, Bucket(name, 0.0, quota.count, None))
-                period = Period(-math.inf, math.inf, rates, quota, buckets, self._policy(None))
-            else:
-                # A used-up period is kept a day past its end, then forgotten.
-                buckets = (*rate_buckets, Bucket(name, 0.0, quota.count, last + 86400))
-                policy = self._policy(round(last - first))
-                period = Period(first, last, rates, quota, buckets, policy)
-        self.current = period
-        return period
-
-
 class Limiter:
     """Charges admitted requests to their key family's rate limits and quota.
 
@@ -363,21 +330,27 @@ class Limiter:
         self.counters = counters
         self._plans: dict[str, Plan] = {}
 
-    def period(self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()) -> Period:
-        """What a request with ``info`` at ``now`` is charged to, from the key's plan (made
-        once and reused while the record is the same)."""
+    def plan(self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()) -> Plan:
+        """What a request with ``info`` at ``now`` is charged to: the key's plan, made once
+        and reused while the record and the quota period are the same."""
         plan = self._plans.get(info.key_id)
-        if plan is None or plan.info is not info or plan.default_rates is not default_rates:
+        if (
+            plan is None
+            or plan.info is not info
+            or plan.default_rates is not default_rates
+            or not plan.start <= now < plan.end
+        ):
             if len(self._plans) >= _PLAN_LIMIT:
                 self._plans = {}
-            plan = self._plans[info.key_id] = Plan(info, default_rates)
-        return plan.period(now)
+            # Threads that race at a period's edge each make a whole plan.
+            plan = self._plans[info.key_id] = Plan(info, default_rates, now)
+        return plan
 
     def take(self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()) -> Usage:
         """Charge one request with ``info`` at ``now``; a failing store raises StoreError."""
-        period = self.period(info, now, default_rates)
-        taken, values = self.counters.consume(period.buckets, now)
-        return period.usage(taken, values, now)
+        plan = self.plan(info, now, default_rates)
+        taken, values = self.counters.consume(plan.buckets, now)
+        return plan.usage(taken, values, now)
 
     async def atake(
         self,
@@ -387,17 +360,17 @@ class Limiter:
         default_rates: tuple[Rate, ...] = (),
     ) -> Usage:
         """:meth:`take` through the counter store's async twin."""
-        period = self.period(info, now, default_rates)
-        taken, values = await counters.aconsume(period.buckets, now)
-        return period.usage(taken, values, now)
+        plan = self.plan(info, now, default_rates)
+        taken, values = await counters.aconsume(plan.buckets, now)
+        return plan.usage(taken, values, now)
 
     def headers(
         self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()
     ) -> tuple[tuple[str, str], ...]:
         """The RateLimit fields of ``info`` as they stand, charging nothing (for refusals)."""
-        period = self.period(info, now, default_rates)
-        values = self.counters.peek([b.name for b in period.buckets])
-        return period.usage(True, values, now).headers
+        plan = self.plan(info, now, default_rates)
+        values = self.counters.peek([b.name for b in plan.buckets])
+        return plan.usage(True, values, now).headers
 
     async def aheaders(
         self,
@@ -407,9 +380,9 @@ class Limiter:
         default_rates: tuple[Rate, ...] = (),
     ) -> tuple[tuple[str, str], ...]:
         """:meth:`headers` through the counter store's async twin."""
-        period = self.period(info, now, default_rates)
-        values = await counters.apeek([b.name for b in period.buckets])
-        return period.usage(True, values, now).headers
+        plan = self.plan(info, now, default_rates)
+        values = await counters.apeek([b.name for b in plan.buckets])
+        return plan.usage(True, values, now).headers
 
     def refund(self, charged: Sequence[Bucket], now: float) -> None:
         """Give back one charge of ``charged`` (a request a route refused after admission)."""
@@ -428,7 +401,7 @@ class Limiter:
         quota = info.quota
         if quota is None:
             return None
-        bucket = self.period(info, now).buckets[-1]
+        bucket = self.plan(info, now).buckets[-1]
         (used,) = self.counters.peek([bucket.name])
         return max(int(quota.count - used), 0)
 
@@ -440,7 +413,7 @@ class Limiter:
         quota = info.quota
         if quota is None:
             raise ValueError(f"key {info.key_id} has no quota to add credits to")
-        bucket = self.period(info, now).buckets[-1]
+        bucket = self.plan(info, now).buckets[-1]
         used = self.counters.adjust(bucket, -float(credits))
         return max(int(quota.count - used), 0)
 
