@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from ._counting import EPSILON, Bucket
 from .keys import redact_keys
@@ -227,73 +227,59 @@ def _whole_seconds(seconds: float) -> int:
 _PLAN_LIMIT = 100_000
 
 
-class Period(NamedTuple):
-    """A plan's buckets and policy for one quota period (the whole time without a quota)."""
-
-    start: float
-    end: float
-    buckets: tuple[Bucket, ...]
-    #: The ``RateLimit-Policy`` header, the same for every response in the period.
-    policy: tuple[str, str]
-
-
 class Plan:
-    """What requests with one key are charged to, worked out once per record.
+    """What requests with one key are charged to while a quota period lasts (the whole
+    time for a key without a refilled quota), and how their outcome is written.
 
-    The bucket names, the ``RateLimit-Policy`` value and the header item prefixes depend
-    only on the record and the default rates; the quota's bucket changes with its period,
-    and is worked out again, as one :class:`Period` replaced whole, when a period starts.
+    Made once per record and period, so that a request only reads its counters and
+    formats two numbers per limit: the buckets (one per rate, then the quota's), the
+    ``RateLimit-Policy`` field, and for each rate its ``RateLimit`` item prefix, period
+    and interval. A new plan replaces it, whole, when the record changes or a period starts.
     """
 
-    __slots__ = ("_period", "default_rates", "family", "info", "quota", "rates", "steps")
+    __slots__ = (
+        "buckets",
+        "default_rates",
+        "end",
+        "info",
+        "policy",
+        "quota",
+        "rates",
+        "start",
+        "steps",
+    )
 
-    def __init__(self, info: KeyInfo, default_rates: tuple[Rate, ...]) -> None:
+    def __init__(self, info: KeyInfo, default_rates: tuple[Rate, ...], now: float) -> None:
         self.info = info
         self.default_rates = default_rates
         self.rates = rates = info.rate_limits or default_rates
-        self.family = info.family_id
-        self.quota = info.quota
-        #: Per rate, its ``RateLimit`` item prefix, period and interval.
-        self.steps = tuple((f'"{r.text}";r=', r.period, r.interval) for r in rates)
-        self._period = Period(math.inf, -math.inf, (), ("", ""))  # worked out on first use
-
-    def _policy(self, quota_seconds: int | None) -> tuple[str, str]:
-        items = [f'"{r.text}";q={r.count};w={int(r.period)}' for r in self.rates]
-        if self.quota is not None:
-            window = "" if quota_seconds is None else f";w={quota_seconds}"
-            items.append(f'"quota";q={self.quota.count}{window}')
-        return ("ratelimit-policy", ", ".join(items))
-
-    def period(self, now: float) -> Period:
-        """The buckets a request at ``now`` draws on (one per rate, then the quota's) and
-        the policy to announce; threads that race at a period's edge each get a whole one."""
-        period = self._period
-        if period.start <= now < period.end:
-            return period
-        rate_buckets = tuple(
-            Bucket(f"rate:{self.family}:{r.text}", r.interval, r.period, None) for r in self.rates
-        )
-        quota = self.quota
-        if quota is None:
-            period = Period(-math.inf, math.inf, rate_buckets, self._policy(None))
-        else:
+        self.quota = quota = info.quota
+        family = info.family_id
+        buckets = [Bucket(f"rate:{family}:{r.text}", r.interval, r.period, None) for r in rates]
+        self.start, self.end = -math.inf, math.inf
+        window = ""
+        if quota is not None:
             label, first, last = quota.window(now)
             # Named by family and period, not by the count: an updated quota keeps what
             # the period has used (and any credits added).
-            name = f"quota:{self.family}:{label}"
+            name = f"quota:{family}:{label}"
             if first is None or last is None:
-                bucket = Bucket(name, 0.0, quota.count, None)
-                period = Period(-math.inf, math.inf, (*rate_buckets, bucket), self._policy(None))
+                buckets.append(Bucket(name, 0.0, quota.count, None))
             else:
                 # A used-up period is kept a day past its end, then forgotten.
-                bucket = Bucket(name, 0.0, quota.count, last + 86400)
-                policy = self._policy(round(last - first))
-                period = Period(first, last, (*rate_buckets, bucket), policy)
-        self._period = period
-        return period
+                buckets.append(Bucket(name, 0.0, quota.count, last + 86400))
+                self.start, self.end = first, last
+                window = f";w={round(last - first)}"
+        self.buckets = tuple(buckets)
+        items = [f'"{r.text}";q={r.count};w={int(r.period)}' for r in rates]
+        if quota is not None:
+            items.append(f'"quota";q={quota.count}{window}')
+        #: The ``RateLimit-Policy`` field, the same for every response in the period.
+        self.policy = ("ratelimit-policy", ", ".join(items))
+        self.steps = tuple((f'"{r.text}";r=', r.period, r.interval) for r in rates)
 
-    def usage(self, period: Period, taken: bool, values: Sequence[float], now: float) -> Usage:
-        """The outcome and headers for counter ``values`` of ``period``'s buckets (after the
+    def usage(self, taken: bool, values: Sequence[float], now: float) -> Usage:
+        """The outcome and headers for counter ``values`` of the buckets (after the
         charge, if ``taken``)."""
         items = []
         # enumerate, not zip(strict=False): on CPython 3.11 zip's keyword is not cheap.
@@ -305,27 +291,23 @@ class Plan:
         quota = self.quota
         if quota is not None:
             left = max(int(quota.count - values[-1]), 0)
-            if period.end == math.inf:
+            if self.end == math.inf:
                 items.append(f'"quota";r={left}')
             else:
-                items.append(f'"quota";r={left};t={_whole_seconds(period.end - now)}')
-        headers = (period.policy, ("ratelimit", ", ".join(items)))
+                items.append(f'"quota";r={left};t={_whole_seconds(self.end - now)}')
+        headers = (self.policy, ("ratelimit", ", ".join(items)))
         if taken:
-            return Usage(True, headers, None, None, period.buckets)
-        return self._refusal(period, values, now, headers)
+            return Usage(True, headers, None, None, self.buckets)
+        return self._refusal(values, now, headers)
 
     def _refusal(
-        self,
-        period: Period,
-        values: Sequence[float],
-        now: float,
-        headers: tuple[tuple[str, str], ...],
+        self, values: Sequence[float], now: float, headers: tuple[tuple[str, str], ...]
     ) -> Usage:
         """The refusal for counter ``values`` that had no room: the quota's if it is used
         up, else the rates' with the longest wait."""
         quota = self.quota
         if quota is not None and values[-1] + 1 > quota.count:
-            refill = None if period.end == math.inf else _whole_seconds(period.end - now)
+            refill = None if self.end == math.inf else _whole_seconds(self.end - now)
             return Usage(False, headers, "quota_exceeded", refill)
         retry = 0.0
         for i, rate in enumerate(self.rates):
@@ -348,21 +330,27 @@ class Limiter:
         self.counters = counters
         self._plans: dict[str, Plan] = {}
 
-    def plan(self, info: KeyInfo, default_rates: tuple[Rate, ...] = ()) -> Plan:
-        """The charging plan of ``info``, made once and reused while the record is the same."""
+    def plan(self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()) -> Plan:
+        """What a request with ``info`` at ``now`` is charged to: the key's plan, made once
+        and reused while the record and the quota period are the same."""
         plan = self._plans.get(info.key_id)
-        if plan is None or plan.info is not info or plan.default_rates is not default_rates:
+        if (
+            plan is None
+            or plan.info is not info
+            or plan.default_rates is not default_rates
+            or not plan.start <= now < plan.end
+        ):
             if len(self._plans) >= _PLAN_LIMIT:
                 self._plans = {}
-            plan = self._plans[info.key_id] = Plan(info, default_rates)
+            # Threads that race at a period's edge each make a whole plan.
+            plan = self._plans[info.key_id] = Plan(info, default_rates, now)
         return plan
 
     def take(self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()) -> Usage:
         """Charge one request with ``info`` at ``now``; a failing store raises StoreError."""
-        plan = self.plan(info, default_rates)
-        period = plan.period(now)
-        taken, values = self.counters.consume(period.buckets, now)
-        return plan.usage(period, taken, values, now)
+        plan = self.plan(info, now, default_rates)
+        taken, values = self.counters.consume(plan.buckets, now)
+        return plan.usage(taken, values, now)
 
     async def atake(
         self,
@@ -372,19 +360,17 @@ class Limiter:
         default_rates: tuple[Rate, ...] = (),
     ) -> Usage:
         """:meth:`take` through the counter store's async twin."""
-        plan = self.plan(info, default_rates)
-        period = plan.period(now)
-        taken, values = await counters.aconsume(period.buckets, now)
-        return plan.usage(period, taken, values, now)
+        plan = self.plan(info, now, default_rates)
+        taken, values = await counters.aconsume(plan.buckets, now)
+        return plan.usage(taken, values, now)
 
     def headers(
         self, info: KeyInfo, now: float, default_rates: tuple[Rate, ...] = ()
     ) -> tuple[tuple[str, str], ...]:
         """The RateLimit fields of ``info`` as they stand, charging nothing (for refusals)."""
-        plan = self.plan(info, default_rates)
-        period = plan.period(now)
-        values = self.counters.peek([b.name for b in period.buckets])
-        return plan.usage(period, True, values, now).headers
+        plan = self.plan(info, now, default_rates)
+        values = self.counters.peek([b.name for b in plan.buckets])
+        return plan.usage(True, values, now).headers
 
     async def aheaders(
         self,
@@ -394,10 +380,9 @@ class Limiter:
         default_rates: tuple[Rate, ...] = (),
     ) -> tuple[tuple[str, str], ...]:
         """:meth:`headers` through the counter store's async twin."""
-        plan = self.plan(info, default_rates)
-        period = plan.period(now)
-        values = await counters.apeek([b.name for b in period.buckets])
-        return plan.usage(period, True, values, now).headers
+        plan = self.plan(info, now, default_rates)
+        values = await counters.apeek([b.name for b in plan.buckets])
+        return plan.usage(True, values, now).headers
 
     def refund(self, charged: Sequence[Bucket], now: float) -> None:
         """Give back one charge of ``charged`` (a request a route refused after admission)."""
@@ -416,7 +401,7 @@ class Limiter:
         quota = info.quota
         if quota is None:
             return None
-        bucket = self.plan(info).period(now).buckets[-1]
+        bucket = self.plan(info, now).buckets[-1]
         (used,) = self.counters.peek([bucket.name])
         return max(int(quota.count - used), 0)
 
@@ -428,7 +413,7 @@ class Limiter:
         quota = info.quota
         if quota is None:
             raise ValueError(f"key {info.key_id} has no quota to add credits to")
-        bucket = self.plan(info).period(now).buckets[-1]
+        bucket = self.plan(info, now).buckets[-1]
         used = self.counters.adjust(bucket, -float(credits))
         return max(int(quota.count - used), 0)
 

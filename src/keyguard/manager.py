@@ -842,7 +842,10 @@ class APIKeyManager:
         """
         if not (info.rate_limits or default_rates or info.quota):
             return None
-        return self._limiter().take(info, self._clock(), default_rates)
+        limiter = self.limiter
+        if limiter is None:
+            raise self._no_counters()
+        return limiter.take(info, self._clock(), default_rates)
 
     async def acharge(self, info: KeyInfo, default_rates: tuple[Rate, ...] = ()) -> Usage | None:
         """:meth:`charge` for event loops: awaits the counter store's async twin if it has one."""
@@ -924,11 +927,14 @@ class APIKeyManager:
         """The limiter, or a StoreError (answered 503) when no store keeps counters: a key
         with limits is never let through unlimited by accident."""
         if self.limiter is None:
-            raise StoreError(
-                f"no counter store: {self.store!r} keeps no counters, so rate limits and"
-                " quotas cannot be applied; pass counters= or set KEYGUARD_COUNTERS"
-            )
+            raise self._no_counters()
         return self.limiter
+
+    def _no_counters(self) -> StoreError:
+        return StoreError(
+            f"no counter store: {self.store!r} keeps no counters, so rate limits and"
+            " quotas cannot be applied; pass counters= or set KEYGUARD_COUNTERS"
+        )
 
     def remaining(self, key: object) -> int | None:
         """The credits left in the quota of a key (the key itself or its ``key_id``).

@@ -151,7 +151,7 @@ def test_peek_of_absent_buckets_is_zero(store: KeyStore) -> None:
     assert c.peek([]) == []
 
 
-@pytest.mark.parametrize("name", ["memory", "sqlite", "postgres"])
+@pytest.mark.parametrize("name", ["sqlite", "postgres"])
 def test_forgotten_buckets_are_swept(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -166,6 +166,18 @@ def test_forgotten_buckets_are_swept(
 
         c.consume([quota("new", forget=T + 10.0)], T + 2.0)
         assert c.peek(["old", "tat", "new"]) == [0.0, 0.0, 2.0]
+
+
+def test_the_memory_store_sweeps_when_its_map_has_doubled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("keyguard.stores.memory._SWEEP_SIZE", 2)
+    c = MemoryStore()
+    c.consume([quota("old", forget=T + 1.0), rate("tat")], T)  # 2 held: swept, none gone
+    c.consume([quota("new", forget=T + 10.0)], T + 1.5)  # 3 held, next sweep at 4
+    assert c.peek(["old", "tat", "new"]) == [1.0, T + 2.0, 1.0]
+
+    c.consume([quota("newer", forget=T + 10.0)], T + 2.0)  # 4 held: swept
+    assert c.peek(["old", "tat", "new", "newer"]) == [0.0, 0.0, 1.0, 1.0]
+    assert len(c._counters) == 2
 
 
 # -- all or nothing ------------------------------------------------------------------------

@@ -27,8 +27,10 @@ from .base import (
 
 __all__ = ["MemoryStore"]
 
-# Forgotten buckets are swept once per this many charges, so the map stays bounded.
-_SWEEP_EVERY = 4096
+# Forgotten buckets are swept when the map has grown to twice its size after the last
+# sweep (and to at least this): it stays within twice the live buckets, and a charge pays
+# a constant share of the sweeps.
+_SWEEP_SIZE = 4096
 #: The entry of a counter the store does not hold: nothing used, never forgotten.
 _ABSENT: tuple[float, float | None] = (0.0, None)
 
@@ -59,7 +61,7 @@ class MemoryStore:
         #: Counter name -> (value, POSIX time after which it may be forgotten, or None).
         self._counters: dict[str, tuple[float, float | None]] = {}
         self._counter_lock = threading.Lock()
-        self._charges = 0
+        self._sweep_size = _SWEEP_SIZE
         #: Audit events, oldest first (ties in the order they were added); all kept.
         self._events: list[KeyEvent] = []
         self._event_lock = threading.Lock()
@@ -167,8 +169,7 @@ class MemoryStore:
             for i, bucket in enumerate(buckets):
                 entry = counters[bucket.name] = charged[i]
                 values[i] = entry[0]
-            self._charges += 1
-            if self._charges % _SWEEP_EVERY == 0:
+            if len(counters) >= self._sweep_size:
                 self._sweep(now)
             return True, values
 
@@ -190,6 +191,7 @@ class MemoryStore:
             for name, entry in self._counters.items()
             if entry[1] is None or entry[1] > now
         }
+        self._sweep_size = max(2 * len(self._counters), _SWEEP_SIZE)
 
     # -- usage counts ------------------------------------------------------------------
 
