@@ -71,11 +71,17 @@ def test_quotas_are_a_number_or_n_per_calendar_period(value: object, quota: Quot
     assert parse_quota(value) == quota
 
 
-@pytest.mark.parametrize("value", [0, -5, "10/second", "many", True, 1.5, [3]])
+@pytest.mark.parametrize("value", [0, -5, "10/second", "many", True, 1.5, [3], "\u0665"])
 def test_a_bad_quota_is_refused(value: object) -> None:
     with pytest.raises((ValueError, TypeError)) as caught:
         parse_quota(value)
     assert "\n" not in str(caught.value)
+
+
+def test_limit_numbers_are_ascii_digits() -> None:
+    # int() would read other scripts' digits ("\u0661\u0660" is 10); a limit is written in ASCII.
+    with pytest.raises(ValueError, match="invalid rate limit"):
+        parse_rates(["\u0661\u0660/second"])
 
 
 @given(st.text(max_size=40))

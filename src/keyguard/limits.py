@@ -51,8 +51,8 @@ MAX_RATES = 8
 #: each step under 0.03 %, where a microsecond one would lose a quarter of it.
 MIN_INTERVAL = 0.001
 
-_RATE_RE = re.compile(r"\s*(\d{1,13})\s*/\s*([a-z]+?)s?\s*")
-_QUOTA_RE = re.compile(r"\s*(\d{1,13})\s*(?:/\s*([a-z]+?)s?)?\s*")
+_RATE_RE = re.compile(r"\s*([0-9]{1,13})\s*/\s*([a-z]+?)s?\s*")
+_QUOTA_RE = re.compile(r"\s*([0-9]{1,13})\s*(?:/\s*([a-z]+?)s?)?\s*")
 
 
 @dataclass(frozen=True, slots=True)
