@@ -231,6 +231,13 @@ def test_create_with_prefix_and_checksum_issues_a_checksummed_key(cli: CLI) -> N
     assert cli("verify", "--checksum", key).code == 0
 
 
+def test_a_duration_with_leading_zeros_is_read_as_its_number(cli: CLI) -> None:
+    _, record = cli.create("--user", "u", "--expires", "0000000000090d")
+
+    created = datetime.fromisoformat(record["created_at"])
+    assert datetime.fromisoformat(record["expires_at"]) - created == timedelta(days=90)
+
+
 def test_json_flag_works_before_the_command_too(cli: CLI) -> None:
     result = cli("--json", "create", "--user", "u")
 

@@ -72,7 +72,9 @@ def test_bad_limit_values_get_one_line_usage_errors(
     assert not cli.db.exists() or cli("list", "--json").json()["keys"] == []
 
 
-@pytest.mark.parametrize("amount", ["+0", "-5", "five", "+1.5", "+\u0661\u0660", "+1000000000001"])
+@pytest.mark.parametrize(
+    "amount", ["+0", "-5", "five", "+1.5", "+\u0661\u0660", "+1000000000001", "+" + "9" * 5000]
+)
 def test_credits_must_be_a_whole_number_in_range(cli: CLI, amount: str) -> None:
     _, record = cli.create("--user", "u", "--quota", "5")
     result = cli("credits", record["key_id"], "--", amount)

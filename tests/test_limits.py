@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from keyguard import APIKeyManager, StoreError
 from keyguard.asgi import APIKeyMiddleware as ASGIMiddleware
 from keyguard.limits import FailureThrottle, Limiter, Quota, Rate, parse_quota, parse_rates
-from keyguard.pipeline import Admission, Pipeline, client_address
+from keyguard.pipeline import Admission, Pipeline, admitted, client_address, refund
+from keyguard.problems import Problem
 from keyguard.stores.memory import MemoryStore
 from keyguard.wsgi import APIKeyMiddleware as WSGIMiddleware
 from tests.helpers import START, Clock, CountingStore
@@ -794,6 +795,52 @@ def test_fastapi_and_starlette_routes_behind_the_middleware_refund_too(
     assert [a.status_code for a in answers] == [403] * 9
     assert {a.headers.get("ratelimit") for a in answers} == {'"quota";r=2'}
     assert manager.remaining(key) == 2
+
+
+def test_a_refund_the_counter_store_fails_still_counts_the_request_as_refused(
+    clock: Clock,
+) -> None:
+    store = MemoryStore()
+    manager = APIKeyManager(store, clock=clock)
+    key, info = manager.create_key(user_id="u", rate_limits=["10/minute"])
+    environ: dict[str, Any] = {}
+    outcome = Pipeline().authenticate(manager, [(False, key)])
+    assert not isinstance(outcome, Problem) and outcome is not None
+    admitted(environ, manager, outcome)
+
+    def down(*args: object) -> float:
+        raise StoreError("the counter store is down")
+
+    store.adjust = down  # type: ignore[method-assign, assignment]
+    refund(environ, "insufficient_scope")
+
+    assert manager.usage_recorder is not None and manager.usage_recorder.flush()
+    (point,) = manager.usage(info.key_id, step="day", since=timedelta(days=1))
+    assert (point.requests, point.refused) == (0, {"insufficient_scope": 1})
+
+
+def test_fastapi_dependency_limits_are_reread_when_a_later_dependency_refuses(
+    manager: APIKeyManager,
+) -> None:
+    from fastapi import Depends, FastAPI
+    from fastapi.testclient import TestClient
+
+    from keyguard.fastapi import install, require_api_key
+
+    app = FastAPI()
+    install(app, manager)
+    limited = require_api_key(rate_limits=["5/minute"])
+
+    @app.get("/admin", dependencies=[Depends(limited), Depends(require_api_key(["admin"]))])
+    def admin() -> str:
+        return "ok"
+
+    key = manager.generate_key(user_id="u", permissions=["read"])
+    refused = TestClient(app).get("/admin", headers={"x-api-key": key})
+    assert refused.status_code == 403
+    # The default limit the first dependency charged under, read again after the refund.
+    assert refused.headers["ratelimit-policy"] == '"5/minute";q=5;w=60'
+    assert refused.headers["ratelimit"].startswith('"5/minute";r=5;')
 
 
 def test_a_route_refusal_takes_the_middlewares_default_limits_and_survives_a_failing_store(

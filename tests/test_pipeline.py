@@ -246,6 +246,26 @@ def test_an_overridden_check_decides_over_a_store_with_an_async_twin() -> None:
     assert asyncio.run(manager.averify(key)).reason is Reason.REVOKED
 
 
+class Refusing:
+    """A mixin, not a manager: its check comes before APIKeyManager's in the MRO."""
+
+    def check(self, key: object) -> KeyInfo:
+        raise InvalidKeyError("refused by the mixin", Reason.REVOKED)
+
+
+class RefusingManager(Refusing, APIKeyManager):
+    pass
+
+
+def test_a_mixin_overriding_check_decides_async_checks_too() -> None:
+    manager = RefusingManager(AsyncStore())
+    key = manager.generate_key(user_id="u")
+
+    problem = asyncio.run(make_pipeline().aauthenticate(manager, [(False, key)]))
+
+    assert isinstance(problem, Problem) and problem.code == "revoked_api_key"
+
+
 class RevokingBothWays(RevokingManager):
     """A subclass that also overrides acheck: the async path is its own again."""
 

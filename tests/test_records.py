@@ -157,6 +157,20 @@ def test_a_record_from_store_has_the_times_of_its_microseconds(at: datetime) -> 
         info.expires_at = None  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("field", ["created_us", "expires_us", "revoked_us", "used_us"])
+@pytest.mark.parametrize("value", [253402300800000000, -62135596800000001, 10**400])
+def test_a_stored_time_beyond_the_datetime_range_is_a_store_error(field: str, value: int) -> None:
+    # Refused where the record is read: a datetime built later would raise OverflowError
+    # in the middle of a request (a 500) instead of a store error (a 503).
+    values: dict[str, Any] = dict(created_us=0, expires_us=None, revoked_us=None, used_us=None)
+    values[field] = value
+    with pytest.raises(StoreError, match="'key_1' has a time out of range"):
+        KeyInfo.from_store(
+            digest="d", key_id="key_1", hash_scheme="sha256", prefix="sk_", hint="sk_…0000",
+            user_id="u1", metadata_json="{}", **values,
+        )  # fmt: skip
+
+
 def test_a_record_built_from_invalid_metadata_is_refused_at_once() -> None:
     with pytest.raises(ValueError, match="often"):
         KeyInfo(**fields(), metadata={"user_id": "u1", "rate_limits": ["often"]})

@@ -867,18 +867,18 @@ class APIKeyManager:
     def refund(self, info: KeyInfo, charged: tuple[Bucket, ...], code: str) -> None:
         """Undo an admission that a route then refused with ``code`` (a missing scope):
         give back what the request was ``charged`` and count it as refused, not admitted."""
+        self._recount(info, code)  # first, so a failing counter store cannot skip it
         if charged:
             self._limiter().refund(charged, self._clock())
-        self._recount(info, code)
 
     async def arefund(self, info: KeyInfo, charged: tuple[Bucket, ...], code: str) -> None:
         """:meth:`refund` for event loops."""
+        self._recount(info, code)
         counters = self._async_counters
         if charged and counters is not None:
             await self._limiter().arefund(charged, self._clock(), counters)
         elif charged:
             self._limiter().refund(charged, self._clock())
-        self._recount(info, code)
 
     def _recount(self, info: KeyInfo, code: str) -> None:
         recorder = self.usage_recorder
@@ -1058,7 +1058,9 @@ class APIKeyManager:
 
 
 def _overrides_check_alone(cls: type[APIKeyManager]) -> bool:
-    """Whether ``cls`` overrides ``check`` below the class that defines its ``acheck``."""
-    check_owner = next(c for c in cls.__mro__ if "check" in vars(c))
-    acheck_owner = next(c for c in cls.__mro__ if "acheck" in vars(c))
-    return check_owner is not acheck_owner and issubclass(check_owner, acheck_owner)
+    """Whether ``cls`` finds ``check`` earlier in its MRO than ``acheck`` (a subclass or a
+    mixin that overrides ``check`` but not ``acheck``)."""
+    mro = cls.__mro__
+    check_owner = next(c for c in mro if "check" in vars(c))
+    acheck_owner = next(c for c in mro if "acheck" in vars(c))
+    return mro.index(check_owner) < mro.index(acheck_owner)

@@ -140,18 +140,21 @@ class Admission:
     key without limits costs nothing more.
     """
 
-    __slots__ = ("charged", "headers", "key")
+    __slots__ = ("charged", "headers", "key", "rates")
 
     def __init__(
         self,
         key: KeyInfo,
         headers: tuple[tuple[str, str], ...],
         charged: tuple[Bucket, ...] = (),
+        rates: tuple[Rate, ...] = (),
     ) -> None:
         self.key = key
         self.headers = headers
         #: The counters the request was charged to, given back if a route refuses it.
         self.charged = charged
+        #: The default limits it was judged under, to read its RateLimit fields again then.
+        self.rates = rates
 
     def __repr__(self) -> str:
         return f"Admission({self.key.key_id})"
@@ -420,7 +423,7 @@ class Pipeline:
         if usage is None:
             return info
         if usage.allowed:
-            return Admission(info, usage.headers, usage.charged)
+            return Admission(info, usage.headers, usage.charged, self.rate_limits)
         return self.problems.limited(
             usage.code or "rate_limited", usage.retry_after, usage.headers
         )
@@ -565,10 +568,12 @@ def admitted(
     mapping: MutableMapping[str, Any], manager: APIKeyManager, outcome: KeyInfo | Admission
 ) -> KeyInfo:
     """Leave an admission in a scope or environ: the key, its manager, and with limits the
-    RateLimit headers for the response and what was charged (for :func:`refund`)."""
+    RateLimit headers for the response, what was charged and under which default limits
+    (for :func:`refund`)."""
     if isinstance(outcome, Admission):
         mapping["keyguard.headers"] = outcome.headers
         mapping["keyguard.charged"] = outcome.charged
+        mapping["keyguard.rates"] = outcome.rates
         outcome = outcome.key
     mapping["keyguard.key"] = outcome
     mapping["keyguard.manager"] = manager
@@ -580,31 +585,25 @@ def refund(mapping: MutableMapping[str, Any], code: str) -> None:
     ``code`` after the middleware let it in: its charge is given back, its RateLimit
     fields are read again (so the refusal says what is left), and it is counted as
     refused. A counter store that fails leaves the refusal without RateLimit fields."""
-    manager, info, charged = _admission_of(mapping)
+    manager, info, charged, rates = _admission_of(mapping)
     if manager is not None and info is not None:
         try:
             manager.refund(info, charged, code)
-            _add_headers(mapping, manager.limit_headers(info, _default_rates(mapping)))
+            _add_headers(mapping, manager.limit_headers(info, rates))
         except StoreError as e:
             logger.error("cannot give back a refused request's charge: %s", e)
 
 
 async def arefund(mapping: MutableMapping[str, Any], code: str) -> None:
     """:func:`refund` for event loops."""
-    manager, info, charged = _admission_of(mapping)
+    manager, info, charged, rates = _admission_of(mapping)
     if manager is not None and info is not None:
         try:
             await manager.arefund(info, charged, code)
-            headers = await manager.alimit_headers(info, _default_rates(mapping))
+            headers = await manager.alimit_headers(info, rates)
             _add_headers(mapping, headers)
         except StoreError as e:
             logger.error("cannot give back a refused request's charge: %s", e)
-
-
-def _default_rates(mapping: MutableMapping[str, Any]) -> tuple[Rate, ...]:
-    """The limits the middleware that admitted the request applies to keys without any."""
-    guard = mapping.get("keyguard.guard")
-    return () if guard is None else cast("tuple[Rate, ...]", guard.pipeline.rate_limits)
 
 
 def _add_headers(mapping: MutableMapping[str, Any], headers: tuple[tuple[str, str], ...]) -> None:
@@ -614,7 +613,7 @@ def _add_headers(mapping: MutableMapping[str, Any], headers: tuple[tuple[str, st
 
 def _admission_of(
     mapping: MutableMapping[str, Any],
-) -> tuple[APIKeyManager | None, KeyInfo | None, tuple[Bucket, ...]]:
+) -> tuple[APIKeyManager | None, KeyInfo | None, tuple[Bucket, ...], tuple[Rate, ...]]:
     # The RateLimit fields described a charge that is given back; the deprecation fields
     # of a replaced key still hold.
     headers = mapping.pop("keyguard.headers", ())
@@ -622,9 +621,10 @@ def _admission_of(
     if kept:
         mapping["keyguard.headers"] = kept
     charged = mapping.pop("keyguard.charged", ())
+    rates = mapping.pop("keyguard.rates", ())
     manager = mapping.pop("keyguard.manager", None)
     info = mapping.get("keyguard.key")
-    return manager, info if isinstance(info, KeyInfo) else None, charged
+    return manager, info if isinstance(info, KeyInfo) else None, charged, rates
 
 
 def _deprecated(
@@ -634,7 +634,7 @@ def _deprecated(
     if isinstance(outcome, Problem):
         return _with_headers(outcome, headers)
     if isinstance(outcome, Admission):
-        return Admission(outcome.key, (*outcome.headers, *headers), outcome.charged)
+        return Admission(outcome.key, (*outcome.headers, *headers), outcome.charged, outcome.rates)
     return Admission(outcome, headers)
 
 

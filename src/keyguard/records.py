@@ -23,6 +23,12 @@ UNREAD: dict[str, Any] = FrozenDict()
 _NEVER = -math.inf
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
+# The microseconds a datetime can hold (years 1 to 9999), so a stored time beyond them is
+# refused where the record is read, not where a datetime is first built from it.
+_US_RANGE = range(
+    (datetime.min.replace(tzinfo=timezone.utc) - _EPOCH) // _MICROSECOND,
+    (datetime.max.replace(tzinfo=timezone.utc) - _EPOCH) // _MICROSECOND + 1,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +132,11 @@ class KeyInfo:
 
         Nothing is parsed or built beyond what a check reads (see the class docstring); the
         record then reads, compares, pickles and replaces as one built with ``metadata``.
+        A time outside years 1 to 9999 raises :class:`~keyguard.StoreError`.
         """
+        for us in (created_us, expires_us, revoked_us, used_us):
+            if us is not None and us not in _US_RANGE:
+                raise StoreError(f"the stored record of key {key_id!r} has a time out of range")
         info = object.__new__(cls)
         object.__setattr__(info, "key_id", key_id)
         object.__setattr__(info, "prefix", prefix)

@@ -28,13 +28,14 @@ def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
             " (e.g. 90d, 24h, 30m, 3600s, 2w)"
         )
     # Bound the number before building the timedelta, which overflows past 999999999 days;
-    # a number of more than 12 digits is over the bound in any unit.
-    if (
-        len(match[1]) > 12
-        or int(match[1]) * _UNIT_SECONDS[match[2]] > _MAX_DURATION.total_seconds()
-    ):
+    # one of more than 12 digits is over the bound in any unit (and int() refuses very
+    # long ones).
+    if len(match[1].lstrip("0")) > 12:
         raise ValueError(f"duration {text!r} is longer than 100 years")
-    value = timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+    seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
+    if seconds > _MAX_DURATION.total_seconds():
+        raise ValueError(f"duration {text!r} is longer than 100 years")
+    value = timedelta(seconds=seconds)
     if not allow_zero and not value:
         raise ValueError(f"duration {text!r} must be positive")
     return value

@@ -61,7 +61,9 @@ _MAX_CREDITS = 10**12
 
 def _credits_arg(text: str) -> int:
     digits = text[1:] if text.startswith("+") else text
-    if not (digits.isascii() and digits.isdigit()) or not 0 < int(digits) <= _MAX_CREDITS:
+    # The length first: int() refuses strings of thousands of digits with its own message.
+    valid = digits.isascii() and digits.isdigit() and len(digits.lstrip("0")) <= 13
+    if not valid or not 0 < int(digits) <= _MAX_CREDITS:
         raise argparse.ArgumentTypeError(
             f"expected +N, a whole number from 1 to {_MAX_CREDITS:,}, got {text!r}"
         )
