@@ -42,7 +42,7 @@ fuzz: install
 durability: install
 	KEYGUARD_DURABILITY_ROUNDS=30 $(BIN)/pytest -q -s tests/test_durability.py
 
-# Every benchmark, one after another: about 30 minutes on a 2-core machine. Each prints its
+# Every benchmark, one after another: 10 to 30 minutes on a 2-core machine. Each prints its
 # figures beside a floor timed in the same loop; those that need Redis or PostgreSQL
 # (KEYGUARD_TEST_REDIS_URL, KEYGUARD_TEST_POSTGRES_DSN) say so and skip them when they do
 # not answer. The peers comparison runs in a venv of its own, $(BENCH_VENV), so the
@@ -50,7 +50,7 @@ durability: install
 BENCH_VENV ?= .venv-bench
 
 bench: install $(BENCH_VENV)/.installed
-	@echo "make bench: every benchmark, about 30 minutes"
+	@echo "make bench: every benchmark, 10 to 30 minutes"
 	@echo "date: $$(date -u '+%Y-%m-%d %H:%M UTC')"
 	@echo "machine: $$(uname -srm); $$(getconf _NPROCESSORS_ONLN) cores; load: $$(uptime | sed 's/.*load average[s]*: //')"
 	@$(BIN)/python -c "import platform; print('python:', platform.python_implementation(), platform.python_version())"
