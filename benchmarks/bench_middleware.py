@@ -44,7 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,46 @@ def server_app() -> ASGIApp:
     return ASGIMiddleware(bare_asgi, manager=manager)
 
 
+#: The baseline's row name, in both transports' tables.
+BASELINE = "baseline: header -> sha256 -> dict (X-API-Key)"
+
+
+def transport_runs(
+    transport: str,
+    bare: Any,
+    minimal: Any,
+    guard: Callable[[APIKeyManager, str | None], Any],
+    timer: Callable[[Any, Any, int], float],
+    requests: dict[str, Mapping[str, Any]],
+    admitted: str,
+    variants: dict[str, tuple[APIKeyManager, str | None]],
+    number: int,
+) -> dict[str, Callable[[], float]]:
+    """The rows of one transport: the bare app, the baseline, then each variant's guarded
+    app on each request (the defaults on every credential header, the other variants on
+    ``X-API-Key`` only). The baseline and every guarded app are first checked to admit the
+    benchmark's key (``admitted`` set in the scope or environ)."""
+    raw = requests["X-API-Key"]
+    runs: dict[str, Callable[[], float]] = {
+        f"bare {transport} app": functools.partial(timer, bare, raw, number),
+    }
+    apps = [(BASELINE, minimal, "X-API-Key")]
+    for suffix, (manager, failure_limit) in variants.items():
+        app = guard(manager, failure_limit)
+        apps += [
+            (f"keyguard {transport}, {header}{suffix}", app, header)
+            for header in requests
+            if not suffix or header == "X-API-Key"
+        ]
+    for name, app, header in apps:
+        request = dict(requests[header])
+        timer(app, request, 1)
+        if admitted not in request:
+            raise SystemExit(f"{name} refused the benchmark's key")
+        runs[name] = functools.partial(timer, app, request, number)
+    return runs
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -358,30 +398,20 @@ def main() -> None:
             "client": ("127.0.0.1", 50000),
         }
 
-    raw_scope = scope_with((b"x-api-key", key.encode()))
-    bearer_scope = scope_with((b"authorization", b"Bearer " + key.encode()))
-    minimal = MinimalASGI(bare_asgi, table)
-    baseline = "baseline: header -> sha256 -> dict (X-API-Key)"
-    asgi_runs = {
-        "bare ASGI app": lambda: time_asgi(bare_asgi, raw_scope, number),
-        baseline: lambda: time_asgi(minimal, raw_scope, number),
-    }
-    for suffix, (guard_manager, failure_limit) in variants.items():
-        guarded = ASGIMiddleware(bare_asgi, manager=guard_manager, failure_limit=failure_limit)
-        scopes = {"X-API-Key": dict(raw_scope), "Authorization: Bearer": dict(bearer_scope)}
-        if suffix:
-            del scopes["Authorization: Bearer"]
-        for header, scope in scopes.items():
-            time_asgi(guarded, scope, 1)
-            if "user" not in scope:
-                raise SystemExit("a guarded app refused the benchmark's key")
-            asgi_runs[f"keyguard ASGI, {header}{suffix}"] = functools.partial(
-                time_asgi, guarded, scope, number
-            )
-    checked = dict(raw_scope)
-    time_asgi(minimal, checked, 1)
-    if "user" not in checked:
-        raise SystemExit("the baseline refused the benchmark's key")
+    asgi_runs = transport_runs(
+        "ASGI",
+        bare_asgi,
+        MinimalASGI(bare_asgi, table),
+        lambda m, limit: ASGIMiddleware(bare_asgi, manager=m, failure_limit=limit),
+        time_asgi,
+        {
+            "X-API-Key": scope_with((b"x-api-key", key.encode())),
+            "Authorization: Bearer": scope_with((b"authorization", b"Bearer " + key.encode())),
+        },
+        "user",
+        variants,
+        number,
+    )
 
     print(f"keyguard middleware, memory store with {KEYS} keys: {number} requests per repeat,")
     print(f"{repeats} repeats; min / median / max of the per-repeat ratios")
@@ -389,7 +419,7 @@ def main() -> None:
     print("revoked/expired/last use compared, failed-check throttle asked, usage counted,")
     print("user/auth/keyguard.* set); the baseline does header -> sha256 -> dict -> scope only")
     asgi = sample(asgi_runs, repeats)
-    missed = report("ASGI (in-process)", asgi, "bare ASGI app", baseline)
+    missed = report("ASGI (in-process)", asgi, "bare ASGI app", BASELINE)
 
     def environ_with(**headers: str) -> dict[str, Any]:
         return {
@@ -409,33 +439,22 @@ def main() -> None:
             **headers,
         }
 
-    raw_environ = environ_with(HTTP_X_API_KEY=key)
-    bearer_environ = environ_with(HTTP_AUTHORIZATION="Bearer " + key)
-    wsgi_minimal = MinimalWSGI(bare_wsgi, table)
-    wsgi_runs = {
-        "bare WSGI app": lambda: time_wsgi(bare_wsgi, raw_environ, number),
-        baseline: lambda: time_wsgi(wsgi_minimal, raw_environ, number),
-    }
-    for suffix, (guard_manager, failure_limit) in variants.items():
-        wsgi_guarded = WSGIMiddleware(
-            bare_wsgi, manager=guard_manager, failure_limit=failure_limit
-        )
-        environs = {"X-API-Key": dict(raw_environ), "Authorization: Bearer": dict(bearer_environ)}
-        if suffix:
-            del environs["Authorization: Bearer"]
-        for header, environ in environs.items():
-            time_wsgi(wsgi_guarded, environ, 1)
-            if "REMOTE_USER" not in environ:
-                raise SystemExit("a guarded app refused the benchmark's key")
-            wsgi_runs[f"keyguard WSGI, {header}{suffix}"] = functools.partial(
-                time_wsgi, wsgi_guarded, environ, number
-            )
-    checked = dict(raw_environ)
-    time_wsgi(wsgi_minimal, checked, 1)
-    if "REMOTE_USER" not in checked:
-        raise SystemExit("the baseline refused the benchmark's key")
+    wsgi_runs = transport_runs(
+        "WSGI",
+        bare_wsgi,
+        MinimalWSGI(bare_wsgi, table),
+        lambda m, limit: WSGIMiddleware(bare_wsgi, manager=m, failure_limit=limit),
+        time_wsgi,
+        {
+            "X-API-Key": environ_with(HTTP_X_API_KEY=key),
+            "Authorization: Bearer": environ_with(HTTP_AUTHORIZATION="Bearer " + key),
+        },
+        "REMOTE_USER",
+        variants,
+        number,
+    )
     wsgi = sample(wsgi_runs, repeats)
-    missed += report("WSGI (in-process)", wsgi, "bare WSGI app", baseline)
+    missed += report("WSGI (in-process)", wsgi, "bare WSGI app", BASELINE)
     print("all targets met" if not missed else f"{missed} target(s) missed")
     if args.server:
         throughput(args.rounds, args.seconds, args.connections)
