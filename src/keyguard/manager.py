@@ -414,12 +414,14 @@ class APIKeyManager:
             return False
         return not self._checksum or has_valid_checksum(key)
 
-    def _imported_digest(self, key: object) -> str:
-        """The digest of a key of an accepted imported form; else the key is malformed.
+    def _digest_of(self, key: object) -> str:
+        """The digest to look ``key`` up by; ``malformed`` if it has no accepted form.
 
-        Reached only once the native form check has failed, so a native key never pays
-        for it, and a string of no accepted form never reaches the store.
+        The form check of :meth:`check`: a string of no accepted form never reaches the
+        store. A native key is tested first, so it never pays for the imported forms.
         """
+        if self._is_native(key):
+            return digest_key(key, self._pepper)
         form = self._drf_form
         if form is None or type(key) is not str or form.fullmatch(key) is None:
             raise InvalidKeyError("the API key is malformed", Reason.MALFORMED)
@@ -436,11 +438,7 @@ class APIKeyManager:
         form (``accept_imported``) takes the same steps, its digest computed as
         :meth:`digest` says.
         """
-        if self._is_native(key):
-            digest = digest_key(key, self._pepper)
-        else:
-            digest = self._imported_digest(key)
-        info = self.store.get(digest)
+        info = self.store.get(self._digest_of(key))
         now = self._clock()
         if info is None or now >= info.valid_until:
             raise _refusal(info)
@@ -464,11 +462,7 @@ class APIKeyManager:
         store = self._async_store
         if store is None:
             return self.check(key)
-        if self._is_native(key):
-            digest = digest_key(key, self._pepper)
-        else:
-            digest = self._imported_digest(key)
-        info = await store.aget(digest)
+        info = await store.aget(self._digest_of(key))
         now = self._clock()
         if info is None or now >= info.valid_until:
             raise _refusal(info)
