@@ -55,7 +55,9 @@ class MemoryStore:
         self._records: dict[str, KeyInfo] = {}
         self._by_id: dict[str, KeyInfo] = {}
         self._all: list[str] = []
-        self._by_user: dict[str, list[str]] = {}
+        #: A user's key_ids: the one key_id itself while the user holds one (most do; a
+        #: list of one costs 64 bytes more), then a list in listing order.
+        self._by_user: dict[str, str | list[str]] = {}
         self._lock = threading.Lock()
         #: Usage counts: (key_id, step) -> bucket start -> code -> count.
         self._usage: dict[tuple[str, str], dict[int, dict[str, int]]] = {}
@@ -84,8 +86,9 @@ class MemoryStore:
             self._records[info.digest] = self._by_id[info.key_id] = info
             ids = self._by_user.get(info.user_id)
             if ids is None:
-                # Most users hold one key: a list made at size 1, not grown to 4 by append.
-                self._by_user[info.user_id] = [info.key_id]
+                self._by_user[info.user_id] = info.key_id
+            elif isinstance(ids, str):
+                self._by_user[info.user_id] = sorted((ids, info.key_id), key=self._order)
             else:
                 bisect.insort(ids, info.key_id, key=self._order)
             bisect.insort(self._all, info.key_id, key=self._order)
@@ -115,6 +118,8 @@ class MemoryStore:
     ) -> list[KeyInfo]:
         with self._lock:
             ids = self._all if user_id is None else self._by_user.get(user_id, [])
+            if isinstance(ids, str):
+                ids = [ids]
             start = 0
             if after is not None:
                 cursor = self._by_id.get(after)
