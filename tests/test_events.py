@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from datetime import datetime, timedelta, timezone
@@ -66,6 +67,15 @@ def test_creating_a_key_records_who_for_whom_and_until_when(
             )
         ]
     )
+
+
+def test_a_created_event_is_stamped_with_the_records_created_at() -> None:
+    ticks = itertools.count(START)  # a second later at every read
+    manager = APIKeyManager(MemoryStore(), clock=lambda: next(ticks))
+
+    _, info = manager.create_key(user_id="alice")
+
+    assert manager.events()[0].at == info.created_at
 
 
 def test_generate_key_records_too_and_the_actor_defaults_to_empty(

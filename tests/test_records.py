@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from keyguard import KeyInfo, StoreError
+from keyguard import KeyInfo, StoreError, records
 from keyguard.records import UNREAD
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
@@ -206,3 +206,36 @@ def test_an_unknown_attribute_is_still_an_attribute_error(make: Callable[..., Ke
     with pytest.raises(AttributeError, match="no attribute 'scope'"):
         info.scope  # type: ignore[attr-defined]  # noqa: B018
     assert not hasattr(info, "permissions")
+
+
+def test_records_with_the_same_permissions_share_them_read_only() -> None:
+    first = KeyInfo(**fields(), metadata={"user_id": "u1", "permissions": ["read", "write"]})
+    second = KeyInfo(**fields(key_id="key_2"), metadata=json.loads(json.dumps(first.metadata)))
+    revoked = dataclasses.replace(second, revoked_at=T0)
+
+    assert second.metadata["permissions"] is first.metadata["permissions"]
+    assert second.scopes is first.scopes is revoked.scopes
+    assert second.scopes == ("read", "write") and second.metadata == first.metadata
+    with pytest.raises(TypeError, match="read-only"):
+        second.metadata["permissions"].append("admin")
+    assert first.scopes == ("read", "write")
+
+
+@pytest.mark.parametrize("permissions", [[], ["a", ["b"]], "read", None])
+def test_permissions_that_are_not_a_list_of_strings_read_as_before(permissions: Any) -> None:
+    info = KeyInfo(**fields(), metadata={"user_id": "u1", "permissions": permissions})
+
+    assert info.scopes == tuple(permissions or ())
+    assert info.metadata["permissions"] == permissions
+
+
+def test_permission_sets_past_the_bound_are_kept_by_their_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(records, "_MAX_PERMISSION_SETS", len(records._PERMISSION_SETS))
+    first = KeyInfo(**fields(), metadata={"user_id": "u1", "permissions": ["never seen"]})
+    second = KeyInfo(**fields(), metadata={"user_id": "u1", "permissions": ["never seen"]})
+
+    assert first.scopes == second.scopes == ("never seen",)
+    assert first.metadata["permissions"] is not second.metadata["permissions"]
+    assert ("never seen",) not in records._PERMISSION_SETS

@@ -358,7 +358,8 @@ class APIKeyManager:
                 logger.info(
                     "created key %s (%s) for user %r", info.key_id, info.hint, info.user_id
                 )
-                self._emit("created", info, created_changes(info), actor)
+                # Stamped with the record's own created_at: the same time, one datetime.
+                self._emit("created", info, created_changes(info), actor, at=created)
                 return key, info
             logger.warning("key collision on %s; drawing another key", info.hint)
         raise KeyguardError(f"could not draw a unique key in {_MAX_ATTEMPTS} attempts")
@@ -1024,8 +1025,16 @@ class APIKeyManager:
             raise TypeError(f"{self.store!r} keeps no audit events")
         return self._event_store.read_events(key_id, start, limit)
 
-    def _emit(self, action: str, info: KeyInfo, changes: Mapping[str, Any], actor: str) -> None:
-        """Record that ``info``'s key was changed (``action``, ``changes``) by ``actor``.
+    def _emit(
+        self,
+        action: str,
+        info: KeyInfo,
+        changes: Mapping[str, Any],
+        actor: str,
+        at: datetime | None = None,
+    ) -> None:
+        """Record that ``info``'s key was changed (``action``, ``changes``) by ``actor``, at
+        ``at`` (default: now).
 
         Called right after the change, which the store has made: the event is written
         after it, not in its transaction. A store that fails to write it is logged at
@@ -1036,7 +1045,9 @@ class APIKeyManager:
         """
         if action not in ACTIONS:
             raise ValueError(f"unknown event action {action!r}")
-        event = KeyEvent(utc(self._clock()), info.key_id, action, actor, jsonable(changes))
+        if at is None:
+            at = utc(self._clock())
+        event = KeyEvent(at, info.key_id, action, actor, jsonable(changes))
         if self._event_store is not None:
             try:
                 self._event_store.add_event(event)

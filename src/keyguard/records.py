@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 
-from ._frozen import FrozenDict, freeze, loads
+from ._frozen import FrozenDict, FrozenList, freeze, loads
 from .exceptions import StoreError
 from .limits import Quota, Rate, parse_quota, parse_rates
 from .networks import Network, parse_networks
@@ -98,9 +98,15 @@ class KeyInfo:
     def __post_init__(self, metadata_json: str | None) -> None:
         object.__setattr__(self, "_metadata_json", metadata_json)
         if metadata_json is None:
-            metadata = freeze(self.metadata)
+            metadata = self.metadata
+            shared = None
+            if isinstance(metadata, dict):
+                shared = _shared_permissions(metadata.get("permissions"))
+            if shared is not None and type(metadata) is dict:  # not yet frozen: share the list
+                metadata = {**metadata, "permissions": shared[1]}
+            metadata = freeze(metadata)
             object.__setattr__(self, "metadata", metadata)
-            self._derive(metadata)
+            self._derive(metadata, None if shared is None else shared[0])
         else:
             object.__delattr__(self, "metadata")
         if self.revoked_at is not None:
@@ -188,12 +194,14 @@ class KeyInfo:
             raise StoreError(f"the stored metadata of key {self.key_id!r} is damaged: {e}") from e
         object.__setattr__(self, "metadata", metadata)
 
-    def _derive(self, metadata: dict[str, Any]) -> None:
-        """Set the fields derived from ``metadata``; ``ValueError`` (and none set) if one is
-        invalid, so every value is computed before the first is set."""
+    def _derive(self, metadata: dict[str, Any], scopes: tuple[str, ...] | None = None) -> None:
+        """Set the fields derived from ``metadata`` (``scopes``: the shared tuple of its
+        permissions, if known); ``ValueError`` (and none set) if one is invalid, so every
+        value is computed before the first is set."""
         get = metadata.get
         rate_text, quota_text, networks = get("rate_limits"), get("quota"), get("allowed_ips")
-        scopes = tuple(get("permissions") or ())
+        if scopes is None:
+            scopes = tuple(get("permissions") or ())
         rates = parse_rates(rate_text) if rate_text else ()
         quota = None if quota_text is None else parse_quota(quota_text)
         allowed = parse_networks(networks) if networks else ()
@@ -237,6 +245,28 @@ class KeyInfo:
 _DERIVED = frozenset({"scopes", "rate_limits", "quota", "family_id", "allowed_ips", "deprecation"})
 #: The fields a record from ``KeyInfo.from_store`` builds from its microseconds on first read.
 _TIMES = frozenset({"created_at", "expires_at", "revoked_at", "last_used_at"})
+
+
+#: The permissions of records, each set kept once as a tuple (their ``scopes``) and a
+#: read-only list (their ``metadata["permissions"]``), so that records with the same
+#: permissions share them and their strings: most keys hold one of a few sets. Bounded,
+#: as sets are callers' data: past the bound, a new set is kept by its records alone.
+_PERMISSION_SETS: dict[tuple[str, ...], tuple[tuple[str, ...], FrozenList]] = {}
+_MAX_PERMISSION_SETS = 1024
+
+
+def _shared_permissions(permissions: object) -> tuple[tuple[str, ...], FrozenList] | None:
+    """The shared tuple and list of ``permissions``, or None if they are not a list of
+    strings or no more sets are kept."""
+    if type(permissions) is not list and type(permissions) is not FrozenList:
+        return None
+    key = tuple(permissions)
+    if any(type(p) is not str for p in key):
+        return None
+    shared = _PERMISSION_SETS.get(key)
+    if shared is None and len(_PERMISSION_SETS) < _MAX_PERMISSION_SETS:
+        shared = _PERMISSION_SETS.setdefault(key, (key, FrozenList(key)))
+    return shared
 
 
 def _utc(us: int | None) -> datetime | None:

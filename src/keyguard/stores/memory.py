@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import json
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 from .._counting import Bucket, apply
+from .._frozen import loads
 from ..events import KeyEvent
 from ..records import KeyInfo
 from .base import (
@@ -34,9 +37,9 @@ _SWEEP_SIZE = 4096
 #: The entry of a counter the store does not hold: nothing used, never forgotten.
 _ABSENT: tuple[float, float | None] = (0.0, None)
 
-
-def _event_time(event: KeyEvent) -> datetime:
-    return event.at
+#: A kept audit event: at, key_id, action, actor, and its changes as JSON text.
+_Event = tuple[datetime, str, str, str, str]
+_event_time = itemgetter(0)
 
 
 class MemoryStore:
@@ -52,7 +55,9 @@ class MemoryStore:
         self._records: dict[str, KeyInfo] = {}
         self._by_id: dict[str, KeyInfo] = {}
         self._all: list[str] = []
-        self._by_user: dict[str, list[str]] = {}
+        #: A user's key_ids: the one key_id itself while the user holds one (most do; a
+        #: list of one costs 64 bytes more), then a list in listing order.
+        self._by_user: dict[str, str | list[str]] = {}
         self._lock = threading.Lock()
         #: Usage counts: (key_id, step) -> bucket start -> code -> count.
         self._usage: dict[tuple[str, str], dict[int, dict[str, int]]] = {}
@@ -62,8 +67,10 @@ class MemoryStore:
         self._counters: dict[str, tuple[float, float | None]] = {}
         self._counter_lock = threading.Lock()
         self._sweep_size = _SWEEP_SIZE
-        #: Audit events, oldest first (ties in the order they were added); all kept.
-        self._events: list[KeyEvent] = []
+        #: Audit events, oldest first (ties in the order they were added); all kept. Each
+        #: holds its changes as JSON text, as the other stores do, which takes about a
+        #: third of the memory of the read-only dicts it was given; reads rebuild them.
+        self._events: list[_Event] = []
         self._event_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -79,8 +86,9 @@ class MemoryStore:
             self._records[info.digest] = self._by_id[info.key_id] = info
             ids = self._by_user.get(info.user_id)
             if ids is None:
-                # Most users hold one key: a list made at size 1, not grown to 4 by append.
-                self._by_user[info.user_id] = [info.key_id]
+                self._by_user[info.user_id] = info.key_id
+            elif isinstance(ids, str):
+                self._by_user[info.user_id] = sorted((ids, info.key_id), key=self._order)
             else:
                 bisect.insort(ids, info.key_id, key=self._order)
             bisect.insort(self._all, info.key_id, key=self._order)
@@ -110,6 +118,8 @@ class MemoryStore:
     ) -> list[KeyInfo]:
         with self._lock:
             ids = self._all if user_id is None else self._by_user.get(user_id, [])
+            if isinstance(ids, str):
+                ids = [ids]
             start = 0
             if after is not None:
                 cursor = self._by_id.get(after)
@@ -231,21 +241,26 @@ class MemoryStore:
     # -- audit events ------------------------------------------------------------------
 
     def add_event(self, event: KeyEvent) -> None:
+        changes = json.dumps(event.changes, separators=(",", ":"))
+        kept = (event.at, event.key_id, event.action, event.actor, changes)
         with self._event_lock:
             # insort_right keeps events of the same time in the order they were added.
-            bisect.insort_right(self._events, event, key=_event_time)
+            bisect.insort_right(self._events, kept, key=_event_time)
 
     def read_events(
         self, key_id: str | None, since: datetime | None, limit: int
     ) -> list[KeyEvent]:
-        found: list[KeyEvent] = []
+        found: list[_Event] = []
         with self._event_lock:
-            for event in reversed(self._events):
-                if len(found) >= limit or (since is not None and event.at < since):
+            for kept in reversed(self._events):
+                if len(found) >= limit or (since is not None and kept[0] < since):
                     break
-                if key_id is None or event.key_id == key_id:
-                    found.append(event)
-        return found
+                if key_id is None or kept[1] == key_id:
+                    found.append(kept)
+        return [
+            KeyEvent(at, event_key_id, action, actor, loads(changes))
+            for at, event_key_id, action, actor, changes in found
+        ]
 
     def close(self) -> None:
         """Nothing to release; kept for the contract."""
