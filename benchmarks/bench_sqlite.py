@@ -13,7 +13,9 @@ key:
 records of ``bench_validate.py`` and ``bench_peers.py``.
 
 **Size**: the file after a checkpoint, in MiB per million keys, with the share of each
-table and index (SQLite's ``dbstat``). Target: 150 MiB with typical metadata.
+table and index (SQLite's ``dbstat``) and, beside it, the bytes of the values stored in
+it (cell payloads, with SQLite's record headers): what no page layout can shrink.
+Target: 150 MiB with typical metadata.
 
 **Check**: ``APIKeyManager.validate_key`` (last-use writes off: they are writes, once a
 minute per key, not part of a lookup) against the floor the issue names: a raw
@@ -157,14 +159,16 @@ def size_report(path: Path, keys: int, label: str = "file") -> None:
     with closing(sqlite3.connect(path)) as conn:
         try:
             parts = conn.execute(
-                "SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC"
+                "SELECT name, sum(pgsize), sum(payload) FROM dbstat GROUP BY name ORDER BY 2 DESC"
             ).fetchall()
         except sqlite3.OperationalError:
             return  # this SQLite was built without dbstat
-    for name, size in parts:
+    print(f"  {'':<36} {'pages':>7} {'of which the stored values':>28}")
+    for name, size, payload in parts:
         share = size / MIB * 1_000_000 / keys
         if share >= 0.5:
-            print(f"  {name:<36} {share:7.1f} MiB per million")
+            values = payload / MIB * 1_000_000 / keys
+            print(f"  {name:<36} {share:7.1f} {values:28.1f}  MiB per million")
 
 
 def timed(fn: Callable[[str], object], sample: list[str]) -> float:
