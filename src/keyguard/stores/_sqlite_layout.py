@@ -146,8 +146,9 @@ def unpack_metadata(stored: str, user_id: str) -> str:
     a damaged file raise ``TypeError``, which the store reports as a damaged record."""
     if stored.startswith("{"):
         return stored
-    head = '{"user_id":' + _quote(user_id)
-    return head + ("," + stored + "}" if stored else "}")
+    if stored:
+        return f'{{"user_id":{_quote(user_id)},{stored}}}'
+    return f'{{"user_id":{_quote(user_id)}}}'
 
 
 def _ts(value: datetime | None) -> float | None:
