@@ -141,6 +141,7 @@ def test_damaged_stored_metadata_is_a_store_error_on_every_read(
         EPOCH,
         T0,
         EPOCH - timedelta(microseconds=1),
+        datetime(1, 1, 1, tzinfo=timezone.utc),
         datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
         *(EPOCH + timedelta(microseconds=random.Random(n).randrange(2**52)) for n in range(20)),
     ],

@@ -25,10 +25,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 # The microseconds a datetime can hold (years 1 to 9999), so a stored time beyond them is
 # refused where the record is read, not where a datetime is first built from it.
-_US_RANGE = range(
-    (datetime.min.replace(tzinfo=timezone.utc) - _EPOCH) // _MICROSECOND,
-    (datetime.max.replace(tzinfo=timezone.utc) - _EPOCH) // _MICROSECOND + 1,
-)
+_US_MIN = (datetime.min.replace(tzinfo=timezone.utc) - _EPOCH) // _MICROSECOND
+_US_MAX = (datetime.max.replace(tzinfo=timezone.utc) - _EPOCH) // _MICROSECOND
+# How a frozen record's slots are filled; looked up once here, not on every field set.
+_set = object.__setattr__
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +96,7 @@ class KeyInfo:
     )
 
     def __post_init__(self, metadata_json: str | None) -> None:
-        object.__setattr__(self, "_metadata_json", metadata_json)
+        _set(self, "_metadata_json", metadata_json)
         if metadata_json is None:
             metadata = self.metadata
             shared = None
@@ -105,7 +105,7 @@ class KeyInfo:
             if shared is not None and type(metadata) is dict:  # not yet frozen: share the list
                 metadata = {**metadata, "permissions": shared[1]}
             metadata = freeze(metadata)
-            object.__setattr__(self, "metadata", metadata)
+            _set(self, "metadata", metadata)
             self._derive(metadata, None if shared is None else shared[0])
         else:
             object.__delattr__(self, "metadata")
@@ -113,9 +113,9 @@ class KeyInfo:
             valid_until = _NEVER
         else:
             valid_until = math.inf if self.expires_at is None else self.expires_at.timestamp()
-        object.__setattr__(self, "valid_until", valid_until)
+        _set(self, "valid_until", valid_until)
         used = _NEVER if self.last_used_at is None else self.last_used_at.timestamp()
-        object.__setattr__(self, "last_used_ts", used)
+        _set(self, "last_used_ts", used)
 
     @classmethod
     def from_store(
@@ -140,26 +140,30 @@ class KeyInfo:
         record then reads, compares, pickles and replaces as one built with ``metadata``.
         A time outside years 1 to 9999 raises :class:`~keyguard.StoreError`.
         """
-        for us in (created_us, expires_us, revoked_us, used_us):
-            if us is not None and us not in _US_RANGE:
-                raise StoreError(f"the stored record of key {key_id!r} has a time out of range")
+        if not (
+            _US_MIN <= created_us <= _US_MAX
+            and (expires_us is None or _US_MIN <= expires_us <= _US_MAX)
+            and (revoked_us is None or _US_MIN <= revoked_us <= _US_MAX)
+            and (used_us is None or _US_MIN <= used_us <= _US_MAX)
+        ):
+            raise StoreError(f"the stored record of key {key_id!r} has a time out of range")
         info = object.__new__(cls)
-        object.__setattr__(info, "key_id", key_id)
-        object.__setattr__(info, "prefix", prefix)
-        object.__setattr__(info, "hint", hint)
-        object.__setattr__(info, "user_id", user_id)
-        object.__setattr__(info, "digest", digest)
-        object.__setattr__(info, "hash_scheme", hash_scheme)
-        object.__setattr__(info, "_metadata_json", metadata_json)
-        object.__setattr__(info, "_times_us", (created_us, expires_us, revoked_us, used_us))
+        _set(info, "key_id", key_id)
+        _set(info, "prefix", prefix)
+        _set(info, "hint", hint)
+        _set(info, "user_id", user_id)
+        _set(info, "digest", digest)
+        _set(info, "hash_scheme", hash_scheme)
+        _set(info, "_metadata_json", metadata_json)
+        _set(info, "_times_us", (created_us, expires_us, revoked_us, used_us))
         # Microseconds / 10**6 is the float datetime.timestamp() gives for the same time.
         if revoked_us is not None:
             valid_until = _NEVER
         else:
             valid_until = math.inf if expires_us is None else expires_us / 1_000_000
-        object.__setattr__(info, "valid_until", valid_until)
+        _set(info, "valid_until", valid_until)
         used = _NEVER if used_us is None else used_us / 1_000_000
-        object.__setattr__(info, "last_used_ts", used)
+        _set(info, "last_used_ts", used)
         return info
 
     if not TYPE_CHECKING:  # for mypy, every field is simply there
@@ -178,10 +182,10 @@ class KeyInfo:
     def _read_times(self) -> None:
         """Build the datetimes of a record from :meth:`from_store`."""
         created, expires, revoked, used = self._times_us  # type: ignore[misc]
-        object.__setattr__(self, "created_at", _utc(created))
-        object.__setattr__(self, "expires_at", _utc(expires))
-        object.__setattr__(self, "revoked_at", _utc(revoked))
-        object.__setattr__(self, "last_used_at", _utc(used))
+        _set(self, "created_at", _utc(created))
+        _set(self, "expires_at", _utc(expires))
+        _set(self, "revoked_at", _utc(revoked))
+        _set(self, "last_used_at", _utc(used))
 
     def _read_metadata(self) -> None:
         """Parse ``metadata_json`` and fill the metadata and the fields derived from it."""
@@ -192,7 +196,7 @@ class KeyInfo:
             self._derive(metadata)
         except (ValueError, TypeError) as e:
             raise StoreError(f"the stored metadata of key {self.key_id!r} is damaged: {e}") from e
-        object.__setattr__(self, "metadata", metadata)
+        _set(self, "metadata", metadata)
 
     def _derive(self, metadata: dict[str, Any], scopes: tuple[str, ...] | None = None) -> None:
         """Set the fields derived from ``metadata`` (``scopes``: the shared tuple of its
@@ -206,12 +210,12 @@ class KeyInfo:
         quota = None if quota_text is None else parse_quota(quota_text)
         allowed = parse_networks(networks) if networks else ()
         deprecation = _deprecation(metadata, self.expires_at)
-        object.__setattr__(self, "scopes", scopes)
-        object.__setattr__(self, "rate_limits", rates)
-        object.__setattr__(self, "quota", quota)
-        object.__setattr__(self, "family_id", get("family_id") or self.key_id)
-        object.__setattr__(self, "allowed_ips", allowed)
-        object.__setattr__(self, "deprecation", deprecation)
+        _set(self, "scopes", scopes)
+        _set(self, "rate_limits", rates)
+        _set(self, "quota", quota)
+        _set(self, "family_id", get("family_id") or self.key_id)
+        _set(self, "allowed_ips", allowed)
+        _set(self, "deprecation", deprecation)
 
     @property
     def rotated_from(self) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import random
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -21,7 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keyguard import APIKeyManager, KeyInfo, SQLiteStore
+from keyguard import APIKeyManager, KeyInfo, SQLiteStore, StoreError
 from keyguard.stores import _sqlite_layout as sqlite_layout
 from keyguard.stores import sqlite as sqlite_store
 from keyguard.stores._sqlite_layout import pack_metadata, unpack_metadata
@@ -242,6 +243,133 @@ def test_metadata_that_is_not_an_object_is_kept_as_bytes_that_read_as_damaged() 
     assert pack_metadata("not json", "u1") == b"not json"
     with pytest.raises(TypeError):
         unpack_metadata(b"not json", "u1")  # type: ignore[arg-type]
+
+
+# -- times ---------------------------------------------------------------------------------
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MICROSECOND = timedelta(microseconds=1)
+#: How far from the epoch a float of seconds holds every microsecond (1697 to 2242).
+EXACT = timedelta(seconds=2**33)
+
+
+def micros(at: datetime) -> int:
+    return (at - EPOCH) // MICROSECOND
+
+
+def read_as_before(seconds: float) -> int:
+    """The microseconds earlier versions read in a time column, through fromtimestamp."""
+    return micros(datetime.fromtimestamp(seconds, timezone.utc))
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        EPOCH,
+        EPOCH - MICROSECOND,
+        EPOCH + MICROSECOND,
+        T0,
+        datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=timezone.utc),
+        datetime(1900, 1, 1, 0, 0, 0, 999999, tzinfo=timezone.utc),
+        datetime(2038, 1, 19, 3, 14, 8, 1, tzinfo=timezone.utc),
+        # round(seconds * 10**6) reads both a microsecond off (see the next test)
+        EPOCH + timedelta(seconds=2**32, microseconds=7),
+        EPOCH - timedelta(seconds=2**32, microseconds=7),
+        EPOCH + EXACT - MICROSECOND,
+        EPOCH - EXACT + MICROSECOND,
+        *(EPOCH + MICROSECOND * random.Random(n).randrange(-2**33 * 10**6, 2**33 * 10**6)
+          for n in range(20)),
+    ],
+)  # fmt: skip
+def test_a_stored_time_reads_back_to_the_microsecond(store: SQLiteStore, at: datetime) -> None:
+    info = record(created_at=at, expires_at=at, revoked_at=at, last_used_at=at)
+    assert store.add(info)
+
+    assert sqlite_layout.time_us(at.timestamp()) == micros(at)
+    back = store.get(info.digest)
+    assert back == info
+    assert back is not None and back.created_at == back.last_used_at == at
+    assert back.last_used_ts == at.timestamp()
+    assert store.get_by_id(info.key_id) == store.list_keys()[0] == info
+
+
+def test_rounding_the_product_once_would_read_times_past_2106_wrong() -> None:
+    # Why time_us splits off the whole seconds before rounding: timestamp() wrote this
+    # time, and round(seconds * 10**6) reads it a microsecond early.
+    at = datetime(2106, 2, 7, 6, 28, 16, 7, tzinfo=timezone.utc)
+    assert round(at.timestamp() * 10**6) == micros(at) - 1
+    assert sqlite_layout.time_us(at.timestamp()) == micros(at)
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        "0.0000005",
+        "-0.0000005",
+        "0.0000025",
+        "1.0000005",
+        "1.0000015",
+        "-1.0000005",
+        "-1.0000015",
+        "1700000000.0000005",
+        "1700000001.0000015",
+        "154112043.3834525",
+        "-1778343078.4384855",
+        "4294967296.0000075",
+        "-4294967296.0000075",
+        "9999999999.9999995",
+        "-62135596799.9999995",
+    ],
+)
+def test_a_hand_written_time_reads_as_it_always_has(store: SQLiteStore, seconds: str) -> None:
+    # Half-microsecond fractions, which no float holds exactly: read as fromtimestamp did.
+    info = record()
+    assert store.add(info)
+    with closing(sqlite3.connect(store.path, isolation_level=None)) as conn:
+        conn.execute("UPDATE keyguard_records SET expires_at = ?", (float(seconds),))
+
+    expected = datetime.fromtimestamp(float(seconds), timezone.utc)
+    assert sqlite_layout.time_us(float(seconds)) == read_as_before(float(seconds))
+    back = store.get(info.digest)
+    assert back is not None and back.expires_at == expected
+    assert back.valid_until == expected.timestamp()
+
+
+@given(st.floats(min_value=-62135596800.0, max_value=253402300799.0))
+def test_every_stored_time_reads_as_it_always_has(seconds: float) -> None:
+    assert sqlite_layout.time_us(seconds) == read_as_before(seconds)
+
+
+@pytest.mark.parametrize("column", ["created_at", "expires_at", "revoked_at", "last_used_at"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(253402300800.0, id="year 10000"),
+        pytest.param(-62135596801.0, id="year 0"),
+        pytest.param(1e300, id="1e300"),
+        pytest.param(-1e300, id="-1e300"),
+        pytest.param(float("inf"), id="inf"),
+        pytest.param(float("-inf"), id="-inf"),
+        pytest.param("yesterday", id="text"),
+        pytest.param(b"\x00\x01", id="bytes"),
+    ],
+)
+def test_a_damaged_stored_time_is_a_store_error(
+    store: SQLiteStore, column: str, value: object
+) -> None:
+    # Never an OverflowError or a ValueError, which a server would answer with a 500.
+    info = record()
+    assert store.add(info)
+    with closing(sqlite3.connect(store.path, isolation_level=None)) as conn:
+        conn.execute(f"UPDATE keyguard_records SET {column} = ?", (value,))
+
+    for read in (
+        lambda: store.get(info.digest),
+        lambda: store.get_by_id(info.key_id),
+        store.list_keys,
+    ):
+        with pytest.raises(StoreError, match=info.key_id):
+            read()
 
 
 # -- hash schemes --------------------------------------------------------------------------
