@@ -240,3 +240,15 @@ def test_permission_sets_past_the_bound_are_kept_by_their_records(
     assert first.scopes == second.scopes == ("never seen",)
     assert first.metadata["permissions"] is not second.metadata["permissions"]
     assert ("never seen",) not in records._PERMISSION_SETS
+
+
+@pytest.mark.parametrize(
+    "permissions", [[f"p{i}" for i in range(17)], ["x" * 65], ["read", "y" * 1000]]
+)
+def test_large_permission_sets_are_not_shared(permissions: list[str]) -> None:
+    first = KeyInfo(**fields(), metadata={"user_id": "u1", "permissions": permissions})
+    second = KeyInfo(**fields(), metadata={"user_id": "u1", "permissions": permissions})
+
+    assert first.scopes == second.scopes == tuple(permissions)
+    assert first.metadata["permissions"] is not second.metadata["permissions"]
+    assert tuple(permissions) not in records._PERMISSION_SETS

@@ -254,18 +254,25 @@ _TIMES = frozenset({"created_at", "expires_at", "revoked_at", "last_used_at"})
 #: The permissions of records, each set kept once as a tuple (their ``scopes``) and a
 #: read-only list (their ``metadata["permissions"]``), so that records with the same
 #: permissions share them and their strings: most keys hold one of a few sets. Bounded,
-#: as sets are callers' data: past the bound, a new set is kept by its records alone.
+#: as sets are callers' data: only small sets are shared (at most 16 permissions of at
+#: most 64 characters, so the table never holds more than about 1 MiB), and past 1,024
+#: sets a new one is kept by its records alone. The list is read-only like all metadata;
+#: a write forced through ``list``'s own methods would reach every record sharing it.
 _PERMISSION_SETS: dict[tuple[str, ...], tuple[tuple[str, ...], FrozenList]] = {}
 _MAX_PERMISSION_SETS = 1024
+_MAX_SHARED_PERMISSIONS = 16
+_MAX_SHARED_LENGTH = 64
 
 
 def _shared_permissions(permissions: object) -> tuple[tuple[str, ...], FrozenList] | None:
-    """The shared tuple and list of ``permissions``, or None if they are not a list of
-    strings or no more sets are kept."""
+    """The shared tuple and list of ``permissions``, or None if they are not a small list
+    of short strings or no more sets are kept."""
     if type(permissions) is not list and type(permissions) is not FrozenList:
         return None
     key = tuple(permissions)
-    if any(type(p) is not str for p in key):
+    if len(key) > _MAX_SHARED_PERMISSIONS or any(
+        type(p) is not str or len(p) > _MAX_SHARED_LENGTH for p in key
+    ):
         return None
     shared = _PERMISSION_SETS.get(key)
     if shared is None and len(_PERMISSION_SETS) < _MAX_PERMISSION_SETS:

@@ -241,7 +241,7 @@ class MemoryStore:
     # -- audit events ------------------------------------------------------------------
 
     def add_event(self, event: KeyEvent) -> None:
-        changes = json.dumps(event.changes, separators=(",", ":"))
+        changes = json.dumps(event.changes, separators=(",", ":"), ensure_ascii=False)
         kept = (event.at, event.key_id, event.action, event.actor, changes)
         with self._event_lock:
             # insort_right keeps events of the same time in the order they were added.
