@@ -15,7 +15,9 @@ with ``json`` + ``frozen``. Target: 1.5 µs per row.
 Memory: the growth of this process's resident set (RSS, ``ru_maxrss``) while
 ``APIKeyManager.create_key`` issues ``--keys`` keys into a ``MemoryStore``, one user per
 key, divided by ``--keys``: what the store's records, indexes and their strings cost,
-allocator overhead included. Target: 500 bytes per key at 1,000,000 keys.
+allocator overhead included. Target: 500 bytes per key at 1,000,000 keys. Then where they
+go, from ``sys.getsizeof`` of each object of a store of 10,000 keys made the same way: the
+key's own strings, its metadata, the record, its ``created`` audit event, the indexes.
 
     python benchmarks/bench_records.py                    # 100,000 keys, about 15 s
     python benchmarks/bench_records.py --keys 1000000     # the full figure, about 1 minute
@@ -24,6 +26,7 @@ allocator overhead included. Target: 500 bytes per key at 1,000,000 keys.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import resource
@@ -167,6 +170,46 @@ def memory_per_key(keys: int) -> float:
     return (rss_bytes() - before) / keys
 
 
+def _block(obj: object) -> int:
+    """The bytes ``obj`` takes, rounded up to the 16-byte blocks Python's allocator hands out."""
+    return (sys.getsizeof(obj) + 15) // 16 * 16
+
+
+def memory_parts(keys: int) -> dict[str, float]:
+    """Where a ``MemoryStore``'s bytes per key go (``sys.getsizeof`` of each object, each
+    counted once, objects shared between keys counted where first met), for ``keys`` keys
+    made as :func:`memory_per_key` makes them."""
+    manager = APIKeyManager(MemoryStore(), last_used_resolution=None)
+    for i in range(keys):
+        user = f"u{i}"
+        manager.create_key(
+            user_id=user, email=f"{user}@example.com", permissions=["read", "write"]
+        )
+    store: Any = manager.store
+    seen: set[int] = set()
+    parts = dict.fromkeys(("the key's strings", "metadata", "record", "event", "indexes"), 0)
+
+    def count(part: str, *objects: object) -> None:
+        for obj in objects:
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                parts[part] += _block(obj)
+                if isinstance(obj, dict):
+                    count(part, *obj.keys(), *obj.values())
+                elif isinstance(obj, list | tuple):
+                    count(part, *obj)
+
+    for info in store._records.values():
+        count("the key's strings", info.digest, info.key_id, info.user_id, info.hint)
+        count("the key's strings", info.metadata.get("email"))
+        count("metadata", info.metadata)
+        count("record", info, *(getattr(info, f.name) for f in dataclasses.fields(info)))
+    count("event", store._events, *store._events)
+    count("indexes", store._records, store._by_id, store._by_user, store._all)
+    count("indexes", *store._by_user.values())
+    return {part: size / keys for part, size in parts.items()}
+
+
 def verdict(met: bool) -> str:
     return "MET   " if met else "MISSED"
 
@@ -199,6 +242,10 @@ def main() -> None:
     print(f"MemoryStore: {args.keys:,} keys via create_key in {loaded:.0f} s, RSS growth")
     met = verdict(per_key <= MEMORY_TARGET_BYTES)
     print(f"  {per_key:6.0f} bytes per key   {met} target {MEMORY_TARGET_BYTES} bytes")
+    parts = memory_parts(min(args.keys, 10_000))
+    print(f"  where they go ({min(args.keys, 10_000):,} keys, sys.getsizeof, bytes per key):")
+    for part, size in parts.items():
+        print(f"    {part:<20} {size:6.0f}")
 
 
 if __name__ == "__main__":
